@@ -1,0 +1,141 @@
+"""The one integrator: `sample(denoiser, x_T, schedule, generator)` runs any solver schedule.
+
+Every step is the same exponential-integrator update (MATH.md §0, §5), written in half-logSNR lambda:
+
+    data form:  x_t = (sigma_t/sigma_s) e^{-eta h} x_s + alpha_t      * sum_j w_j D_j + sigma_t sqrt(1 - e^{-2 eta h}) z
+    noise form: x_t = (alpha_t/alpha_s)           x_s + (1+eta) sigma_t * sum_j w_j eps_j + sigma_t sqrt(eta (e^{2h} - 1)) z
+
+with weights w_j from `coefficients.step_weights` (kernel rate omega = (1+eta) h in the data form, -h in the
+noise form). Noise variances are exact for the frozen-model SDE of each form; the corrector re-solves the same
+step, with the same z, after adding the new evaluation as a node at u = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import math
+
+import torch
+
+from . import processes
+from .coefficients import step_weights
+from .denoisers import DenoiserFn
+from .noise import GeneratorArg, randn_rows
+from .processes import NoiseProcess
+from .schedule import SolverSchedule, StepSpec
+
+__all__ = ["sample", "ModelOutput"]
+
+
+@dataclass
+class ModelOutput:
+    """The model's data prediction at time t, and the state it was evaluated at (for the noise form)."""
+
+    t: float
+    lam: float
+    x_eval: torch.Tensor
+    data: torch.Tensor
+    alpha: float
+    sigma: float
+    _eps: Optional[torch.Tensor] = None
+
+    def value(self, prediction: str) -> torch.Tensor:
+        if prediction == "data":
+            return self.data
+        if self._eps is None:
+            self._eps = (self.x_eval - self.alpha * self.data) / self.sigma
+        return self._eps
+
+
+def _evaluate(denoiser: DenoiserFn, x: torch.Tensor, t: float, proc: NoiseProcess) -> ModelOutput:
+    return ModelOutput(t, proc.lambda_(t), x, denoiser(x, t), proc.alpha(t), proc.sigma(t))
+
+
+def _analytic_first(schedule: SolverSchedule, denoiser: DenoiserFn, x: torch.Tensor,
+                    proc: NoiseProcess) -> ModelOutput:
+    t = schedule.timesteps[0]
+    if schedule.first_step == "zero-x0":
+        data = torch.zeros_like(x)
+    else:
+        mean = getattr(denoiser, "data_mean", None)
+        if mean is None:
+            raise ValueError("first_step='mean-x0' needs a denoiser with a data_mean attribute")
+        data = torch.as_tensor(mean, dtype=x.dtype, device=x.device).expand_as(x)
+    return ModelOutput(t, proc.lambda_(t), x, data, proc.alpha(t), proc.sigma(t))
+
+
+def _solve_step(x: torch.Tensor, s: float, t: float, step: StepSpec, points: list[ModelOutput],
+                z: Optional[torch.Tensor], proc: NoiseProcess) -> torch.Tensor:
+    """One update s -> t using the model outputs `points` (current first, then earlier, then a corrector node)."""
+    lam_s, lam_t = proc.lambda_(s), proc.lambda_(t)
+    h = lam_t - lam_s
+    alpha_t, sigma_t = proc.alpha(t), proc.sigma(t)
+    eta = step.eta
+    if step.prediction == "data":
+        decay = sigma_t / proc.sigma(s) * math.exp(-eta * h)
+        pref, omega = alpha_t, (1.0 + eta) * h
+        noise_std = sigma_t * math.sqrt(-math.expm1(-2.0 * eta * h))
+    else:
+        decay = alpha_t / proc.alpha(s)
+        pref, omega = (1.0 + eta) * sigma_t, -h
+        noise_std = sigma_t * math.sqrt(eta * math.expm1(2.0 * h))
+    nodes = [(p.lam - lam_s) / h for p in points]
+    weights = step_weights(step.derivative, omega, nodes, corrector=len(points) > step.order)
+    out = x * decay
+    for w, p in zip(weights.tolist(), points):
+        out = out.add(p.value(step.prediction), alpha=pref * w)
+    if z is not None and noise_std > 0.0:
+        out = out.add(z, alpha=noise_std)
+    return out
+
+
+def _run_schedule(denoiser: DenoiserFn, x: torch.Tensor, schedule: SolverSchedule,
+                  generator: GeneratorArg) -> torch.Tensor:
+    proc = processes.get(schedule.process)
+    ts = schedule.timesteps
+    history: list[ModelOutput] = []   # model outputs at t_0 .. t_i, oldest first
+    current = _analytic_first(schedule, denoiser, x, proc) if schedule.first_step != "model" else None
+    for i, step in enumerate(schedule.steps):
+        s, t = ts[i], ts[i + 1]
+        # Phase 1: the model output at s (reused from the previous step's corrector when it has one).
+        if current is None:
+            current = _evaluate(denoiser, x, s, proc)
+        history.append(current)
+        points = [history[-1]] + [history[-1 - lag] for lag in step.used_lags]
+        z = randn_rows(x, generator) if step.eta > 0 else None
+        # Phase 2: predict x_t.
+        x_next = _solve_step(x, s, t, step, points, z, proc)
+        current = None
+        # Phase 3: correct with the evaluation at the predicted point, reusing the same noise.
+        if step.corrector != "none":
+            predicted = _evaluate(denoiser, x_next, t, proc)
+            x_next = _solve_step(x, s, t, step, points + [predicted], z, proc)
+            current = _evaluate(denoiser, x_next, t, proc) if step.corrector == "implicit" else predicted
+        x = x_next
+    if schedule.final == "none":
+        return x
+    if current is None:
+        current = _evaluate(denoiser, x, ts[-1], proc)
+    return current.data
+
+
+def sample(denoiser: DenoiserFn, x_T: torch.Tensor, schedule: Union[SolverSchedule, "NamedSchedule"],
+           generator: GeneratorArg = None) -> torch.Tensor:
+    """Run `schedule` from x_T (at the schedule's first time) with the data-prediction model `denoiser`.
+
+    `generator` feeds the stochastic steps: one generator per row of x_T makes each sample independent of the
+    batch it is in. A NamedSchedule (a sampler outside the schedule space) runs through its registered function.
+    """
+    if not isinstance(x_T, torch.Tensor) or x_T.ndim < 1:
+        raise ValueError("x_T must be a tensor with a batch dimension")
+    if isinstance(schedule, SolverSchedule):
+        with torch.no_grad():
+            return _run_schedule(denoiser, x_T, schedule, generator)
+    from .named import NamedSchedule, run_named  # named samplers are optional to the schedule core
+
+    if isinstance(schedule, NamedSchedule):
+        with torch.no_grad():
+            return run_named(denoiser, x_T, schedule, generator)
+    raise ValueError(f"schedule must be a SolverSchedule or NamedSchedule, not {type(schedule).__name__}")
