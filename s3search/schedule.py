@@ -49,6 +49,9 @@ FINALS = ("denoise", "none")
 Prediction = Literal["data", "noise"]
 Derivative = Literal["taylor", "dpmpp", "bh1", "bh2"]
 Corrector = Literal["none", "unic", "implicit"]
+FirstStep = Literal["model", "zero-x0", "mean-x0"]
+Final = Literal["denoise", "none"]
+ProcessName = Literal["edm", "flow", "vp-cosine", "vp-discrete", "vp-linear"]
 
 
 def _finite_number(value: Any, path: str) -> float:
@@ -121,11 +124,11 @@ class StepSpec:
 class SolverSchedule:
     """A sampler as data: N + 1 times (noisiest first) of a named process and N step specifications."""
 
-    process: str
+    process: ProcessName
     timesteps: tuple[float, ...]
     steps: tuple[StepSpec, ...]
-    first_step: str = "model"
-    final: str = "denoise"
+    first_step: FirstStep = "model"
+    final: Final = "denoise"
     schema_version: int = SCHEMA_VERSION
     name: str = field(default="", compare=False)
 
