@@ -1,0 +1,210 @@
+"""The job repository: submit (idempotent), claim (row locks), heartbeat, progress, cancel, finish.
+
+Every function takes a Session and commits its own change, so each call is one transaction. A runner's writes
+are fenced by the claim token it got from `claim_next`: once a job was re-claimed from a runner presumed dead,
+that runner's late writes change nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Optional, Sequence
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .db import utcnow
+from .models import FINAL_STATUSES, JOB_STATUSES, Job
+
+__all__ = ["IdempotencyConflict", "HeartbeatState", "study_name_for", "create_job", "get_job", "list_jobs",
+           "count_jobs", "claim_next", "heartbeat", "cancel_requested", "record_progress", "set_study_id", "finish", "request_cancel"]
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+    def __init__(self, job_id: str):
+        super().__init__(f"Idempotency-Key already used for job {job_id} with a different body")
+        self.job_id = job_id
+
+
+@dataclass(frozen=True)
+class HeartbeatState:
+    owned: bool              # False: the claim was lost (job re-claimed or finished elsewhere); stop at once
+    cancel_requested: bool
+
+
+def study_name_for(job_id: str) -> str:
+    return f"s3s-job-{job_id}"
+
+
+def create_job(session: Session, *, owner: str, spec: dict[str, Any], budget: int,
+               idempotency_key: Optional[str] = None, request_hash: Optional[str] = None) -> tuple[Job, bool]:
+    """Insert a queued job; with an idempotency key, a retry returns the first job. Returns (job, created)."""
+    if idempotency_key is not None:
+        existing = _by_idempotency_key(session, owner, idempotency_key)
+        if existing is not None:
+            return _same_or_conflict(existing, request_hash), False
+    job_id = uuid.uuid4().hex
+    now = utcnow()
+    job = Job(id=job_id, owner=owner, spec=spec, status="queued", cancel_requested=False,
+              idempotency_key=idempotency_key, request_hash=request_hash, study_name=study_name_for(job_id),
+              budget=budget, evaluations=0, message="queued", attempts=0, created_at=now, updated_at=now)
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same key won the insert.
+        session.rollback()
+        existing = _by_idempotency_key(session, owner, idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return _same_or_conflict(existing, request_hash), False
+    return job, True
+
+
+def _by_idempotency_key(session: Session, owner: str, key: str) -> Optional[Job]:
+    return session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+
+
+def _same_or_conflict(job: Job, request_hash: Optional[str]) -> Job:
+    if job.request_hash != request_hash:
+        raise IdempotencyConflict(job.id)
+    return job
+
+
+def get_job(session: Session, job_id: str, owner: Optional[str] = None) -> Optional[Job]:
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or (owner is not None and job.owner != owner):
+        return None
+    return job
+
+
+def _list_filter(owner: Optional[str], status: Optional[str]) -> list[Any]:
+    if status is not None and status not in JOB_STATUSES:
+        raise ValueError(f"status={status!r} must be one of {', '.join(JOB_STATUSES)}")
+    cond = []
+    if owner is not None:
+        cond.append(Job.owner == owner)
+    if status is not None:
+        cond.append(Job.status == status)
+    return cond
+
+
+def list_jobs(session: Session, *, owner: Optional[str] = None, status: Optional[str] = None,
+              limit: int = 50, offset: int = 0) -> Sequence[Job]:
+    q = (select(Job).where(*_list_filter(owner, status)).order_by(Job.created_at.desc(), Job.id)
+         .limit(limit).offset(offset))
+    return session.scalars(q).all()
+
+
+def count_jobs(session: Session, *, owner: Optional[str] = None, status: Optional[str] = None) -> int:
+    return int(session.scalar(select(func.count()).select_from(Job).where(*_list_filter(owner, status))) or 0)
+
+
+def _claimable(cutoff: Any) -> Any:
+    # Queued, or running under a runner whose heartbeat stopped (it died): the latter is resumed.
+    return or_(Job.status == "queued", and_(Job.status == "running", Job.heartbeat_at < cutoff))
+
+
+def claim_next(session: Session, runner_id: str, *, stale_after_s: float = 60.0,
+               max_attempts: int = 3) -> Optional[Job]:
+    """Claim the oldest claimable job for `runner_id`, or None.
+
+    PostgreSQL: SELECT ... FOR UPDATE SKIP LOCKED, so concurrent runners pick different rows without waiting.
+    SQLite: the whole transaction holds the database write lock (BEGIN IMMEDIATE). On both, the UPDATE repeats
+    the claimable condition, so a row claimed in between is never claimed twice.
+    """
+    for _ in range(16):
+        now = utcnow()
+        cutoff = now - timedelta(seconds=stale_after_s)
+        q = select(Job.id, Job.attempts, Job.status).where(_claimable(cutoff)).order_by(Job.created_at, Job.id).limit(1)
+        if session.get_bind().dialect.name == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        row = session.execute(q).first()
+        if row is None:
+            session.commit()
+            return None
+        job_id, attempts, status = row
+        base = update(Job).where(Job.id == job_id, _claimable(cutoff))
+        if status == "running" and attempts >= max_attempts:
+            session.execute(base.values(status="failed", finished_at=now, updated_at=now, claim_token=None,
+                                        error=f"runner died {attempts} times while running this job",
+                                        message="failed"))
+            session.commit()
+            continue
+        token = uuid.uuid4().hex
+        res = session.execute(base.values(
+            status="running", runner_id=runner_id, claim_token=token, heartbeat_at=now, updated_at=now,
+            attempts=Job.attempts + 1, started_at=func.coalesce(Job.started_at, now),
+            message="resuming" if status == "running" else "starting"))
+        session.commit()
+        if res.rowcount == 1:
+            return get_job(session, job_id)
+    return None
+
+
+def _owned(job_id: str, token: str) -> Any:
+    return and_(Job.id == job_id, Job.claim_token == token, Job.status == "running")
+
+
+def heartbeat(session: Session, job_id: str, token: str) -> HeartbeatState:
+    now = utcnow()
+    res = session.execute(update(Job).where(_owned(job_id, token)).values(heartbeat_at=now))
+    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+    session.commit()
+    return HeartbeatState(owned=res.rowcount == 1, cancel_requested=bool(cancel))
+
+
+def cancel_requested(session: Session, job_id: str, token: str) -> bool:
+    """True when the job should stop: cancel asked, or this runner no longer owns it."""
+    row = session.execute(select(Job.cancel_requested, Job.claim_token, Job.status).where(Job.id == job_id)).first()
+    session.commit()
+    return row is None or bool(row[0]) or row[1] != token or row[2] != "running"
+
+
+def record_progress(session: Session, job_id: str, token: str, *, evaluations: int,
+                    best_value: Optional[float], best_schedule: Optional[dict[str, Any]], message: str = "",
+                    predictor_tau: Optional[float] = None) -> bool:
+    now = utcnow()
+    res = session.execute(update(Job).where(_owned(job_id, token)).values(
+        evaluations=evaluations, best_value=best_value, best_schedule=best_schedule, message=message,
+        predictor_tau=predictor_tau, heartbeat_at=now, updated_at=now))
+    session.commit()
+    return res.rowcount == 1
+
+
+def set_study_id(session: Session, job_id: str, token: str, study_id: int) -> bool:
+    res = session.execute(update(Job).where(_owned(job_id, token)).values(optuna_study_id=study_id))
+    session.commit()
+    return res.rowcount == 1
+
+
+def finish(session: Session, job_id: str, token: str, status: str, *, result: Optional[dict[str, Any]] = None,
+           error: Optional[str] = None, message: str = "",
+           best: Optional[tuple[float | None, dict[str, Any]]] = None) -> bool:
+    if status not in FINAL_STATUSES:
+        raise ValueError(f"status={status!r} must be one of {', '.join(FINAL_STATUSES)}")
+    now = utcnow()
+    values: dict[str, Any] = dict(status=status, result=result, error=error, message=message or status,
+                                  finished_at=now, updated_at=now, heartbeat_at=now)
+    if best is not None:
+        values.update(best_value=best[0], best_schedule=best[1])
+    res = session.execute(update(Job).where(_owned(job_id, token)).values(**values))
+    session.commit()
+    return res.rowcount == 1
+
+
+def request_cancel(session: Session, job_id: str, owner: Optional[str] = None) -> Optional[Job]:
+    """Cancel a queued job at once; ask a running one to stop (its runner ends it). Final jobs are unchanged."""
+    now = utcnow()
+    own = [Job.owner == owner] if owner is not None else []
+    session.execute(update(Job).where(Job.id == job_id, Job.status == "queued", *own).values(
+        status="cancelled", cancel_requested=True, finished_at=now, updated_at=now, message="cancelled"))
+    session.execute(update(Job).where(Job.id == job_id, Job.status == "running", *own).values(
+        cancel_requested=True, updated_at=now, message="cancel requested"))
+    session.commit()
+    return get_job(session, job_id, owner)
