@@ -1,0 +1,78 @@
+"""The model registry: built-in test beds from provider modules plus models named in a server registry file.
+
+Providers expose `builtin_models() -> dict[str, Callable[[], ModelSpec]]`; a missing provider module (one not
+written yet) is skipped. The file named by $S3SEARCH_MODEL_REGISTRY is read by `s3search.models.local`, never
+from a request. Models are built on first use and cached.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+from .base import ModelSpec
+
+__all__ = ["UnknownModelError", "names", "get", "factories", "clear_cache", "ENV_REGISTRY"]
+
+ENV_REGISTRY = "S3SEARCH_MODEL_REGISTRY"
+_PROVIDERS = ("s3search.models.mixtures", "s3search.models.digits")
+
+_SPECS: dict[tuple[str, str], ModelSpec] = {}
+
+
+class UnknownModelError(KeyError):
+    """A model name that no provider and no registry file defines."""
+
+    def __init__(self, name: str, known: list[str]):
+        super().__init__(name)
+        self.name = name
+        self.known = known
+
+    def __str__(self) -> str:
+        return f"model={self.name!r} is unknown; known models: {', '.join(self.known) or '(none)'}"
+
+
+def _provider_models() -> dict[str, Callable[[], ModelSpec]]:
+    out: dict[str, Callable[[], ModelSpec]] = {}
+    for module_name in _PROVIDERS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:  # the provider exists but one of its own imports is missing
+                raise
+            continue
+        out.update(module.builtin_models())
+    return out
+
+
+def _file_models() -> dict[str, Callable[[], ModelSpec]]:
+    path = os.environ.get(ENV_REGISTRY, "").strip()
+    if not path:
+        return {}
+    local = importlib.import_module("s3search.models.local")
+    return dict(local.load_registry_file(path))
+
+
+def factories() -> dict[str, Callable[[], ModelSpec]]:
+    """Every known name and its factory; registry-file entries override built-ins of the same name."""
+    return {**_provider_models(), **_file_models()}
+
+
+def names() -> list[str]:
+    return sorted(factories())
+
+
+def get(name: str) -> ModelSpec:
+    """The model registered under `name`, built once per (name, registry file)."""
+    key = (name, os.environ.get(ENV_REGISTRY, ""))
+    if key not in _SPECS:
+        table = factories()
+        if name not in table:
+            raise UnknownModelError(name, sorted(table))
+        _SPECS[key] = table[name]()
+    return _SPECS[key]
+
+
+def clear_cache() -> None:
+    _SPECS.clear()
