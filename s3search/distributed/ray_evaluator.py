@@ -1,0 +1,296 @@
+"""Evaluate schedules on Ray: a pool of long-lived actors, each holding one local evaluator (and its models).
+
+Why core actors and not Ray Tune: the S³ loop is batch-shaped (evaluate a population, refit the predictor,
+evolve, evaluate the top k) and already keeps every trial in its Optuna study, which is also what resume reads.
+Tune would add a second trial store and resume mechanism to keep consistent with the study, a Trainable per
+trial (so a model load per trial unless actors are reused), and per-trial bookkeeping that costs more than a
+small evaluation. Actors give what the issue asks for directly: resources per evaluation, a bound on
+evaluations in flight, a model loaded once per worker process, and bounded retries when a worker dies
+(Ray restarts the actor and re-runs the batch).
+
+What crosses the process boundary is text we produce: schedules and the request as JSON, results as JSON.
+The evaluator inside an actor is named by a "module:callable" path from server configuration plus JSON-able
+keyword arguments, never an object from a request.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+from ..evaluation.base import EvalRequest, EvalResult
+from ..schedule import SolverSchedule
+from .settings import RaySettings
+
+__all__ = ["RayEvaluator", "EvalActorCore", "DEFAULT_FACTORY", "load_factory", "ensure_ray"]
+
+DEFAULT_FACTORY = "s3search.evaluation.local:LocalEvaluator"
+
+
+# ----- the part that runs inside a worker process (kept free of Ray so it can be tested directly) -----------
+
+def load_factory(path: str) -> Any:
+    """Resolve "package.module:callable"."""
+    if not isinstance(path, str) or path.count(":") != 1:
+        raise ValueError(f"factory={path!r} must look like 'package.module:callable'")
+    module_name, attr = path.split(":")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"factory={path!r} cannot be imported: {e}") from None
+    if not callable(target):
+        raise ValueError(f"factory={path!r} is not callable")
+    return target
+
+
+def _request_from_json(text: str) -> EvalRequest:
+    doc = json.loads(text)
+    return EvalRequest(**doc)
+
+
+def _result_to_dict(result: EvalResult) -> dict[str, Any]:
+    doc = asdict(result)
+    # A metric that came back NaN without an error is a failed evaluation (NaN samples): say so, keep +inf.
+    if doc["error"] is None and isinstance(doc["value"], float) and math.isnan(doc["value"]):
+        doc["error"] = "metric is NaN (the samples contain NaN or inf)"
+    if doc["error"] is not None:
+        doc["value"] = math.inf
+    return doc
+
+
+def _error_dict(schedule: SolverSchedule, error: str, seconds: float = 0.0) -> dict[str, Any]:
+    return asdict(EvalResult(schedule_hash=schedule.canonical_hash(), value=math.inf, nfe=schedule.nfe,
+                             seconds=seconds, error=error))
+
+
+class EvalActorCore:
+    """One evaluator per process; batches in and out as JSON text."""
+
+    def __init__(self, factory: str, factory_kwargs_json: str, num_threads: int) -> None:
+        import os
+        import torch
+
+        torch.set_num_threads(max(1, num_threads))
+        self.pid = os.getpid()
+        self.evaluator = load_factory(factory)(**json.loads(factory_kwargs_json))
+
+    def _evaluate(self, schedules: list[SolverSchedule], request: EvalRequest) -> list[dict[str, Any]]:
+        results = self.evaluator.evaluate(schedules, request)
+        if len(results) != len(schedules):
+            raise RuntimeError(f"the evaluator returned {len(results)} results for {len(schedules)} schedules")
+        return [_result_to_dict(r) for r in results]
+
+    def evaluate_json(self, schedules_json: list[str], request_json: str) -> str:
+        t0 = time.perf_counter()
+        request = _request_from_json(request_json)
+        schedules = [SolverSchedule.from_json(s) for s in schedules_json]
+        try:
+            out = self._evaluate(schedules, request)
+        except Exception as batch_error:  # noqa: BLE001 - any failure of a candidate must become a FAIL result
+            if len(schedules) == 1:
+                out = [_error_dict(schedules[0], f"{type(batch_error).__name__}: {batch_error}")]
+            else:
+                # Find the candidate(s) that raised; the others keep their real scores.
+                out = []
+                for s in schedules:
+                    t1 = time.perf_counter()
+                    try:
+                        out.extend(self._evaluate([s], request))
+                    except Exception as e:  # noqa: BLE001
+                        out.append(_error_dict(s, f"{type(e).__name__}: {e}", time.perf_counter() - t1))
+        return json.dumps({"pid": self.pid, "seconds": time.perf_counter() - t0, "results": out})
+
+    def ping(self) -> int:
+        return self.pid
+
+
+# ----- the driver side ------------------------------------------------------------------------------------
+
+def ensure_ray(settings: RaySettings) -> None:
+    """Join RAY_ADDRESS, or start an embedded Ray; reuse a Ray this process already started."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if settings.address:
+        ray.init(address=settings.address, **kwargs)
+    else:
+        # address="local" makes an embedded instance even where RAY_ADDRESS was set to something empty.
+        ray.init(address="local", num_cpus=settings.embedded_cpus or None,
+                 num_gpus=None if settings.gpus_per_eval else 0, **kwargs)
+
+
+@dataclass
+class _Job:
+    indices: list[int]
+    actor: int
+    isolated: bool               # a single candidate re-run on its own after its batch kept killing workers
+    deadline: float
+    kills: int = 0
+
+
+@dataclass
+class RayStats:
+    batches: int = 0
+    worker_losses: int = 0       # batches whose retries ran out (Ray's own restarts are invisible here)
+    timeouts: int = 0
+    eval_seconds: float = 0.0    # time inside the evaluators
+    wall_seconds: float = 0.0    # time in evaluate() on the driver
+    pids: set[int] = field(default_factory=set)
+
+
+class RayEvaluator:
+    """`Evaluator` on a Ray pool. Results come back in the order given, one per schedule, exactly once."""
+
+    def __init__(self, settings: Optional[RaySettings] = None, factory: str = DEFAULT_FACTORY,
+                 factory_kwargs: Optional[Mapping[str, Any]] = None) -> None:
+        self.settings = settings or RaySettings.from_env()
+        self.factory = factory
+        self.factory_kwargs_json = json.dumps(dict(factory_kwargs or {}))   # also checks they are JSON-able
+        self.stats = RayStats()
+        self._actors: list[Any] = []
+        self._actor_class: Any = None
+
+    # -- pool --
+    def _make_actor(self) -> Any:
+        import ray
+
+        if self._actor_class is None:
+            s = self.settings
+            self._actor_class = ray.remote(
+                num_cpus=s.cpus_per_eval, num_gpus=s.gpus_per_eval,
+                max_restarts=s.max_retries, max_task_retries=s.max_retries,
+            )(EvalActorCore)
+        threads = max(1, int(self.settings.cpus_per_eval))
+        return self._actor_class.remote(self.factory, self.factory_kwargs_json, threads)
+
+    def start(self) -> "RayEvaluator":
+        import ray
+
+        if not self._actors:
+            ensure_ray(self.settings)
+            n = self.settings.actors_for(ray.cluster_resources())
+            self._actors = [self._make_actor() for _ in range(n)]
+        return self
+
+    def _replace_actor(self, i: int) -> None:
+        import ray
+
+        try:
+            ray.kill(self._actors[i], no_restart=True)
+        except Exception:  # noqa: BLE001 - it is already gone
+            pass
+        self._actors[i] = self._make_actor()
+
+    def close(self) -> None:
+        import ray
+
+        for a in self._actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        self._actors = []
+
+    def __enter__(self) -> "RayEvaluator":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def num_actors(self) -> int:
+        return len(self._actors)
+
+    # -- evaluation --
+    def _batches(self, n: int) -> list[list[int]]:
+        size = self.settings.batch_size or max(1, math.ceil(n / max(1, len(self._actors))))
+        return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
+
+    def evaluate(self, schedules: Sequence[SolverSchedule], request: EvalRequest) -> list[EvalResult]:
+        import ray
+        from ray.exceptions import RayError, RayTaskError
+
+        t_start = time.perf_counter()
+        if not schedules:
+            return []
+        self.start()
+        texts = [s.to_json() for s in schedules]
+        request_json = json.dumps(asdict(request))
+        results: list[Optional[dict[str, Any]]] = [None] * len(schedules)
+        queue: deque[tuple[list[int], bool]] = deque((b, False) for b in self._batches(len(schedules)))
+        idle = list(range(len(self._actors)))
+        pending: dict[Any, _Job] = {}
+        timeout = self.settings.timeout_s
+
+        def submit(indices: list[int], isolated: bool) -> None:
+            a = idle.pop()
+            ref = self._actors[a].evaluate_json.remote([texts[i] for i in indices], request_json)
+            pending[ref] = _Job(indices, a, isolated, time.monotonic() + timeout if timeout else math.inf)
+            self.stats.batches += 1
+
+        def give_up(job: _Job, why: str) -> None:
+            # The batch kept killing its worker: try its candidates one by one, then fail the one that still does.
+            self.stats.worker_losses += 1
+            self._replace_actor(job.actor)
+            if len(job.indices) > 1 and not job.isolated:
+                queue.extendleft(([i], True) for i in reversed(job.indices))
+            else:
+                for i in job.indices:
+                    results[i] = _error_dict(schedules[i], why)
+
+        while queue or pending:
+            while queue and idle:
+                submit(*queue.popleft())
+            wait_s = None
+            if timeout:
+                wait_s = max(0.0, min(j.deadline for j in pending.values()) - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            for ref in ready:
+                job = pending.pop(ref)
+                try:
+                    doc = json.loads(ray.get(ref))
+                except RayTaskError as e:
+                    # The actor method itself raised (e.g. a schedule that does not parse): fail the batch.
+                    for i in job.indices:
+                        results[i] = _error_dict(schedules[i], f"evaluation task failed: {e.cause!r}")
+                    idle.append(job.actor)
+                    continue
+                except RayError as e:
+                    give_up(job, f"worker lost after {self.settings.max_retries} retries: {type(e).__name__}")
+                    idle.append(job.actor)
+                    continue
+                self.stats.eval_seconds += float(doc["seconds"])
+                self.stats.pids.add(int(doc["pid"]))
+                for i, r in zip(job.indices, doc["results"]):
+                    results[i] = r
+                idle.append(job.actor)
+            if timeout:
+                now = time.monotonic()
+                for ref, job in list(pending.items()):
+                    if job.deadline > now:
+                        continue
+                    self.stats.timeouts += 1
+                    job.kills += 1
+                    if job.kills > self.settings.max_retries:
+                        pending.pop(ref)
+                        give_up(job, f"timed out {job.kills} times after {timeout:g} s each")
+                        idle.append(job.actor)
+                    else:
+                        # Killing with restart lets Ray re-run the batch on the restarted actor.
+                        ray.kill(self._actors[job.actor], no_restart=False)
+                        job.deadline = now + timeout
+        self.stats.wall_seconds += time.perf_counter() - t_start
+        out = []
+        for s, r in zip(schedules, results):
+            if r is None:
+                raise RuntimeError(f"no result for schedule {s.canonical_hash()}: the dispatch loop lost it")
+            out.append(EvalResult(schedule_hash=r["schedule_hash"], value=float(r["value"]), nfe=int(r["nfe"]),
+                                  seconds=float(r["seconds"]), error=r["error"], extras=dict(r["extras"])))
+        return out

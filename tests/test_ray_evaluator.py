@@ -1,0 +1,183 @@
+"""The Ray evaluation path, on a real embedded Ray (one start-up for the whole module)."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from s3search.distributed import RayEvaluator, RaySettings  # noqa: E402
+from s3search.distributed.ray_evaluator import EvalActorCore  # noqa: E402
+from s3search.distributed.toy import ToyEvaluator, toy_score  # noqa: E402
+from s3search.evaluation.base import EvalRequest  # noqa: E402
+from s3search.schedule import SolverSchedule, StepSpec  # noqa: E402
+
+TOY = "s3search.distributed.toy:ToyEvaluator"
+REQUEST = EvalRequest(model="toy", metric="toy", n_samples=8, seed=11)
+
+
+def schedule(k: int, name: str = "") -> SolverSchedule:
+    """Distinct valid EDM schedules: k moves the interior times and the orders."""
+    n = 4
+    ts = [80.0 * (0.002 / 80.0) ** ((i / n) ** (1 + 0.1 * k)) for i in range(n + 1)]
+    steps = [StepSpec(order=min(1 + i, 1 + k % 3)) for i in range(n)]
+    return SolverSchedule(process="edm", timesteps=tuple(ts), steps=tuple(steps), name=name or f"c{k}")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    # Start-up is slow on a busy 2-core machine; one embedded Ray for all tests here.
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def read_log(path: Path) -> list[tuple[str, int, str]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        event, pid, *rest = line.split(" ", 2)
+        rows.append((event, int(pid), rest[0] if rest else ""))
+    return rows
+
+
+# ----- settings, no Ray needed --------------------------------------------------------------------------------
+
+def test_settings_from_env_and_validation():
+    s = RaySettings.from_env({"RAY_ADDRESS": "head:6379", "S3SEARCH_RAY_GPUS_PER_EVAL": "0.5",
+                              "S3SEARCH_RAY_MAX_IN_FLIGHT": "3", "S3SEARCH_RAY_MAX_RETRIES": "1"})
+    assert (s.address, s.gpus_per_eval, s.max_in_flight, s.max_retries) == ("head:6379", 0.5, 3, 1)
+    assert RaySettings.from_env({}).address is None
+    with pytest.raises(ValueError, match="S3SEARCH_RAY_MAX_IN_FLIGHT"):
+        RaySettings.from_env({"S3SEARCH_RAY_MAX_IN_FLIGHT": "two"})
+    with pytest.raises(ValueError, match="max_retries"):
+        RaySettings(max_retries=-1)
+    with pytest.raises(ValueError, match="cpus_per_eval"):
+        RaySettings(cpus_per_eval=0)
+    # Actors that fit: CPUs / cpus_per_eval, and GPUs bound it when evaluations need GPUs.
+    assert RaySettings(cpus_per_eval=2).actors_for({"CPU": 16}) == 8
+    assert RaySettings(gpus_per_eval=1).actors_for({"CPU": 16, "GPU": 4}) == 4
+    assert RaySettings(max_in_flight=3).actors_for({"CPU": 16}) == 3
+
+
+def test_actor_core_isolates_a_raising_candidate_without_ray():
+    core = EvalActorCore(TOY, '{"raise_on": ["c1"], "nan_on": ["c2"]}', 1)
+    import json
+    doc = json.loads(core.evaluate_json([schedule(k).to_json() for k in range(4)], '{"model": "toy", '
+                                        '"metric": "toy", "n_samples": 8, "seed": 11}'))
+    res = doc["results"]
+    assert [r["error"] is None for r in res] == [True, False, False, True]
+    assert "toy failure" in res[1]["error"] and "NaN" in res[2]["error"]
+    assert res[1]["value"] == math.inf and res[2]["value"] == math.inf
+    assert res[3]["value"] == pytest.approx(toy_score(schedule(3), 11), rel=0, abs=0)
+
+
+# ----- on Ray -----------------------------------------------------------------------------------------------
+
+def test_same_results_as_local_and_model_loaded_once_per_actor(ray_session, tmp_path):
+    log = tmp_path / "log.txt"
+    cands = [schedule(k) for k in range(7)]
+    local = ToyEvaluator().evaluate(cands, REQUEST)
+    settings = RaySettings(max_in_flight=2, batch_size=2)
+    with RayEvaluator(settings, factory=TOY, factory_kwargs={"log_path": str(log)}) as ev:
+        first = ev.evaluate(cands, REQUEST)
+        second = ev.evaluate(cands[:3], REQUEST)
+        assert ev.num_actors == 2
+    assert [(r.schedule_hash, r.value, r.nfe, r.error) for r in first] == \
+           [(r.schedule_hash, r.value, r.nfe, r.error) for r in local]
+    assert [r.value for r in second] == [r.value for r in local[:3]]
+    events = read_log(log)
+    loads = [pid for e, pid, _ in events if e == "load"]
+    starts = [pid for e, pid, _ in events if e == "start"]
+    assert len(loads) == 2 and len(set(loads)) == 2, "one model load per actor, not per candidate"
+    assert len(starts) == 10 and set(starts) == set(loads)
+
+
+def test_failing_candidate_becomes_an_error_result_and_others_survive(ray_session):
+    cands = [schedule(k) for k in range(5)]
+    with RayEvaluator(RaySettings(max_in_flight=2, batch_size=3), factory=TOY,
+                      factory_kwargs={"raise_on": ["c1"], "nan_on": ["c4"]}) as ev:
+        res = ev.evaluate(cands, REQUEST)
+    assert [r.ok for r in res] == [True, False, True, True, False]
+    assert "RuntimeError: toy failure" in res[1].error and "NaN" in res[4].error
+    assert res[1].value == math.inf
+    assert [r.value for r in res if r.ok] == [toy_score(cands[k], REQUEST.seed) for k in (0, 2, 3)]
+
+
+def kill_first_start(log: Path, killed: list[int], deadline_s: float = 120.0) -> None:
+    """SIGKILL the first worker process seen starting an evaluation (the toy sleeps, so it is mid-evaluation)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        starts = [pid for e, pid, _ in read_log(log) if e == "start"]
+        if starts:
+            os.kill(starts[0], signal.SIGKILL)
+            killed.append(starts[0])
+            return
+        time.sleep(0.05)
+
+
+def test_worker_killed_mid_evaluation_is_retried_and_each_result_arrives_once(ray_session, tmp_path):
+    log = tmp_path / "log.txt"
+    cands = [schedule(k) for k in range(4)]
+    killed: list[int] = []
+    with RayEvaluator(RaySettings(max_in_flight=1, batch_size=4, max_retries=2), factory=TOY,
+                      factory_kwargs={"log_path": str(log), "sleep_s": 0.5}) as ev:
+        ev.start()
+        assert ray.get(ev._actors[0].ping.remote(), timeout=120) > 0
+        killer = threading.Thread(target=kill_first_start, args=(log, killed))
+        killer.start()
+        res = ev.evaluate(cands, REQUEST)
+        killer.join()
+    assert len(killed) == 1
+    assert [r.ok for r in res] == [True] * 4
+    assert [r.value for r in res] == [toy_score(c, REQUEST.seed) for c in cands]
+    events = read_log(log)
+    loads = [pid for e, pid, _ in events if e == "load"]
+    assert loads[0] == killed[0] and len(loads) == 2 and loads[1] != killed[0], "the actor was restarted once"
+    # The killed process started c0 and died; the restarted one evaluated the whole batch once.
+    after = [name for e, pid, name in events if e == "start" and pid == loads[1]]
+    assert after == ["c0", "c1", "c2", "c3"]
+
+
+def test_candidate_that_always_kills_its_worker_fails_alone(ray_session, tmp_path):
+    # A worker killed on every attempt at c1: c1 ends as an error, its batch-mate still scores. max_retries=0
+    # keeps the number of (slow) worker restarts down; the retry itself is covered by the test above.
+    log = tmp_path / "log.txt"
+    cands = [schedule(k) for k in range(2)]
+    stop = threading.Event()
+
+    def killer() -> None:
+        seen: set[tuple[int, str]] = set()
+        while not stop.is_set():
+            for e, pid, name in read_log(log):
+                if e == "start" and name == "c1" and (pid, name) not in seen:
+                    seen.add((pid, name))
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(0.02)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    try:
+        with RayEvaluator(RaySettings(max_in_flight=1, batch_size=2, max_retries=0), factory=TOY,
+                          factory_kwargs={"log_path": str(log), "sleep_s": 0.3}) as ev:
+            res = ev.evaluate(cands, REQUEST)
+    finally:
+        stop.set()
+        t.join()
+    assert [r.ok for r in res] == [True, False]
+    assert "worker lost" in res[1].error
+    starts = [name for e, _, name in read_log(log) if e == "start"]
+    assert starts == ["c0", "c1", "c0", "c1"], "the batch once, then each candidate on its own"
+
+    assert res[0].value == toy_score(cands[0], REQUEST.seed)
