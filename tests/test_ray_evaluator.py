@@ -181,3 +181,31 @@ def test_candidate_that_always_kills_its_worker_fails_alone(ray_session, tmp_pat
     assert starts == ["c0", "c1", "c0", "c1"], "the batch once, then each candidate on its own"
 
     assert res[0].value == toy_score(cands[0], REQUEST.seed)
+
+
+# ----- s3search worker (argument building only: a real `ray start` would join this machine's shared Ray) ------
+
+def test_worker_command_builds_ray_start_lines():
+    import typer
+    from typer.testing import CliRunner
+
+    from s3search.cli.worker_cmd import ray_start_argv, register
+
+    assert ray_start_argv(address="10.0.0.5:6379", head=False, num_gpus=1) == [
+        "start", "--disable-usage-stats", "--address=10.0.0.5:6379", "--num-gpus=1", "--block"]
+    head = ray_start_argv(address=None, head=True, port=6380, block=False)
+    assert "--head" in head and "--port=6380" in head and "--block" not in head
+    assert "--dashboard-host=127.0.0.1" in head
+    for bad in ({"address": None, "head": False}, {"address": "h:1", "head": True},
+                {"address": "nohostport", "head": False}):
+        with pytest.raises(ValueError, match="address"):
+            ray_start_argv(**bad)
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)   # a second command keeps typer from collapsing the group
+    out = CliRunner().invoke(app, ["worker", "--address", "head:6379", "--num-cpus", "4", "--dry-run"])
+    assert out.exit_code == 0, out.output
+    assert "start --disable-usage-stats --address=head:6379 --num-cpus=4 --block" in out.output
+    bad = CliRunner().invoke(app, ["worker", "--dry-run"])
+    assert bad.exit_code != 0
