@@ -20,7 +20,7 @@ from .db import utcnow
 from .models import FINAL_STATUSES, JOB_STATUSES, Job
 
 __all__ = ["IdempotencyConflict", "HeartbeatState", "study_name_for", "create_job", "get_job", "list_jobs",
-           "count_jobs", "claim_next", "heartbeat", "cancel_requested", "record_progress", "set_study_id", "finish", "request_cancel"]
+           "count_jobs", "claim_next", "heartbeat", "cancel_requested", "record_progress", "set_study_id", "finish", "release", "request_cancel"]
 
 
 class IdempotencyConflict(Exception):
@@ -194,6 +194,15 @@ def finish(session: Session, job_id: str, token: str, status: str, *, result: Op
     if best is not None:
         values.update(best_value=best[0], best_schedule=best[1])
     res = session.execute(update(Job).where(_owned(job_id, token)).values(**values))
+    session.commit()
+    return res.rowcount == 1
+
+
+def release(session: Session, job_id: str, token: str, message: str = "released by its runner") -> bool:
+    """Give a running job back to the queue (runner shutting down); the next runner resumes it."""
+    now = utcnow()
+    res = session.execute(update(Job).where(_owned(job_id, token)).values(
+        status="queued", claim_token=None, runner_id=None, message=message, updated_at=now))
     session.commit()
     return res.rowcount == 1
 

@@ -1,0 +1,43 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from fastapi import FastAPI
+
+from studies.db import make_engine, make_session_factory
+from studies.migrate import upgrade
+
+from .errors import install_error_handlers
+from .routes import catalog, health, jobs
+from .settings import Settings
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: Optional[Settings] = None) -> FastAPI:
+    settings = settings or Settings()
+    if settings.model_registry:
+        # The model registry reads its file from the environment; the runner does the same.
+        os.environ["S3SEARCH_MODEL_REGISTRY"] = settings.model_registry
+    engine = make_engine(settings.database_url)
+    if settings.migrate_on_start:
+        upgrade(engine)
+    app = FastAPI(title="s3search", version="1", max_body_size=settings.max_request_bytes,
+                  description="Search few-step diffusion solver schedules (S³) as jobs; read trials and schedules.")
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessions = make_session_factory(engine)
+    app.state.optuna_storage = None
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(catalog.router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Entry point for `uvicorn --factory api.app:app_from_env`."""
+    return create_app(Settings())

@@ -1,0 +1,69 @@
+"""Error bodies: every validation error is a 422 naming its field, every other error a JSON `detail`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+__all__ = ["field_errors", "validation_error", "install_error_handlers"]
+
+log = logging.getLogger("s3search.api")
+_SOURCES = {"body", "query", "path", "header", "cookie"}
+# Union branches in pydantic locations ("nfe" -> "int" / "list[int]" / "NfeRange") are type tags, not fields.
+_TYPE_TAGS = ("int", "list[", "NfeRange", "str", "float", "bool", "none", "function-")
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = list(loc)
+    if parts and parts[0] in _SOURCES:
+        source = parts.pop(0)
+        if not parts:
+            return source
+    out: list[str] = []
+    for p in parts:
+        if isinstance(p, int):
+            out.append(f"[{p}]")
+        elif any(str(p).startswith(t) for t in _TYPE_TAGS) and out:
+            continue
+        else:
+            out.append(("." if out else "") + str(p))
+    return "".join(out) or "body"
+
+
+def field_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: set[tuple[str, str]] = set()
+    items = []
+    for e in errors:
+        loc = tuple(e.get("loc", ()))
+        item = {"field": _field(loc), "message": str(e.get("msg", "invalid")),
+                "loc": [p if isinstance(p, (int, str)) else str(p) for p in loc]}
+        if (item["field"], item["message"]) not in seen:
+            seen.add((item["field"], item["message"]))
+            items.append(item)
+    return items
+
+
+def validation_error(items: list[dict[str, Any]], status: int = 422) -> JSONResponse:
+    fields = ", ".join(dict.fromkeys(i["field"] for i in items))
+    return JSONResponse({"detail": f"invalid request: {fields}", "errors": items}, status_code=status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(field_errors(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = exc.detail if isinstance(exc.detail, dict) else {"detail": exc.detail}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _on_error(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse({"detail": "internal error"}, status_code=500)

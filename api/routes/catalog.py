@@ -1,0 +1,30 @@
+"""GET /v1/models, /v1/baselines, /v1/options."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from ..catalog import baseline_names, metric_names, model_names, predictor_names
+from ..deps import OwnerDep, SettingsDep
+from ..schemas import EXPORT_FORMATS, METHODS, BaselineList, ModelList, Options
+
+router = APIRouter(prefix="/v1", tags=["catalog"])
+
+
+@router.get("/models", response_model=ModelList)
+def list_models(_owner: OwnerDep) -> ModelList:
+    return ModelList(models=model_names())
+
+
+@router.get("/baselines", response_model=BaselineList)
+def list_baselines(_owner: OwnerDep) -> BaselineList:
+    return BaselineList(baselines=baseline_names())
+
+
+@router.get("/options", response_model=Options)
+def options(_owner: OwnerDep, settings: SettingsDep) -> Options:
+    limits = {k: int(getattr(settings, k)) for k in (
+        "min_nfe", "max_nfe", "max_nfe_values", "max_samples", "max_test_samples", "max_budget", "max_options",
+        "max_request_bytes", "max_page_size")}
+    return Options(methods=list(METHODS), metrics=metric_names(), predictors=predictor_names(),
+                   export_formats=list(EXPORT_FORMATS), limits=limits)

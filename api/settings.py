@@ -1,0 +1,45 @@
+"""Service settings from the environment (pydantic-settings). Every size a request can ask for has a limit here."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from studies.db import DEFAULT_DATABASE_URL
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="S3S_", extra="ignore")
+
+    database_url: str = Field(DEFAULT_DATABASE_URL, validation_alias=AliasChoices("DATABASE_URL", "S3S_DATABASE_URL"))
+    # Server-side model registry file (TOML/JSON); never taken from a request.
+    model_registry: Optional[str] = Field(None, validation_alias=AliasChoices("S3SEARCH_MODEL_REGISTRY",
+                                                                              "S3S_MODEL_REGISTRY"))
+    dashboard_url: str = "http://127.0.0.1:8080"
+    migrate_on_start: bool = True
+
+    # Limits on what a job may ask for.
+    min_nfe: int = Field(2, ge=1)
+    max_nfe: int = Field(50, ge=1)
+    max_nfe_values: int = Field(16, ge=1)          # how many NFE values one job may search
+    max_samples: int = Field(50_000, ge=1)         # n_samples per search evaluation
+    max_test_samples: int = Field(50_000, ge=1)
+    max_budget: int = Field(5_000, ge=1)           # true evaluations per job
+    max_options: int = Field(32, ge=0)             # keys in the free-form `options` object
+    max_request_bytes: int = Field(64 * 1024, ge=1024)
+    max_page_size: int = Field(500, ge=1)
+    max_active_jobs_per_owner: int = Field(100, ge=1)
+
+    # Runner.
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    stale_after_s: float = Field(60.0, gt=0)      # a running job whose heartbeat is older is resumed elsewhere
+    poll_interval_s: float = Field(1.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+
+
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,247 @@
+"""The runner: claims queued jobs from the database and runs their search, one at a time.
+
+Several runners may share a database; `studies.jobs.claim_next` makes each claim exclusive. While a job runs, a
+heartbeat thread keeps the claim alive; a runner that dies stops heartbeating and the next runner to look
+re-claims the job and resumes it: the job's Optuna study keeps every finished trial, and the search reuses them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import optuna
+from optuna.trial import TrialState
+
+from studies import jobs as repo
+from studies.db import make_engine, make_session_factory
+from studies.migrate import upgrade
+from studies.models import Job
+from studies.optuna_storage import optuna_storage
+
+from .evaluation.base import Evaluator
+from .search.config import Progress, SearchConfig, SearchResult
+
+__all__ = ["RunnerOptions", "Runner", "config_from_spec", "SearchFn"]
+
+log = logging.getLogger("s3search.runner")
+
+SearchFn = Callable[..., SearchResult]     # run_search(config, study, *, evaluator, progress, should_stop)
+EvaluatorFactory = Callable[[SearchConfig], Optional[Evaluator]]
+
+
+def _default_search() -> SearchFn:
+    from .search.run import run_search
+    return run_search
+
+
+def config_from_spec(spec: dict[str, Any]) -> SearchConfig:
+    """The job spec stored by the API (validated there) as the search's config."""
+    nfe = spec["nfe"]
+    return SearchConfig(model=spec["model"], nfe=tuple(int(n) for n in (nfe if isinstance(nfe, list) else [nfe])),
+                        metric=spec.get("metric", "fd"), n_samples=int(spec.get("n_samples", 1000)),
+                        n_test_samples=int(spec.get("n_test_samples", 5000)), budget=int(spec["budget"]),
+                        method=spec.get("method", "s3"), predictor=spec.get("predictor", "lightgbm-rank"),
+                        seed=int(spec.get("seed", 0)), options=dict(spec.get("options") or {}))
+
+
+def _finite(x: Any) -> Optional[float]:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    heartbeat_interval_s: float = 5.0
+    stale_after_s: float = 60.0
+    poll_interval_s: float = 1.0
+    max_attempts: int = 3
+
+
+class _Stopped(Exception):
+    pass
+
+
+class Runner:
+    def __init__(self, database_url: Optional[str] = None, *, runner_id: Optional[str] = None,
+                 options: RunnerOptions = RunnerOptions(), search_fn: Optional[SearchFn] = None,
+                 evaluator_factory: Optional[EvaluatorFactory] = None, migrate: bool = True):
+        self.engine = make_engine(database_url)
+        if migrate:
+            upgrade(self.engine)
+        self.database_url = self.engine.url.render_as_string(hide_password=False)
+        self.sessions = make_session_factory(self.engine)
+        self.runner_id = runner_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.options = options
+        self.search_fn = search_fn
+        self.evaluator_factory = evaluator_factory
+        self.shutdown = threading.Event()     # set by SIGTERM: stop the current search, give the job back
+        self._storage: Any = None
+
+    # ----- the loop ----------------------------------------------------------------------------------------
+    def run_forever(self, max_jobs: Optional[int] = None) -> int:
+        done = 0
+        while not self.shutdown.is_set() and (max_jobs is None or done < max_jobs):
+            if self.run_once() is None:
+                self.shutdown.wait(self.options.poll_interval_s)
+            else:
+                done += 1
+        return done
+
+    def run_once(self) -> Optional[str]:
+        """Claim and run one job; its id, or None when nothing was claimable."""
+        with self.sessions() as s:
+            job = repo.claim_next(s, self.runner_id, stale_after_s=self.options.stale_after_s,
+                                  max_attempts=self.options.max_attempts)
+        if job is None:
+            return None
+        self._run_job(job)
+        return job.id
+
+    def close(self) -> None:
+        if self._storage is not None:
+            self._storage.engine.dispose()
+        self.engine.dispose()
+
+    # ----- one job -----------------------------------------------------------------------------------------
+    def storage(self) -> Any:
+        if self._storage is None:
+            self._storage = optuna_storage(self.database_url)
+        return self._storage
+
+    def _run_job(self, job: Job) -> None:
+        token = job.claim_token
+        assert token is not None
+        log.info("runner %s: job %s (attempt %d)", self.runner_id, job.id, job.attempts)
+        lost = threading.Event()
+        stop_heartbeat = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job.id, token, lost, stop_heartbeat), daemon=True,
+                                name=f"heartbeat-{job.id[:8]}")
+        beat.start()
+        try:
+            self._search(job, token, lost)
+        finally:
+            stop_heartbeat.set()
+            beat.join()
+
+    def _heartbeat(self, job_id: str, token: str, lost: threading.Event, stop: threading.Event) -> None:
+        while not stop.wait(self.options.heartbeat_interval_s):
+            try:
+                with self.sessions() as s:
+                    state = repo.heartbeat(s, job_id, token)
+            except Exception:  # noqa: BLE001 - a database hiccup: try again next beat
+                log.exception("heartbeat failed")
+                continue
+            if not state.owned:
+                lost.set()
+                return
+
+    def _search(self, job: Job, token: str, lost: threading.Event) -> None:
+        cancelled = threading.Event()
+
+        def should_stop() -> bool:
+            if lost.is_set() or cancelled.is_set() or self.shutdown.is_set():
+                return True
+            with self.sessions() as s:
+                if repo.cancel_requested(s, job.id, token):
+                    # Either a cancel, or the claim was lost; finish() below tells which by its fencing.
+                    cancelled.set()
+            return cancelled.is_set()
+
+        def progress(p: Progress) -> None:
+            best = p.best_schedule.to_dict() if p.best_schedule is not None else None
+            with self.sessions() as s:
+                ok = repo.record_progress(s, job.id, token, evaluations=p.evaluations, best_value=_finite(p.best_value),
+                                          best_schedule=best, message=p.message or "running",
+                                          predictor_tau=_finite(p.predictor_tau))
+            if not ok:
+                lost.set()
+
+        try:
+            config = config_from_spec(job.spec)
+            study = self._open_study(job, token, config)
+            evaluator = self.evaluator_factory(config) if self.evaluator_factory else None
+            search = self.search_fn or _default_search()
+            result = search(config, study, evaluator=evaluator, progress=progress, should_stop=should_stop)
+        except Exception as e:  # noqa: BLE001 - any failure ends the job with its reason
+            if self.shutdown.is_set() and not cancelled.is_set():
+                self._release(job.id, token)
+                return
+            status = "cancelled" if cancelled.is_set() else "failed"
+            log.warning("job %s %s: %s", job.id, status, e)
+            with self.sessions() as s:
+                repo.finish(s, job.id, token, status, error=f"{type(e).__name__}: {e}",
+                            message=status if status == "cancelled" else "failed",
+                            )
+            if status == "failed":
+                log.debug("%s", traceback.format_exc())
+            return
+        if lost.is_set():
+            log.warning("job %s: claim lost; another runner owns it now", job.id)
+            return
+        if self.shutdown.is_set() and not cancelled.is_set() and result.evaluations < config.budget:
+            self._release(job.id, token)
+            return
+        doc = _result_doc(result)
+        status = "cancelled" if cancelled.is_set() else "succeeded"
+        with self.sessions() as s:
+            repo.finish(s, job.id, token, status, result=doc, message=status,
+                        best=(doc["best_value"], doc["best"]))
+        self._note(study, job, doc)
+
+    def _release(self, job_id: str, token: str) -> None:
+        with self.sessions() as s:
+            repo.release(s, job_id, token, message="released by a runner shutting down; will resume")
+
+    def _open_study(self, job: Job, token: str, config: SearchConfig) -> optuna.Study:
+        storage = self.storage()
+        study = optuna.create_study(study_name=job.study_name, storage=storage, direction="minimize",
+                                    load_if_exists=True)
+        # Trials a dead runner left RUNNING will never finish; mark them failed so the resume reuses only
+        # finished ones (the claim fencing guarantees that runner can no longer write to this job).
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            storage.set_trial_system_attr(t._trial_id, "fail_reason", "runner died during the evaluation")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        if job.attempts == 1 or "job_id" not in study.user_attrs:
+            study.set_user_attr("job_id", job.id)
+            study.set_user_attr("spec", job.spec)
+            self._note(study, job, None)
+        with self.sessions() as s:
+            repo.set_study_id(s, job.id, token, study._study_id)
+        return study
+
+    @staticmethod
+    def _note(study: optuna.Study, job: Job, result: Optional[dict[str, Any]]) -> None:
+        """The dashboard's note for the study: the job spec and, once known, the baselines' scores."""
+        try:
+            from optuna_dashboard import save_note
+        except ImportError:
+            return
+        import json
+        lines = [f"# s3search job `{job.id}`", "", "## Spec", "", "```json",
+                 json.dumps(job.spec, indent=2, sort_keys=True), "```", ""]
+        if result is not None:
+            lines += ["## Result (test split)", "", f"- searched schedule: {result['test_value']}",
+                      f"- evaluations: {result['evaluations']}", "", "| baseline | test value |", "|---|---|"]
+            lines += [f"| {k} | {v} |" for k, v in sorted(result["baselines"].items(),
+                                                            key=lambda kv: (kv[1] is None, kv[1] or 0.0))]
+        else:
+            lines += ["Baseline scores appear here when the job finishes."]
+        try:
+            save_note(study, "\n".join(lines))
+        except Exception:  # noqa: BLE001 - the note is a convenience; never fail a job for it
+            log.exception("could not save the dashboard note")
+
+
+def _result_doc(result: SearchResult) -> dict[str, Any]:
+    return {"best": result.best.to_dict(), "best_value": _finite(result.best_value),
+            "test_value": _finite(result.test_value),
+            "baselines": {str(k): _finite(v) for k, v in result.baselines.items()},
+            "evaluations": int(result.evaluations)}
