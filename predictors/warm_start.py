@@ -1,0 +1,61 @@
+"""Warm start: (schedule, value) pairs from earlier Optuna studies on the same model.
+
+Reads trials written by the search (user attributes `schedule` holding the schedule JSON, the trial value as
+the metric). Only COMPLETE trials with a finite value and a schedule of the solver-schedule type are returned;
+studies whose `model` / `metric` user attribute differs from the one asked for are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import optuna
+from optuna.trial import TrialState
+
+from s3search.schedule import SolverSchedule
+
+__all__ = ["Pair", "load_pairs", "SCHEDULE_ATTR"]
+
+SCHEDULE_ATTR = "schedule"
+
+
+@dataclass(frozen=True)
+class Pair:
+    schedule: SolverSchedule
+    value: float
+    study: str
+
+
+def load_pairs(storage: str | optuna.storages.BaseStorage, study_names: Sequence[str], *,
+               model: Optional[str] = None, metric: Optional[str] = None,
+               nfe: Optional[Sequence[int]] = None) -> list[Pair]:
+    """Every usable pair of the named studies (missing studies raise ValueError naming them)."""
+    out: list[Pair] = []
+    for name in study_names:
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            raise ValueError(f"studies: {name!r} does not exist in the storage") from None
+        attrs = study.user_attrs
+        if model is not None and attrs.get("model") not in (None, model):
+            continue
+        if metric is not None and attrs.get("metric") not in (None, metric):
+            continue
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            text = t.user_attrs.get(SCHEDULE_ATTR)
+            if not text or t.value is None or not math.isfinite(t.value):
+                continue
+            try:
+                doc = json.loads(text)
+                if "sampler" in doc:        # a named sampler: no features for it
+                    continue
+                sched = SolverSchedule.from_dict(doc)
+            except (ValueError, TypeError):
+                continue
+            if nfe is not None and sched.nfe not in nfe:
+                continue
+            out.append(Pair(sched, float(t.value), name))
+    return out

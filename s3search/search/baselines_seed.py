@@ -1,0 +1,87 @@
+"""Every baseline of the sampler core at one NFE, on its grids: the search's starting points and yardsticks.
+
+Two stages keep the seed affordable at small budgets:
+1. every baseline on its conventional grid (the grid its paper or reference code uses);
+2. once stage 1 is scored, the best few baselines on each other standard grid, so the comparison is against
+   each strong baseline *on its best grid*, not on a grid we happened to pick.
+Labels are "<baseline>@<grid>"; the comparison table keeps, per baseline, its best grid on the search split.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+from .. import baselines, grids, processes
+from .study import AnySchedule, Candidate, Evaluated
+
+__all__ = ["CONVENTIONAL_GRID", "SEED_GRIDS", "label", "parse_label", "conventional", "on_grids",
+           "best_per_baseline"]
+
+# The grid each method's reference code uses by default (DPM-Solver / UniPC: logSNR; EDM-family codes: rho = 7;
+# Li et al. and DDIM on discrete models: time-uniform).
+CONVENTIONAL_GRID: dict[str, str] = {
+    "ddim": "time-uniform", "ddim_eta1": "time-uniform", "edm_heun": "edm", "ipndm": "edm", "deis": "edm",
+    "er_sde_1": "edm", "er_sde_2": "edm", "er_sde_3": "edm", "seeds_1": "logsnr", "seeds_2": "logsnr",
+    "seeds_3": "logsnr", "li_accelerated_ode": "time-uniform", "li_accelerated_ddpm": "time-uniform",
+}
+SEED_GRIDS = ("logsnr", "edm", "time-uniform", "quadratic", "kl-optimal", "ays-sdxl")
+
+
+def label(name: str, grid: str) -> str:
+    return f"{name}@{grid}"
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    name, _, grid = text.partition("@")
+    return name, grid
+
+
+def _build(name: str, nfe: int, process: str, grid: str, t_start: Optional[float],
+           t_end: Optional[float]) -> Optional[AnySchedule]:
+    try:
+        sched = baselines.for_nfe(name, nfe, process, grid=grid, t_start=t_start, t_end=t_end)
+    except ValueError:   # this baseline cannot make exactly `nfe` evaluations, or the grid does not fit
+        return None
+    return sched if sched.nfe == nfe else None
+
+
+def conventional(nfe: int, process: str, *, names: Optional[Sequence[str]] = None,
+                 t_start: Optional[float] = None, t_end: Optional[float] = None) -> list[Candidate]:
+    """Stage 1: each baseline on its conventional grid (falling back to logSNR)."""
+    process = processes.get(process).name
+    out = []
+    for name in names if names is not None else baselines.names():
+        for grid in dict.fromkeys((CONVENTIONAL_GRID.get(name, "logsnr"), "logsnr")):
+            sched = _build(name, nfe, process, grid, t_start, t_end)
+            if sched is not None:
+                out.append(Candidate(sched, source="baseline", label=label(name, grid)))
+                break
+    return out
+
+
+def on_grids(names: Iterable[str], nfe: int, process: str, *, grid_names: Sequence[str] = SEED_GRIDS,
+             t_start: Optional[float] = None, t_end: Optional[float] = None) -> list[Candidate]:
+    """Stage 2: the named baselines on every grid in `grid_names` that exists and fits the process."""
+    process = processes.get(process).name
+    known = set(grids.names())
+    out = []
+    for name in names:
+        for grid in grid_names:
+            if grid not in known:
+                continue
+            sched = _build(name, nfe, process, grid, t_start, t_end)
+            if sched is not None:
+                out.append(Candidate(sched, source="baseline", label=label(name, grid)))
+    return out
+
+
+def best_per_baseline(evaluated: Iterable[Evaluated], nfe: int) -> dict[str, Evaluated]:
+    """Baseline name -> its best evaluated grid at this NFE (search split)."""
+    best: dict[str, Evaluated] = {}
+    for e in evaluated:
+        if e.source != "baseline" or not e.label or e.nfe != nfe or not e.ok:
+            continue
+        name, _ = parse_label(e.label)
+        if name not in best or e.value < best[name].value:
+            best[name] = e
+    return best

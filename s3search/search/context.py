@@ -1,0 +1,89 @@
+"""What a search method gets to work with: the space, the ledger (the only way to evaluate), a generator,
+the budget per NFE, progress reporting and the stop flag. Methods spend budget only through `ctx.evaluate`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from ..space import SearchSpace
+from .config import Progress, ProgressFn, SearchConfig, StopFn
+from .study import Candidate, Evaluated, Ledger
+
+__all__ = ["SearchContext", "OPTION_DEFAULTS", "check_options"]
+
+# Every key of SearchConfig.options this package reads, with its default.
+OPTION_DEFAULTS: dict[str, Any] = {
+    "space": {},                    # SpaceOptions fields
+    "t_min": None, "t_max": None,   # time range of searched schedules (default: the process's)
+    "seed_baselines": True,         # evaluate every baseline first (stage 1), then the best on more grids
+    "baselines": None,              # restrict to these baseline names
+    "baseline_grids": None,         # stage-2 grids (default baselines_seed.SEED_GRIDS)
+    "top_baselines_on_grids": 5,    # how many stage-1 baselines go on to stage 2
+    "max_seed_fraction": 0.5,       # at most this share of the budget goes to baselines
+    "init_random": None,            # random schedules after the baselines (default: max(8, budget / 10))
+    "batch_size": 10,               # true evaluations per S³ generation (k)
+    "population": 256,              # candidates kept by the predictor-scored evolution
+    "children": 256,                # children per evolution generation
+    "generations": 12,              # predictor-scored generations per true-evaluation round
+    "explore": 0.2,                 # share of each batch drawn from the predicted top 20% at random
+    "predictor_params": {},         # passed to predictors.get
+    "warm_start": None,             # {"storage": url (default: the study's), "studies": [names]}
+    "evaluator": {},                # LocalEvaluator keyword arguments when run_search builds one
+    "test_baselines": True,         # test-score every baseline's best grid for the final table
+}
+
+
+def check_options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
+    if unknown:
+        raise ValueError(f"options.{unknown[0]} is not a search option (known: {', '.join(sorted(OPTION_DEFAULTS))})")
+    return {**OPTION_DEFAULTS, **options}
+
+
+@dataclass
+class SearchContext:
+    config: SearchConfig
+    options: dict[str, Any]
+    space: SearchSpace
+    ledger: Ledger
+    rng: np.random.Generator
+    budgets: dict[int, int]                       # true evaluations allowed per NFE (baselines included)
+    progress_fn: Optional[ProgressFn] = None
+    should_stop: Optional[StopFn] = None
+    warm_pairs: list[tuple[Any, float, int]] = field(default_factory=list)   # (schedule, value, group)
+    predictor_tau: Optional[float] = None
+    log: list[dict[str, Any]] = field(default_factory=list)                   # per-round records
+
+    def spent(self, nfe: int) -> int:
+        return sum(1 for e in self.ledger.done.values() if e.nfe == nfe)
+
+    def remaining(self, nfe: int) -> int:
+        return max(0, self.budgets[nfe] - self.spent(nfe))
+
+    def stopped(self) -> bool:
+        return bool(self.should_stop and self.should_stop())
+
+    def evaluate(self, candidates: Sequence[Candidate], nfe: int) -> list[Evaluated]:
+        """Evaluate new candidates, never beyond this NFE's budget; reports progress afterwards."""
+        fresh, seen = [], set()
+        for c in candidates:
+            h = c.schedule.canonical_hash()
+            if h not in seen and not self.ledger.seen(c.schedule):
+                seen.add(h)
+                fresh.append(c)
+        out = self.ledger.evaluate(fresh[: self.remaining(nfe)])
+        self.report(f"nfe={nfe}: {len(out)} evaluated ({', '.join(sorted({c.source for c in fresh}))})")
+        return out
+
+    def report(self, message: str) -> None:
+        if self.progress_fn is None:
+            return
+        best = self.ledger.best()
+        self.progress_fn(Progress(evaluations=self.ledger.count, budget=self.config.budget,
+                                  best_value=best.value if best else math.inf,
+                                  best_schedule=best.schedule if best else None, message=message,
+                                  predictor_tau=self.predictor_tau))

@@ -1,0 +1,213 @@
+"""`run_search`: the one entry point the CLI and the runner call.
+
+Order of work, per NFE: baselines (stage 1: each on its conventional grid; stage 2: the best few on more grids),
+then the configured method until that NFE's share of the budget is spent, then the test evaluation of the
+winner and of every baseline's best grid (fresh seeds, `n_test_samples`). Test scores are not trials (they
+would spend budget); they are stored in the study's user attributes under "test" and reused on resume.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import optuna
+
+import predictors
+
+from .. import processes
+from ..evaluation.base import EvalRequest, Evaluator
+from ..space import SearchSpace, SpaceOptions
+from . import baselines_seed
+from .alternatives import run_optuna, run_random
+from .config import ProgressFn, SearchConfig, SearchResult, StopFn
+from .context import SearchContext, check_options
+from .s3 import run_s3
+from .study import AnySchedule, Ledger, schedule_from_json
+
+__all__ = ["run_search", "METHODS", "MultiNFEResult", "check_config", "build_space", "default_evaluator"]
+
+METHODS = ("s3", "random", "tpe", "cmaes")
+
+
+@dataclass(frozen=True)
+class MultiNFEResult(SearchResult):
+    """A SearchResult for the first NFE of the config, plus one per NFE when several were searched."""
+
+    per_nfe: dict[int, SearchResult] = field(default_factory=dict)
+    stopped: bool = False
+
+
+def check_config(config: SearchConfig) -> dict[str, Any]:
+    if config.method not in METHODS:
+        raise ValueError(f"method={config.method!r} must be one of {', '.join(METHODS)}")
+    if config.method == "s3" and config.predictor not in predictors.names():
+        raise ValueError(f"predictor={config.predictor!r} must be one of {', '.join(predictors.names())}")
+    if isinstance(config.budget, bool) or not isinstance(config.budget, int) or config.budget < 1:
+        raise ValueError(f"budget={config.budget!r} must be a positive integer")
+    if not config.nfe or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in config.nfe):
+        raise ValueError(f"nfe={config.nfe!r} must be one or more positive integers")
+    if config.budget < len(set(config.nfe)):
+        raise ValueError(f"budget={config.budget} is below one evaluation per NFE ({len(set(config.nfe))})")
+    for name in ("n_samples", "n_test_samples"):
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+            raise ValueError(f"{name}={v!r} must be an integer >= 2")
+    return check_options(dict(config.options))
+
+
+def build_space(config: SearchConfig, process: str | processes.NoiseProcess, options: dict[str, Any],
+                has_data_mean: bool = False) -> SearchSpace:
+    space_opts = dict(options.get("space") or {})
+    if has_data_mean and "first_steps" not in space_opts:
+        space_opts["first_steps"] = ("model", "zero-x0", "mean-x0")
+    return SearchSpace(process, sorted(set(config.nfe)), t_min=options.get("t_min"), t_max=options.get("t_max"),
+                       options=SpaceOptions.from_dict(space_opts))
+
+
+def default_evaluator(options: dict[str, Any]) -> Evaluator:
+    from ..evaluation.local import LocalEvaluator
+
+    return LocalEvaluator(**dict(options.get("evaluator") or {}))
+
+
+def _budgets(config: SearchConfig) -> dict[int, int]:
+    nfes = sorted(set(config.nfe))
+    share, extra = divmod(config.budget, len(nfes))
+    return {n: share + (1 if i < extra else 0) for i, n in enumerate(nfes)}
+
+
+def _seed_baselines(ctx: SearchContext, nfe: int, process: str) -> None:
+    o = ctx.options
+    cap = max(0, int(o["max_seed_fraction"] * ctx.budgets[nfe]))
+    t_start, t_end = ctx.space.t_max, ctx.space.t_min
+    stage1 = baselines_seed.conventional(nfe, process, names=o["baselines"], t_start=t_start, t_end=t_end)
+    spent = sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source == "baseline")
+    ctx.ledger.enqueue(stage1[: max(0, cap - spent)])
+    _drain(ctx, nfe, cap)
+    best = baselines_seed.best_per_baseline(ctx.ledger.done.values(), nfe)
+    top = [name for name, _ in sorted(best.items(), key=lambda kv: kv[1].value)][: int(o["top_baselines_on_grids"])]
+    grids = tuple(o["baseline_grids"] or baselines_seed.SEED_GRIDS)
+    stage2 = baselines_seed.on_grids(top, nfe, process, grid_names=grids, t_start=t_start, t_end=t_end)
+    spent = sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source == "baseline")
+    ctx.ledger.enqueue(stage2[: max(0, cap - spent)])
+    _drain(ctx, nfe, cap)
+
+
+def _drain(ctx: SearchContext, nfe: int, cap: int) -> None:
+    batch = max(1, int(ctx.options["batch_size"]))
+    while not ctx.stopped():
+        spent = sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source == "baseline")
+        n = min(batch, cap - spent, ctx.remaining(nfe))
+        if n <= 0 or not ctx.ledger.waiting():
+            return
+        if not ctx.ledger.run_queue(n):
+            return
+        ctx.report(f"nfe={nfe}: baselines")
+
+
+def _load_warm(ctx: SearchContext, study: optuna.Study) -> None:
+    spec = ctx.options.get("warm_start")
+    if not spec:
+        return
+    from predictors.warm_start import load_pairs
+
+    backend = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 (the same DB by default)
+    storage = spec.get("storage") or getattr(backend, "url", None)
+    if storage is None:
+        raise ValueError("options.warm_start.storage is required when the study is not on an RDB storage")
+    names = [n for n in spec.get("studies", []) if n != study.study_name]
+    pairs = load_pairs(storage, names, model=ctx.config.model)
+    # Group ids >= 10_000 mark outside pairs: compared only among themselves (same study, same NFE).
+    ctx.warm_pairs = [(p.schedule, p.value, 10_000 * (1 + names.index(p.study)) + p.schedule.nfe) for p in pairs]
+
+
+def _test_scores(ctx: SearchContext, study: optuna.Study, nfe: int, best: AnySchedule,
+                 baselines: dict[str, AnySchedule]) -> tuple[float, dict[str, float]]:
+    cfg = ctx.config
+    stored = dict(study.user_attrs.get("test", {}))
+    entry = dict(stored.get(str(nfe), {}))
+    cached: dict[str, float] = dict(entry.get("values", {}))
+    req = EvalRequest(cfg.model, cfg.metric, cfg.n_test_samples, cfg.seed, "test")
+    want = {"searched:" + best.canonical_hash(): best}
+    want.update({"baseline:" + name: s for name, s in baselines.items()})
+    todo = {k: s for k, s in want.items() if k not in cached}
+    if todo:
+        results = ctx.ledger.evaluator.evaluate(list(todo.values()), req)
+        for key, res in zip(todo, results):
+            cached[key] = float(res.value) if res.ok else math.inf
+    entry["values"] = {k: (v if math.isfinite(v) else None) for k, v in cached.items()}
+    entry["best_schedule"] = best.to_json()
+    entry["baseline_schedules"] = {name: s.to_json() for name, s in baselines.items()}
+    stored[str(nfe)] = entry
+    study.set_user_attr("test", stored)
+
+    def val(key: str) -> float:
+        v = cached.get(key)
+        return math.inf if v is None else float(v)
+
+    return val("searched:" + best.canonical_hash()), {name: val("baseline:" + name) for name in baselines}
+
+
+def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluator | None = None,
+               progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> SearchResult:
+    options = check_config(config)
+    from ..models import registry
+
+    model = registry.get(config.model)
+    process = model.process.name
+    space = build_space(config, process, options, has_data_mean=getattr(model.denoiser, "data_mean", None) is not None)
+    evaluator = evaluator if evaluator is not None else default_evaluator(options)
+    request = EvalRequest(config.model, config.metric, config.n_samples, config.seed, "search")
+    for key, value in (("model", config.model), ("metric", config.metric), ("n_samples", config.n_samples),
+                       ("seed", config.seed), ("nfe", list(config.nfe)), ("method", config.method),
+                       ("predictor", config.predictor), ("budget", config.budget), ("process", process)):
+        study.set_user_attr(key, value)
+    ledger = Ledger(study, evaluator, request)
+    ledger.load()
+    ctx = SearchContext(config=config, options=options, space=space, ledger=ledger,
+                        rng=np.random.default_rng([config.seed, ledger.count]), budgets=_budgets(config),
+                        progress_fn=progress, should_stop=should_stop)
+    _load_warm(ctx, study)
+    if ledger.count:
+        ctx.report(f"resumed with {ledger.count} evaluations")
+
+    for nfe in sorted(set(config.nfe)):
+        if options["seed_baselines"]:
+            _seed_baselines(ctx, nfe, process)
+        if config.method == "s3":
+            run_s3(ctx, nfe)
+        elif config.method == "random":
+            run_random(ctx, nfe)
+        else:
+            run_optuna(ctx, nfe, config.method)
+        if ctx.stopped():
+            break
+    study.set_user_attr("rounds", ctx.log[-200:])
+
+    stopped = ctx.stopped()
+    per_nfe: dict[int, SearchResult] = {}
+    for nfe in sorted(set(config.nfe)):
+        best = ledger.best(nfe)
+        if best is None:
+            continue
+        chosen = {name: e.schedule for name, e in baselines_seed.best_per_baseline(ledger.done.values(), nfe).items()}
+        if stopped:
+            test, base = math.nan, {}
+        else:
+            test, base = _test_scores(ctx, study, nfe, best.schedule,
+                                      chosen if options["test_baselines"] else {})
+        per_nfe[nfe] = SearchResult(best=best.schedule, best_value=best.value, test_value=test, baselines=base,
+                                    evaluations=sum(1 for e in ledger.done.values() if e.nfe == nfe))
+    if not per_nfe:
+        raise RuntimeError("no schedule was evaluated successfully; see the trials' error attributes")
+    first = per_nfe.get(config.nfe[0]) or next(iter(per_nfe.values()))
+    ctx.report("stopped" if stopped else "done")
+    return MultiNFEResult(best=first.best, best_value=first.best_value, test_value=first.test_value,
+                          baselines=first.baselines, evaluations=ledger.count, per_nfe=per_nfe, stopped=stopped)
+
+
+# For callers that read stored test results back.
+parse_schedule = schedule_from_json

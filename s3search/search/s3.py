@@ -1,0 +1,167 @@
+"""The S³ loop: evaluate seeds, fit the predictor, evolve a large predictor-scored population, truly evaluate
+the predicted top k, repeat until the NFE's budget of true evaluations is spent.
+
+One predictor serves every NFE of the search (and warm-start pairs from earlier studies): pairs are grouped by
+(source, NFE) so only scores within one group are compared while fitting.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+import predictors
+from predictors.base import kendall_tau
+
+from ..schedule import SolverSchedule
+from ..space import SearchSpace
+from .context import SearchContext
+from .study import Candidate
+
+__all__ = ["run_s3", "evolve", "fit_predictor", "seed_random"]
+
+
+def seed_random(ctx: SearchContext, nfe: int, n: int) -> None:
+    """Evaluate n random schedules (beyond those already in the study)."""
+    have = sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source == "random")
+    want = max(0, min(n - have, ctx.remaining(nfe)))
+    if want == 0:
+        return
+    cands = [Candidate(ctx.space.random(ctx.rng, nfe), source="random") for _ in range(want)]
+    ctx.evaluate(cands, nfe)
+
+
+def fit_predictor(ctx: SearchContext, holdout: float = 0.2) -> Optional[predictors.Predictor]:
+    """Fit the configured predictor on every evaluated schedule (plus warm-start pairs).
+
+    Also refits on a random 80% to measure Kendall tau on the held-out 20% of this study's own pairs: the
+    figure reported as predictor quality.
+    """
+    scheds, values = ctx.ledger.solver_pairs()
+    groups = [s.nfe for s in scheds]
+    for s, v, g in ctx.warm_pairs:
+        scheds.append(s)
+        values.append(v)
+        groups.append(g)
+    if sum(math.isfinite(v) for v in values) < 4:
+        return None
+    params = dict(ctx.options["predictor_params"])
+    params.setdefault("seed", ctx.config.seed)
+    own = [i for i, g in enumerate(groups) if g < 10_000]
+    if holdout > 0 and len(own) >= 20:
+        perm = ctx.rng.permutation(own)
+        n_test = max(5, int(holdout * len(own)))
+        test = set(perm[:n_test].tolist())
+        train = [i for i in range(len(scheds)) if i not in test]
+        p = predictors.get(ctx.config.predictor, **params).fit(
+            [scheds[i] for i in train], [values[i] for i in train], [groups[i] for i in train])
+        taus = []
+        for nfe in sorted({groups[i] for i in test}):
+            idx = [i for i in test if groups[i] == nfe and math.isfinite(values[i])]
+            if len(idx) >= 5:
+                taus.append(kendall_tau(p.predict([scheds[i] for i in idx]), [values[i] for i in idx]))
+        taus = [t for t in taus if math.isfinite(t)]
+        ctx.predictor_tau = float(np.mean(taus)) if taus else None
+    return predictors.get(ctx.config.predictor, **params).fit(scheds, values, groups)
+
+
+def _tournament(scores: np.ndarray, rng: np.random.Generator, size: int = 3) -> int:
+    pick = rng.integers(len(scores), size=size)
+    return int(pick[np.argmin(scores[pick])])
+
+
+def evolve(space: SearchSpace, predictor: predictors.Predictor, elites: Sequence[SolverSchedule], nfe: int,
+           rng: np.random.Generator, *, population: int = 256, children: int = 256, generations: int = 12,
+           exclude: set[str] | None = None) -> list[tuple[SolverSchedule, float]]:
+    """A (mu + lambda) genetic search scored by the predictor only; returns unseen candidates, best first."""
+    exclude = exclude or set()
+    pool: dict[str, SolverSchedule] = {}
+
+    def add(s: SolverSchedule) -> None:
+        pool.setdefault(s.canonical_hash(), s)
+
+    for s in elites:
+        add(s)
+    while len(pool) < population:
+        if elites and rng.random() < 0.7:
+            add(space.mutate(elites[int(rng.integers(len(elites)))], rng))
+        else:
+            add(space.random(rng, nfe))
+    keys = list(pool)
+    scheds = [pool[k] for k in keys]
+    scores = predictor.predict(scheds)
+    for _ in range(generations):
+        kids = []
+        for _ in range(children):
+            a = scheds[_tournament(scores, rng)]
+            if rng.random() < 0.5:
+                b = scheds[_tournament(scores, rng)]
+                child = space.crossover(a, b, rng)
+                if rng.random() < 0.5:
+                    child = space.mutate(child, rng, n_changes=1)
+            else:
+                child = space.mutate(a, rng)
+            kids.append(child)
+        known = set(keys)
+        new = [(c.canonical_hash(), c) for c in kids]
+        new = list({h: c for h, c in new if h not in known}.items())
+        if new:
+            kid_scores = predictor.predict([c for _, c in new])
+            keys += [h for h, _ in new]
+            scheds += [c for _, c in new]
+            scores = np.concatenate([scores, kid_scores])
+        keep = np.argsort(scores, kind="stable")[:population]
+        keys = [keys[i] for i in keep]
+        scheds = [scheds[i] for i in keep]
+        scores = scores[keep]
+    return [(s, float(v)) for k, s, v in zip(keys, scheds, scores) if k not in exclude]
+
+
+def _choose(ranked: list[tuple[SolverSchedule, float]], k: int, explore: float,
+            rng: np.random.Generator) -> list[tuple[SolverSchedule, float]]:
+    """The predicted top (k - e) plus e picked at random from the rest of the predicted top 20%."""
+    n_explore = int(round(explore * k)) if len(ranked) > 2 * k else 0
+    head = ranked[: k - n_explore]
+    rest = ranked[k - n_explore: max(k, len(ranked) // 5)]
+    if n_explore and rest:
+        idx = rng.choice(len(rest), size=min(n_explore, len(rest)), replace=False)
+        head += [rest[i] for i in sorted(idx)]
+    return head
+
+
+def run_s3(ctx: SearchContext, nfe: int) -> None:
+    """Spend this NFE's remaining budget with the S³ loop (seeds are evaluated before this is called)."""
+    o = ctx.options
+    init = o["init_random"] if o["init_random"] is not None else max(8, ctx.budgets[nfe] // 10)
+    seed_random(ctx, nfe, init)
+    generation = 0
+    last_batch: list[tuple[float, float]] = []
+    while ctx.remaining(nfe) > 0 and not ctx.stopped():
+        predictor = fit_predictor(ctx)
+        if predictor is None:   # too few successful evaluations to learn from: explore at random
+            seed_random(ctx, nfe, init + ctx.options["batch_size"])
+            init += ctx.options["batch_size"]
+            continue
+        elites = [e.schedule for e in sorted(ctx.ledger.done.values(), key=lambda e: e.value)
+                  if e.nfe == nfe and e.ok and isinstance(e.schedule, SolverSchedule)
+                  and ctx.space.contains(e.schedule)][:16]
+        ranked = evolve(ctx.space, predictor, elites, nfe, ctx.rng, population=int(o["population"]),
+                        children=int(o["children"]), generations=int(o["generations"]),
+                        exclude=set(ctx.ledger.done))
+        k = min(int(o["batch_size"]), ctx.remaining(nfe))
+        picks = _choose(ranked, k, float(o["explore"]), ctx.rng)
+        generation += 1
+        cands = [Candidate(s, source="s3", predicted=p, generation=generation) for s, p in picks]
+        done = ctx.evaluate(cands, nfe)
+        if not done:   # everything proposed was already evaluated: widen the search with random schedules
+            ctx.evaluate([Candidate(ctx.space.random(ctx.rng, nfe), source="random") for _ in range(k)], nfe)
+            continue
+        last_batch = [(e.predicted, e.value) for e in done if e.predicted is not None and e.ok]
+        batch_tau = kendall_tau([p for p, _ in last_batch], [v for _, v in last_batch]) \
+            if len(last_batch) >= 3 else float("nan")
+        best = ctx.ledger.best(nfe)
+        ctx.log.append({"nfe": nfe, "generation": generation, "evaluations": ctx.ledger.count,
+                        "best": best.value if best else math.inf, "cv_tau": ctx.predictor_tau,
+                        "batch_tau": batch_tau})

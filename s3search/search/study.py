@@ -1,0 +1,238 @@
+"""Optuna glue: every true evaluation is one trial (ask / tell) of the job's study.
+
+A trial carries the schedule JSON, its hash, NFE, where it came from (baseline label, random, s3, tpe, ...),
+the predicted score, the seeds and sample count, the evaluation time and the metric value as user attributes, so
+optuna-dashboard shows the search while it runs. Baselines are enqueued trials labelled `baseline=<name>`.
+
+Resume: `Ledger.load` reads every trial already in the study. COMPLETE trials (and trials whose evaluation
+itself failed, state FAIL with an `error` attribute) count as done and are never evaluated again; a RUNNING
+trial left by a runner that died ends FAIL and its schedule goes back into the queue (a WAITING trial), which
+the next batch picks up first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import optuna
+from optuna.trial import TrialState
+
+from ..evaluation.base import EvalRequest, EvalResult, Evaluator
+from ..schedule import SolverSchedule
+
+__all__ = ["AnySchedule", "Evaluated", "Candidate", "Ledger", "schedule_from_json", "ATTR"]
+
+try:  # NamedSchedule is the baselines' type for samplers the space cannot express.
+    from ..named import NamedSchedule
+except Exception:  # pragma: no cover - the sampling core without the named package
+    NamedSchedule = None  # type: ignore[assignment,misc]
+
+AnySchedule = Union[SolverSchedule, "NamedSchedule"]
+
+
+class ATTR:
+    """User-attribute keys (shared with predictors.warm_start and the service's trial listing)."""
+
+    SCHEDULE = "schedule"          # the schedule JSON
+    HASH = "schedule_hash"
+    NFE = "nfe"
+    SOURCE = "source"              # baseline | random | s3 | local | tpe | cmaes | requeued
+    BASELINE = "baseline"          # the baseline's label, only on baseline trials
+    PREDICTED = "predicted"        # the predictor's score when the candidate was chosen (lower is better)
+    METRIC = "metric"
+    VALUE = "value"                # the metric again (a FAIL trial has no value of its own)
+    SEED = "seed"
+    N_SAMPLES = "n_samples"
+    SPLIT = "split"
+    SECONDS = "eval_seconds"
+    ERROR = "error"
+    GENERATION = "generation"
+    FLAT = "flat"                  # the flat encoding of TPE / CMA-ES trials
+    EXTRAS = "extras"
+    STALE = "stale"                # a RUNNING trial found on resume, ended FAIL and re-queued
+
+
+def schedule_from_json(text: str) -> AnySchedule:
+    doc = json.loads(text)
+    if isinstance(doc, dict) and "sampler" in doc:
+        if NamedSchedule is None:
+            raise ValueError("schedule names a sampler, but s3search.named is not available")
+        return NamedSchedule.from_dict(doc)
+    return SolverSchedule.from_dict(doc)
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    schedule: AnySchedule
+    value: float                   # +inf when the evaluation failed
+    nfe: int
+    source: str
+    label: str                     # baseline label, else ""
+    trial_number: int
+    predicted: Optional[float] = None
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.value)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    schedule: AnySchedule
+    source: str
+    label: str = ""
+    predicted: Optional[float] = None
+    generation: int = 0
+    flat: tuple[float, ...] = ()   # the flat encoding a TPE / CMA-ES / random sampler proposed
+
+
+class Ledger:
+    """The study's evaluations, by canonical hash; the only path by which schedules get evaluated."""
+
+    def __init__(self, study: optuna.Study, evaluator: Evaluator, request: EvalRequest) -> None:
+        self.study = study
+        self.evaluator = evaluator
+        self.request = request
+        self.done: dict[str, Evaluated] = {}
+        self.history: list[Evaluated] = []       # in evaluation order (for best-so-far curves)
+
+    # ----- resume -------------------------------------------------------------------------------------
+    def load(self, requeue_stale: bool = True) -> int:
+        """Read the trials already in the study; returns how many evaluations they hold."""
+        trials = sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number)
+        for t in trials:
+            attrs = t.user_attrs
+            if ATTR.SCHEDULE not in attrs:
+                continue
+            if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and ATTR.ERROR in attrs):
+                value = float(t.value) if t.state == TrialState.COMPLETE and t.value is not None else math.inf
+                self._record(t.number, attrs, value)
+            elif t.state == TrialState.RUNNING and requeue_stale:
+                self.study.tell(t.number, state=TrialState.FAIL)
+                h = attrs.get(ATTR.HASH)
+                if h not in self.done:
+                    self.study.enqueue_trial({}, user_attrs={k: v for k, v in attrs.items()
+                                                             if k in (ATTR.SCHEDULE, ATTR.HASH, ATTR.NFE,
+                                                                      ATTR.SOURCE, ATTR.BASELINE, ATTR.PREDICTED,
+                                                                      ATTR.GENERATION, ATTR.FLAT)})
+        return len(self.done)
+
+    def _record(self, number: int, attrs: dict[str, Any], value: float) -> Evaluated:
+        sched = schedule_from_json(attrs[ATTR.SCHEDULE])
+        h = attrs.get(ATTR.HASH) or sched.canonical_hash()
+        ev = Evaluated(schedule=sched, value=value, nfe=int(attrs.get(ATTR.NFE, sched.nfe)),
+                       source=str(attrs.get(ATTR.SOURCE, "")), label=str(attrs.get(ATTR.BASELINE, "")),
+                       trial_number=number, predicted=attrs.get(ATTR.PREDICTED))
+        if h not in self.done:
+            self.done[h] = ev
+            self.history.append(ev)
+        return ev
+
+    # ----- queries ------------------------------------------------------------------------------------
+    @property
+    def count(self) -> int:
+        return len(self.done)
+
+    def seen(self, schedule: AnySchedule) -> bool:
+        return schedule.canonical_hash() in self.done
+
+    def best(self, nfe: Optional[int] = None) -> Optional[Evaluated]:
+        pool = [e for e in self.done.values() if e.ok and (nfe is None or e.nfe == nfe)]
+        return min(pool, key=lambda e: (e.value, e.trial_number)) if pool else None
+
+    def solver_pairs(self, nfe: Optional[int] = None) -> tuple[list[SolverSchedule], list[float]]:
+        """(schedule, value) of every evaluated SolverSchedule (failures included, as +inf)."""
+        pairs = [(e.schedule, e.value) for e in self.done.values()
+                 if isinstance(e.schedule, SolverSchedule) and (nfe is None or e.nfe == nfe)]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def waiting(self) -> list[optuna.trial.FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+
+    # ----- evaluation ---------------------------------------------------------------------------------
+    def enqueue(self, candidates: Iterable[Candidate]) -> int:
+        """Put candidates into the study's queue (labelled WAITING trials); skips known and queued hashes."""
+        queued = {t.user_attrs.get(ATTR.HASH) for t in self.waiting()}
+        n = 0
+        for c in candidates:
+            h = c.schedule.canonical_hash()
+            if h in self.done or h in queued:
+                continue
+            self.study.enqueue_trial({}, user_attrs=self._attrs(c, h))
+            queued.add(h)
+            n += 1
+        return n
+
+    def run_queue(self, limit: int) -> list[Evaluated]:
+        """Evaluate up to `limit` queued trials in one evaluator call."""
+        pending = self.waiting()[:max(0, limit)]
+        trials, scheds = [], []
+        for _ in pending:
+            trial = self.study.ask()
+            attrs = trial.user_attrs
+            if ATTR.SCHEDULE not in attrs:           # a queued trial from someone else: leave it alone
+                self.study.tell(trial, state=TrialState.FAIL)
+                continue
+            sched = schedule_from_json(attrs[ATTR.SCHEDULE])
+            if sched.canonical_hash() in self.done:
+                self.study.tell(trial, state=TrialState.PRUNED)
+                continue
+            trials.append(trial)
+            scheds.append(sched)
+        return self._evaluate(trials, scheds)
+
+    def evaluate(self, candidates: Sequence[Candidate]) -> list[Evaluated]:
+        """Queue the new candidates and evaluate that many queued trials (oldest first) in one call.
+
+        Going through the queue means `ask` never hands us a trial someone else enqueued with other attributes,
+        and a candidate whose runner dies before `tell` is found on resume and evaluated then.
+        """
+        return self.run_queue(self.enqueue(candidates))
+
+    def _evaluate(self, trials: list[optuna.Trial], scheds: list[AnySchedule]) -> list[Evaluated]:
+        if not trials:
+            return []
+        req = self.request
+        start = time.perf_counter()
+        try:
+            results = list(self.evaluator.evaluate(scheds, req))
+            if len(results) != len(scheds):
+                raise ValueError(f"the evaluator returned {len(results)} results for {len(scheds)} schedules")
+        except Exception as e:  # an evaluator that raises must not end the search: every trial fails
+            seconds = (time.perf_counter() - start) / len(scheds)
+            results = [EvalResult(s.canonical_hash(), math.inf, s.nfe, seconds, error=f"{type(e).__name__}: {e}")
+                       for s in scheds]
+        out = []
+        for trial, sched, res in zip(trials, scheds, results):
+            value = float(res.value) if res.ok and res.value is not None and math.isfinite(res.value) else math.inf
+            trial.set_user_attr(ATTR.METRIC, req.metric)
+            trial.set_user_attr(ATTR.SEED, req.seed)
+            trial.set_user_attr(ATTR.N_SAMPLES, req.n_samples)
+            trial.set_user_attr(ATTR.SPLIT, req.split)
+            trial.set_user_attr(ATTR.SECONDS, float(res.seconds))
+            if res.extras:
+                trial.set_user_attr(ATTR.EXTRAS, {k: float(v) for k, v in res.extras.items()})
+            if math.isfinite(value):
+                trial.set_user_attr(ATTR.VALUE, value)
+                self.study.tell(trial, value)
+            else:
+                trial.set_user_attr(ATTR.ERROR, res.error or f"non-finite metric {res.value!r}")
+                self.study.tell(trial, state=TrialState.FAIL)
+            out.append(self._record(trial.number, trial.user_attrs, value))
+        return out
+
+    @staticmethod
+    def _attrs(c: Candidate, h: str) -> dict[str, Any]:
+        attrs: dict[str, Any] = {ATTR.SCHEDULE: c.schedule.to_json(), ATTR.HASH: h, ATTR.NFE: c.schedule.nfe,
+                                 ATTR.SOURCE: c.source, ATTR.GENERATION: c.generation}
+        if c.label:
+            attrs[ATTR.BASELINE] = c.label
+        if c.flat:
+            attrs[ATTR.FLAT] = [float(x) for x in c.flat]
+        if c.predicted is not None and math.isfinite(c.predicted):
+            attrs[ATTR.PREDICTED] = float(c.predicted)
+        return attrs
