@@ -209,3 +209,15 @@ def test_worker_command_builds_ray_start_lines():
     assert "start --disable-usage-stats --address=head:6379 --num-cpus=4 --block" in out.output
     bad = CliRunner().invoke(app, ["worker", "--dry-run"])
     assert bad.exit_code != 0
+
+
+def test_adaptive_batch_size_targets_about_a_second_per_task():
+    ev = RayEvaluator(RaySettings(max_in_flight=2), factory=TOY)
+    ev._actors = [object(), object()]            # sizing only; nothing is sent to Ray here
+    assert ev.batch_size_for(40) == 1            # nothing timed yet: one candidate per task
+    ev.stats.evaluations, ev.stats.eval_seconds = 10, 0.5      # 50 ms per evaluation -> 20 per task
+    assert ev.batch_size_for(100) == 20
+    assert ev.batch_size_for(10) == 5            # never more than an even share per actor
+    ev.stats.eval_seconds = 30.0                 # 3 s per evaluation -> one per task
+    assert ev.batch_size_for(100) == 1
+    assert RayEvaluator(RaySettings(batch_size=7), factory=TOY).batch_size_for(100) == 7

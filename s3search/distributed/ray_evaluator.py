@@ -30,6 +30,7 @@ from .settings import RaySettings
 __all__ = ["RayEvaluator", "EvalActorCore", "DEFAULT_FACTORY", "load_factory", "ensure_ray"]
 
 DEFAULT_FACTORY = "s3search.evaluation.local:LocalEvaluator"
+TASK_TARGET_S = 1.0
 
 
 # ----- the part that runs inside a worker process (kept free of Ray so it can be tested directly) -----------
@@ -138,6 +139,7 @@ class _Job:
 @dataclass
 class RayStats:
     batches: int = 0
+    evaluations: int = 0         # candidates scored inside the evaluators (timed ones, for batch sizing)
     worker_losses: int = 0       # batches whose retries ran out (Ray's own restarts are invisible here)
     timeouts: int = 0
     eval_seconds: float = 0.0    # time inside the evaluators
@@ -209,8 +211,22 @@ class RayEvaluator:
         return len(self._actors)
 
     # -- evaluation --
+    def batch_size_for(self, n: int) -> int:
+        """Candidates per task: the setting, else enough for about TASK_TARGET_S of work per task.
+
+        Ray costs a few milliseconds per task, so a ~1 s task keeps it under 1%; smaller batches keep the
+        workers evenly loaded. Until an evaluation has been timed, one candidate per task.
+        """
+        if self.settings.batch_size:
+            return self.settings.batch_size
+        if self.stats.evaluations == 0 or self.stats.eval_seconds <= 0:
+            return 1
+        mean = self.stats.eval_seconds / self.stats.evaluations
+        per_actor = math.ceil(n / max(1, len(self._actors)))
+        return max(1, min(per_actor, math.ceil(TASK_TARGET_S / mean)))
+
     def _batches(self, n: int) -> list[list[int]]:
-        size = self.settings.batch_size or max(1, math.ceil(n / max(1, len(self._actors))))
+        size = self.batch_size_for(n)
         return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
 
     def evaluate(self, schedules: Sequence[SolverSchedule], request: EvalRequest) -> list[EvalResult]:
@@ -267,6 +283,7 @@ class RayEvaluator:
                     idle.append(job.actor)
                     continue
                 self.stats.eval_seconds += float(doc["seconds"])
+                self.stats.evaluations += len(job.indices)
                 self.stats.pids.add(int(doc["pid"]))
                 for i, r in zip(job.indices, doc["results"]):
                     results[i] = r

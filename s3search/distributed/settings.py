@@ -7,7 +7,8 @@
     S3SEARCH_RAY_MAX_IN_FLIGHT       evaluation actors, i.e. batches evaluated at once (default 0 = as many
                                      as the cluster's CPUs / GPUs allow)
     S3SEARCH_RAY_MAX_RETRIES         times a batch is retried after its worker process died (default 2)
-    S3SEARCH_RAY_BATCH_SIZE          candidates per Ray task (default 0 = spread evenly over the actors)
+    S3SEARCH_RAY_BATCH_SIZE          candidates per Ray task (default 0 = about 1 s of work per task, from
+                                     the evaluation times seen so far; 1 before the first)
     S3SEARCH_RAY_EMBEDDED_CPUS       CPUs an embedded Ray may use (default 0 = all of this machine's)
     S3SEARCH_RAY_TIMEOUT_S           seconds one batch may take before its actor is killed and the batch
                                      retried (default 0 = no limit)
@@ -44,7 +45,7 @@ class RaySettings:
     gpus_per_eval: float = 0.0
     max_in_flight: int = 0              # 0: derived from the cluster's resources
     max_retries: int = 2
-    batch_size: int = 0                 # 0: len(schedules) / actors, rounded up
+    batch_size: int = 0                 # 0: adaptive, about 1 s of evaluation per task
     embedded_cpus: int = 0              # 0: let Ray count this machine's cores
     timeout_s: float = 0.0              # 0: no limit per batch
 

@@ -33,12 +33,25 @@ def toy_score(schedule: SolverSchedule, seed: int = 0) -> float:
     return total + 1e-6 * (seed % 997)
 
 
+def _burn(work: int) -> None:
+    """CPU-bound work (`work` 192x192 float32 matmuls), so contention between workers shows in benchmarks."""
+    if work:
+        import torch
+
+        a = torch.ones(192, 192) / 192.0
+        for _ in range(work):
+            a = a @ a
+
+
 class ToyEvaluator:
     def __init__(self, sleep_s: float = 0.0, raise_on: Sequence[str] = (), nan_on: Sequence[str] = (),
-                 log_path: str | None = None, load_s: float = 0.0) -> None:
+                 log_path: str | None = None, load_s: float = 0.0, work: int = 0) -> None:
         if not math.isfinite(sleep_s) or sleep_s < 0:
             raise ValueError(f"sleep_s={sleep_s!r} must be a finite number >= 0")
+        if isinstance(work, bool) or not isinstance(work, int) or work < 0:
+            raise ValueError(f"work={work!r} must be an integer >= 0")
         self.sleep_s = float(sleep_s)
+        self.work = work
         self.raise_on = set(raise_on)
         self.nan_on = set(nan_on)
         self.log_path = log_path
@@ -60,6 +73,7 @@ class ToyEvaluator:
             if s.name in self.raise_on:
                 raise RuntimeError(f"toy failure for schedule {s.name!r}")
             time.sleep(self.sleep_s)
+            _burn(self.work)
             value = math.nan if s.name in self.nan_on else toy_score(s, request.seed)
             results.append(EvalResult(schedule_hash=s.canonical_hash(), value=value, nfe=s.nfe,
                                       seconds=time.perf_counter() - t0))
