@@ -277,17 +277,22 @@ class AYSResult:
     stages: tuple[StageResult, ...]    # stage 0 at n steps, then one per subdivision
     iterations: int
     stopped_early: bool
+    ends: tuple[float, float]          # the first and last process times, which the search never moves
+
+    def _times(self, sigmas: Sequence[float]) -> tuple[float, ...]:
+        # The ends are kept as given: a round trip through sigma would move them by an ulp, out of range.
+        return (self.ends[0],) + grids.from_sigmas(self.process, sigmas)[1:-1] + (self.ends[1],)
 
     @property
     def timesteps(self) -> tuple[float, ...]:
-        return grids.from_sigmas(self.process, self.sigmas)
+        return self._times(self.sigmas)
 
     def grid(self, n: int) -> tuple[float, ...]:
         """Process times for n steps: a stage with exactly n steps, else log-linear interpolation of the finest."""
         for st in self.stages:
             if st.steps == n:
-                return grids.from_sigmas(self.process, st.sigmas)
-        return grids.from_sigmas(self.process, grids.loglinear_interp(self.sigmas, n))
+                return self._times(st.sigmas)
+        return self._times(grids.loglinear_interp(self.sigmas, n))
 
 
 def optimise(denoiser: DenoiserFn, data_sampler: DataSampler, n: int = 10, *,
@@ -337,4 +342,4 @@ def optimise(denoiser: DenoiserFn, data_sampler: DataSampler, n: int = 10, *,
         else:
             its = 0
         stages.append(StageResult(len(sig) - 1, tuple(sig), its))
-    return AYSResult(proc, tuple(sig), tuple(stages), used, stopped)
+    return AYSResult(proc, tuple(sig), tuple(stages), used, stopped, (ts[0], ts[-1]))
