@@ -11,6 +11,7 @@ to a sampler are in the caller's dtype.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -122,24 +123,35 @@ class GaussianMixture:
         return second - torch.outer(m, m)
 
     # ----- the noised density at VE level s (x_tilde = x / alpha, s = sigma / alpha) ------------------------
+    @functools.cached_property
+    def _basis(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """U of all components side by side [d, K r], U_k^T mu_k [K, r], |mu_k|^2 [K] (for matmul-only terms)."""
+        k, d, r = self.eigvecs.shape
+        u_all = self.eigvecs.permute(1, 0, 2).reshape(d, k * r)
+        return u_all, torch.einsum("kdr,kd->kr", self.eigvecs, self.means), (self.means**2).sum(1)
+
     def _comp_terms(self, y: torch.Tensor, s: float):
         """Per-component pieces at VE level s for flattened float64 y [B, d].
 
-        Returns (diff [B, K, d], proj [B, K, r], inv_full [K, r] = 1 / (lam + s^2), inv_floor [K]).
+        Returns (|y - mu_k|^2 [B, K], U_k^T (y - mu_k) [B, K, r], 1 / (lam + s^2) [K, r], 1 / (floor + s^2) [K]).
+        Everything is a matmul against the stacked bases, so no [B, K, d] tensor is formed.
         """
-        diff = y[:, None, :] - self.means[None]
-        proj = torch.einsum("bkd,kdr->bkr", diff, self.eigvecs)
+        u_all, u_mu, mu2 = self._basis
+        k, _, r = self.eigvecs.shape
+        proj = (y @ u_all).reshape(len(y), k, r) - u_mu
+        # |y - mu|^2 expanded; float64 keeps the cancellation error far below the smallest variance used here.
+        sqdist = ((y**2).sum(1, keepdim=True) - 2.0 * y @ self.means.T + mu2).clamp_min(0.0)
         s2 = s * s
         # With r = d the complement is empty; its (possibly infinite) inverse floor must not enter.
         inv_floor = torch.zeros_like(self.floors) if self._full_rank else 1.0 / (self.floors + s2)
-        return diff, proj, 1.0 / (self.eigvals + s2), inv_floor
+        return sqdist, proj, 1.0 / (self.eigvals + s2), inv_floor
 
     def _log_comp(self, y: torch.Tensor, s: float, terms=None) -> torch.Tensor:
         """log w_k + log N(y; mu_k, Sigma_k + s^2 I), [B, K]."""
-        diff, proj, inv_full, inv_floor = terms if terms is not None else self._comp_terms(y, s)
+        sqdist, proj, inv_full, inv_floor = terms if terms is not None else self._comp_terms(y, s)
         r = self.eigvecs.shape[2]
         s2 = s * s
-        quad = (diff**2).sum(-1) * inv_floor + (proj**2 * (inv_full - inv_floor[:, None])).sum(-1)
+        quad = sqdist * inv_floor + (proj**2 * (inv_full - inv_floor[:, None])).sum(-1)
         logdet = torch.log(self.eigvals + s2).sum(-1)
         if not self._full_rank:
             logdet = logdet + (self.dim - r) * torch.log(self.floors + s2)
@@ -161,14 +173,16 @@ class GaussianMixture:
         if s <= 0:
             raise ValueError(f"sigma={s!r} must be positive for the denoiser")
         terms = self._comp_terms(y, s)
-        diff, proj, inv_full, inv_floor = terms
-        resp = torch.softmax(self._log_comp(y, s, terms), dim=1)
-        # Sigma C^-1 has eigenvalue lam / (lam + s^2) on span(U) and floor / (floor + s^2) off it.
-        g_floor = self.floors * inv_floor                               # [K]
-        g_full = self.eigvals * inv_full - g_floor[:, None]             # [K, r]
-        post = self.means[None] + g_floor[None, :, None] * diff + torch.einsum("kdr,bkr->bkd", self.eigvecs,
-                                                                             proj * g_full[None])
-        return torch.einsum("bk,bkd->bd", resp, post)
+        _, proj, inv_full, inv_floor = terms
+        resp = torch.softmax(self._log_comp(y, s, terms), dim=1)                      # [B, K]
+        # Sigma C^-1 has eigenvalue lam / (lam + s^2) on span(U) and g0 = floor / (floor + s^2) off it, so
+        # sum_k r_k [mu_k + g0_k (y - mu_k) + U_k((lam/(lam+s^2) - g0_k) U_k^T (y - mu_k))].
+        g_floor = self.floors * inv_floor                                             # [K]
+        g_full = self.eigvals * inv_full - g_floor[:, None]                           # [K, r]
+        rg = resp * g_floor
+        out = (resp - rg) @ self.means + rg.sum(1, keepdim=True) * y
+        coef = (resp[:, :, None] * proj * g_full).reshape(len(y), -1)                 # [B, K r]
+        return out + coef @ self._basis[0].T
 
     def denoise(self, x: torch.Tensor, process: NoiseProcess | str, t: float) -> torch.Tensor:
         """Exact D(x, t) = E[x0 | x_t = x] for the process's time t, in x's dtype (float64 inside)."""

@@ -1,0 +1,199 @@
+"""LocalEvaluator: score schedules in this process (also what each Ray actor runs).
+
+For every schedule: sample i starts from x_T drawn by its own generator seeded with seeds.sample_seed(seed,
+split, i), and the same generator then feeds the schedule's stochastic steps, so a sample does not depend on
+the batch it lands in. Choice of x_T (documented in docs/models-metrics.md): by default N(0, sigma(t_0)^2 I) in
+the process's own units at the schedule's first time t_0, the prior every user samples from; prior="exact" draws
+the exact noised marginal p_{t_0} instead (mixtures only), which removes the prior mismatch from the figure.
+
+The constructor takes only JSON-able arguments so a Ray actor can build one from its factory kwargs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from .. import metrics, processes
+from ..models import registry
+from ..models.base import ModelSpec
+from ..noise import generators_for, randn_rows
+from .base import EvalRequest, EvalResult
+from .reference import load_or_compute
+from .seeds import sample_seeds
+
+__all__ = ["LocalEvaluator", "schedule_hash", "trajectory_reference_schedule"]
+
+PRIORS = ("gaussian", "exact")
+
+
+def schedule_hash(schedule: Any) -> str:
+    try:
+        return schedule.canonical_hash()
+    except Exception:  # an object that is not a valid schedule still needs a key for its error result
+        return f"invalid-{id(schedule):x}"
+
+
+def trajectory_reference_schedule(process: str, t_start: float, t_end: float, final: str, steps: int = 200):
+    """A high-NFE reference run for models without an exact flow: 3rd-order multistep on a logSNR grid."""
+    from ..schedule import SolverSchedule, StepSpec
+
+    proc = processes.get(process)
+    lam0, lam1 = proc.lambda_(t_start), proc.lambda_(t_end)
+    ts = [t_start] + [proc.t_of_lambda(lam0 + (lam1 - lam0) * i / steps) for i in range(1, steps)] + [t_end]
+    spec = [StepSpec(order=min(3, i + 1)) for i in range(steps)]
+    return SolverSchedule(process=process, timesteps=tuple(ts), steps=tuple(spec), final=final)
+
+
+class LocalEvaluator:
+    """Implements evaluation.base.Evaluator; results are memoised by (schedule, model, metric, n, seed, split)."""
+
+    def __init__(self, batch_size: int = 1024, cache_dir: Optional[str] = None, reference_n: Optional[int] = None,
+                 recompute_reference: bool = False, prior: str = "gaussian", device: str = "cpu",
+                 extras: bool = True, trajectory_steps: int = 200,
+                 models: Optional[Mapping[str, ModelSpec]] = None,
+                 sampler: Optional[Callable[..., torch.Tensor]] = None) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+        if prior not in PRIORS:
+            raise ValueError(f"prior={prior!r} must be one of {', '.join(PRIORS)}")
+        if reference_n is not None and (not isinstance(reference_n, int) or reference_n < 2):
+            raise ValueError(f"reference_n={reference_n!r} must be an integer >= 2")
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir
+        self.reference_n = reference_n
+        self.recompute_reference = recompute_reference
+        self.prior = prior
+        self.device = torch.device(device)
+        self.extras = extras
+        self.trajectory_steps = trajectory_steps
+        self._models = dict(models or {})
+        self._sampler = sampler
+        self._results: dict[tuple, EvalResult] = {}
+        self._references: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._trajectories: dict[tuple, torch.Tensor] = {}
+
+    # ----- pieces -------------------------------------------------------------------------------------------
+    def _model(self, name: str) -> ModelSpec:
+        return self._models[name] if name in self._models else registry.get(name)
+
+    def _sample_fn(self) -> Callable[..., torch.Tensor]:
+        if self._sampler is None:
+            from ..integrator import sample
+
+            self._sampler = sample
+        return self._sampler
+
+    def _reference(self, model: ModelSpec, metric: metrics.Metric, request: EvalRequest) -> dict[str, torch.Tensor]:
+        n = self.reference_n or request.n_samples
+        key = (model.name, metric.name, n, request.seed, request.split)
+        if key not in self._references:
+            self._references[key] = load_or_compute(model, metric, n, request.seed, request.split,
+                                                    root=self.cache_dir, recompute=self.recompute_reference)
+        return self._references[key]
+
+    def _x_T(self, model: ModelSpec, process: processes.NoiseProcess, t0: float,
+             gens: list[torch.Generator]) -> torch.Tensor:
+        dtype = model.denoiser.data_mean.dtype if model.denoiser.data_mean is not None else torch.float32
+        if self.prior == "exact":
+            if not hasattr(model.exact, "sample_rows"):
+                raise ValueError(f"prior='exact' needs a model with an exact target; model={model.name!r} has none")
+            a = process.alpha(t0)
+            return (a * model.exact.sample_rows(gens, process.sigma(t0) / a, dtype=torch.float64)).to(dtype)
+        like = torch.empty((len(gens), *model.shape), dtype=dtype)
+        return process.sigma(t0) * randn_rows(like, gens)
+
+    def _generate(self, model: ModelSpec, schedule: Any, request: EvalRequest,
+                  keep_x_T: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        process = processes.get(schedule.process)
+        seeds = sample_seeds(request.seed, request.split, request.n_samples)
+        outs, starts = [], []
+        sample = self._sample_fn()
+        for i in range(0, len(seeds), self.batch_size):
+            gens = generators_for(seeds[i:i + self.batch_size])
+            x_T = self._x_T(model, process, schedule.timesteps[0], gens)
+            if keep_x_T:
+                starts.append(x_T.clone())
+            outs.append(sample(model.denoiser, x_T.to(self.device), schedule, gens).detach().cpu())
+        return torch.cat(outs), (torch.cat(starts) if keep_x_T else None)
+
+    def _trajectory_reference(self, model: ModelSpec, schedule: Any, request: EvalRequest,
+                              x_T: torch.Tensor) -> torch.Tensor:
+        t0, t_end = schedule.timesteps[0], schedule.timesteps[-1]
+        key = (model.name, schedule.process, request.n_samples, request.seed, request.split, self.prior,
+               float(t0), float(t_end), schedule.final)
+        if key not in self._trajectories:
+            process = processes.get(schedule.process)
+            if hasattr(model.exact, "exact_pf_ode"):
+                ref = model.exact.exact_pf_ode(x_T.to(torch.float64), process, t0, t_end)
+                if schedule.final == "denoise":
+                    ref = model.exact.denoise(ref, process, t_end)
+            else:
+                hi = trajectory_reference_schedule(schedule.process, t0, t_end, schedule.final,
+                                                   self.trajectory_steps)
+                ref = torch.cat([self._sample_fn()(model.denoiser, x_T[i:i + self.batch_size].to(self.device), hi,
+                                                   None).cpu() for i in range(0, len(x_T), self.batch_size)])
+            self._trajectories[key] = ref.to(x_T.dtype)
+        return self._trajectories[key]
+
+    def _extras(self, model: ModelSpec, samples: torch.Tensor) -> dict[str, float]:
+        if not self.extras or not hasattr(model.exact, "log_prob"):
+            return {}
+        return {"nll": metrics.mixture.nll(samples, model.exact),
+                "mode_tv": metrics.mixture.mode_weight_tv(samples, model.exact)}
+
+    # ----- the contract -------------------------------------------------------------------------------------
+    def _one(self, schedule: Any, request: EvalRequest, model: ModelSpec, metric: metrics.Metric) -> EvalResult:
+        h = schedule_hash(schedule)
+        start = time.perf_counter()
+        nfe = -1
+        try:
+            nfe = int(schedule.nfe)
+            if schedule.process != model.process.name:
+                raise ValueError(f"process={schedule.process!r} does not match the model's process "
+                                 f"{model.process.name!r}")
+            reference = self._reference(model, metric, request) if metric.needs_reference else {}
+            samples, x_T = self._generate(model, schedule, request, metric.needs_trajectory_reference)
+            bad = int((~torch.isfinite(samples.reshape(len(samples), -1))).any(1).sum())
+            if bad:
+                raise FloatingPointError(f"{bad} of {len(samples)} samples are NaN or infinite")
+            traj = self._trajectory_reference(model, schedule, request, x_T) if x_T is not None else None
+            value = metric.compute(samples, metrics.MetricContext(model, reference, traj))
+            if not math.isfinite(value):
+                raise FloatingPointError(f"metric {metric.name} is {value}")
+            extras = self._extras(model, samples)
+            return EvalResult(h, value, nfe, time.perf_counter() - start, None, extras)
+        except Exception as e:  # a failed candidate is a result, never the end of a search
+            return EvalResult(h, math.inf, nfe, time.perf_counter() - start, f"{type(e).__name__}: {e}")
+
+    def evaluate(self, schedules: Sequence[Any], request: EvalRequest) -> list[EvalResult]:
+        try:
+            if isinstance(request.n_samples, bool) or not isinstance(request.n_samples, int) or request.n_samples < 2:
+                raise ValueError(f"n_samples={request.n_samples!r} must be an integer >= 2")
+            if request.split not in ("search", "test"):
+                raise ValueError(f"split={request.split!r} must be search or test")
+            model = self._model(request.model)
+            metric = metrics.get(request.metric)
+            metric.check_model(model)
+        except (KeyError, ValueError) as e:
+            message = f"{type(e).__name__}: {e}"
+            return [EvalResult(schedule_hash(s), math.inf, _safe_nfe(s), 0.0, message) for s in schedules]
+        out = []
+        for schedule in schedules:
+            key = (schedule_hash(schedule), request.model, request.metric, request.n_samples, request.seed,
+                   request.split, self.prior, self.reference_n)
+            result = self._results.get(key) or self._one(schedule, request, model, metric)
+            if result.ok:  # errors may be transient (memory, a dying worker): they are not memoised
+                self._results[key] = result
+            out.append(result)
+        return out
+
+
+def _safe_nfe(schedule: Any) -> int:
+    try:
+        return int(schedule.nfe)
+    except Exception:
+        return -1

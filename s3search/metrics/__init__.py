@@ -1,0 +1,156 @@
+"""Metrics a search minimises, by name. Each knows what it needs and turns generated samples into one number.
+
+    metric = metrics.get("fd")
+    metric.check_model(spec)                                   # ValueError if the model lacks what it needs
+    ref = metric.reference_stats(spec, lambda: spec.reference_sampler(n, g))   # cached by evaluation.reference
+    value = metric.compute(samples, MetricContext(spec, ref))
+
+Lower is better for every metric. `reference_stats` returns named float64 tensors (stored as safetensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..models.base import ModelSpec
+from . import frechet, mixture, mmd, sliced, trajectory
+
+__all__ = ["Metric", "MetricContext", "names", "get", "UnknownMetricError", "batched_features"]
+
+ReferenceDraw = Callable[[], torch.Tensor]
+_F64 = torch.float64
+
+
+@dataclass
+class MetricContext:
+    model: ModelSpec
+    reference: dict[str, torch.Tensor] = field(default_factory=dict)   # from Metric.reference_stats
+    trajectory_reference: Optional[torch.Tensor] = None                 # same rows as the samples
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    description: str
+    version: str                           # bump when reference_stats changes: old caches are then refused
+    needs_reference: bool = False          # reads reference stats (drawn from model.reference_sampler)
+    needs_exact: bool = False              # needs model.exact (a GaussianMixture)
+    needs_features: bool = False           # needs model.features
+    needs_trajectory_reference: bool = False
+    _stats: Optional[Callable[[ModelSpec, ReferenceDraw], dict[str, torch.Tensor]]] = None
+    _compute: Callable[[torch.Tensor, MetricContext], float] = lambda x, ctx: float("nan")
+
+    def check_model(self, model: ModelSpec) -> None:
+        if self.needs_exact and not hasattr(model.exact, "log_prob"):
+            raise ValueError(f"metric={self.name!r} needs a model with an exact density (a Gaussian mixture); "
+                             f"model={model.name!r} has none")
+        if self.needs_features and model.features is None:
+            raise ValueError(f"metric={self.name!r} needs a feature network; model={model.name!r} has none")
+        if self.needs_reference and model.reference_sampler is None and not hasattr(model.exact, "log_prob"):
+            raise ValueError(f"metric={self.name!r} needs reference samples; model={model.name!r} has no "
+                             "reference_sampler")
+
+    def reference_stats(self, model: ModelSpec, draw: ReferenceDraw) -> dict[str, torch.Tensor]:
+        """What the metric keeps from the reference; `draw()` returns reference samples (called at most once)."""
+        self.check_model(model)
+        return {} if self._stats is None else self._stats(model, draw)
+
+    def compute(self, samples: torch.Tensor, ctx: MetricContext) -> float:
+        if self.needs_reference and not ctx.reference:
+            raise ValueError(f"metric={self.name!r} needs reference stats")
+        if self.needs_trajectory_reference and ctx.trajectory_reference is None:
+            raise ValueError(f"metric={self.name!r} needs a trajectory reference from the same x_T")
+        return float(self._compute(samples, ctx))
+
+
+class UnknownMetricError(KeyError):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"metric={self.name!r} is unknown; known metrics: {', '.join(names())}"
+
+
+# ----- the metrics ----------------------------------------------------------------------------------------
+def batched_features(model: ModelSpec, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    if model.features is None:
+        raise ValueError(f"model={model.name!r} has no feature network")
+    with torch.no_grad():
+        return torch.cat([model.features(x[i:i + batch]).reshape(len(x[i:i + batch]), -1).to(_F64)
+                          for i in range(0, len(x), batch)])
+
+
+def _gauss(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    m, c = frechet.gaussian_stats(x)
+    return {"mean": torch.from_numpy(m), "cov": torch.from_numpy(c)}
+
+
+def _fd_stats(model: ModelSpec, draw: ReferenceDraw) -> dict[str, torch.Tensor]:
+    # A mixture's moments are known exactly: no reference sampling noise in the figure.
+    if hasattr(model.exact, "covariance"):
+        return {"mean": model.exact.mean().clone(), "cov": model.exact.covariance(0.0)}
+    return _gauss(draw())
+
+
+def _fd(x: torch.Tensor, ctx: MetricContext) -> float:
+    m, c = frechet.gaussian_stats(x)
+    return frechet.frechet_distance(m, c, ctx.reference["mean"], ctx.reference["cov"])
+
+
+def _fd_features(x: torch.Tensor, ctx: MetricContext) -> float:
+    m, c = frechet.gaussian_stats(batched_features(ctx.model, x))
+    return frechet.frechet_distance(m, c, ctx.reference["mean"], ctx.reference["cov"])
+
+
+def _samples_stats(model: ModelSpec, draw: ReferenceDraw) -> dict[str, torch.Tensor]:
+    ref = draw().reshape(-1, *model.shape).to(_F64)
+    return {"samples": ref}
+
+
+def _mmd_stats(model: ModelSpec, draw: ReferenceDraw) -> dict[str, torch.Tensor]:
+    ref = draw().reshape(-1, *model.shape).to(_F64)
+    return {"samples": ref, "length_scale": torch.tensor(mmd.median_distance(ref), dtype=_F64)}
+
+
+def _outlier_stats(model: ModelSpec, draw: ReferenceDraw) -> dict[str, torch.Tensor]:
+    return {"threshold": torch.tensor(mixture.outlier_threshold(draw(), model.exact), dtype=_F64)}
+
+
+_METRICS: dict[str, Metric] = {m.name: m for m in [
+    Metric("fd", "Fréchet distance in data space (exact target moments for mixtures)", "1", needs_reference=True,
+           _stats=_fd_stats, _compute=_fd),
+    Metric("fd-features", "Fréchet distance in the model's feature space (FID for image models)", "1",
+           needs_reference=True, needs_features=True,
+           _stats=lambda model, draw: _gauss(batched_features(model, draw())), _compute=_fd_features),
+    Metric("sw2", "sliced Wasserstein-2 distance, 512 fixed projections", "1", needs_reference=True,
+           _stats=_samples_stats,
+           _compute=lambda x, ctx: sliced.sliced_wasserstein2(x, ctx.reference["samples"])),
+    Metric("mmd", "unbiased MMD^2, RBF kernels at 1/2, 1, 2 x the reference median distance", "1",
+           needs_reference=True, _stats=_mmd_stats,
+           _compute=lambda x, ctx: mmd.mmd2_unbiased(x, ctx.reference["samples"],
+                                                     float(ctx.reference["length_scale"]), (0.5, 1.0, 2.0))),
+    Metric("nll", "negative log-likelihood under the true mixture", "1", needs_exact=True,
+           _compute=lambda x, ctx: mixture.nll(x, ctx.model.exact)),
+    Metric("mode-tv", "TV distance between sampled mode frequencies and the mixture weights", "1",
+           needs_exact=True, _compute=lambda x, ctx: mixture.mode_weight_tv(x, ctx.model.exact)),
+    Metric("outlier-rate", "fraction of samples below the 0.1% log-density quantile of true samples", "1",
+           needs_reference=True, needs_exact=True, _stats=_outlier_stats,
+           _compute=lambda x, ctx: mixture.outlier_rate(x, ctx.model.exact, float(ctx.reference["threshold"]))),
+    Metric("trajectory", "RMS per-coordinate error to a reference solution from the same x_T", "1",
+           needs_trajectory_reference=True,
+           _compute=lambda x, ctx: trajectory.trajectory_error(x, ctx.trajectory_reference)),
+]}
+
+
+def names() -> list[str]:
+    return sorted(_METRICS)
+
+
+def get(name: str) -> Metric:
+    if name not in _METRICS:
+        raise UnknownMetricError(name)
+    return _METRICS[name]
