@@ -28,6 +28,7 @@ def cache_get(session: Session, schedule_hash: str, request: EvalRequest) -> Opt
     row = session.scalar(select(EvalCacheEntry).where(
         EvalCacheEntry.schedule_hash == schedule_hash, EvalCacheEntry.model == request.model,
         EvalCacheEntry.metric_key == metric_key(request), EvalCacheEntry.seed == request.seed))
+    session.commit()
     if row is None:
         return None
     value = math.inf if row.value is None else row.value

@@ -1,6 +1,7 @@
 """The job repository: submit (idempotent), claim (row locks), heartbeat, progress, cancel, finish.
 
-Every function takes a Session and commits its own change, so each call is one transaction. A runner's writes
+Every function takes a Session and ends its own transaction (reads included: on SQLite every transaction holds
+the database write lock, so none may stay open between calls). A runner's writes
 are fenced by the claim token it got from `claim_next`: once a job was re-claimed from a runner presumed dead,
 that runner's late writes change nothing.
 """
@@ -67,7 +68,9 @@ def create_job(session: Session, *, owner: str, spec: dict[str, Any], budget: in
 
 
 def _by_idempotency_key(session: Session, owner: str, key: str) -> Optional[Job]:
-    return session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+    job = session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+    session.commit()
+    return job
 
 
 def _same_or_conflict(job: Job, request_hash: Optional[str]) -> Job:
@@ -78,6 +81,7 @@ def _same_or_conflict(job: Job, request_hash: Optional[str]) -> Job:
 
 def get_job(session: Session, job_id: str, owner: Optional[str] = None) -> Optional[Job]:
     job = session.get(Job, job_id, populate_existing=True)
+    session.commit()     # end the read: on SQLite every transaction holds the write lock
     if job is None or (owner is not None and job.owner != owner):
         return None
     return job
@@ -98,11 +102,15 @@ def list_jobs(session: Session, *, owner: Optional[str] = None, status: Optional
               limit: int = 50, offset: int = 0) -> Sequence[Job]:
     q = (select(Job).where(*_list_filter(owner, status)).order_by(Job.created_at.desc(), Job.id)
          .limit(limit).offset(offset))
-    return session.scalars(q).all()
+    rows = session.scalars(q).all()
+    session.commit()
+    return rows
 
 
 def count_jobs(session: Session, *, owner: Optional[str] = None, status: Optional[str] = None) -> int:
-    return int(session.scalar(select(func.count()).select_from(Job).where(*_list_filter(owner, status))) or 0)
+    n = int(session.scalar(select(func.count()).select_from(Job).where(*_list_filter(owner, status))) or 0)
+    session.commit()
+    return n
 
 
 def _claimable(cutoff: Any) -> Any:

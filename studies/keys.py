@@ -50,6 +50,7 @@ def verify_key(session: Session, plaintext: Optional[str]) -> Optional[ApiKey]:
     if not m:
         return None
     row = session.get(ApiKey, m.group(1), populate_existing=True)
+    session.commit()     # end the read (SQLite transactions hold the write lock)
     if row is None or row.revoked_at is not None:
         return None
     if not hmac.compare_digest(row.digest, _digest(row.salt, m.group(2))):
@@ -70,4 +71,6 @@ def list_keys(session: Session, owner: Optional[str] = None) -> Sequence[ApiKey]
     q = select(ApiKey).order_by(ApiKey.created_at)
     if owner is not None:
         q = q.where(ApiKey.owner == owner)
-    return session.scalars(q).all()
+    rows = session.scalars(q).all()
+    session.commit()
+    return rows

@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 
 from s3search.schedule import SolverSchedule
 from studies import jobs as repo
-from studies.models import ACTIVE_STATUSES, Job, Export
+from studies.models import Export, Job
 
 from ..catalog import metric_names, model_names, predictor_names
 from ..deps import OwnerDep, SessionDep, SettingsDep, StorageDep
@@ -29,7 +29,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="job id (32 hex digits)")]
 IdempotencyKey = Annotated[Optional[str], Header(alias="Idempotency-Key", min_length=1, max_length=200,
                                                  pattern=r"^[\x21-\x7e]+$")]
-Limit = Annotated[int, Query(ge=1, le=10_000)]
+Limit = Annotated[Optional[int], Query(ge=1, le=10_000, description="page size; default min(50, max_page_size)")]
 Offset = Annotated[int, Query(ge=0, le=1_000_000_000)]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
@@ -108,6 +108,15 @@ def to_public(job: Job, settings: Settings) -> JobPublic:
                        dashboard=dashboard))
 
 
+def _page_size(limit: Optional[int], settings: Settings) -> tuple[int, Optional[JSONResponse]]:
+    if limit is None:
+        return min(50, settings.max_page_size), None
+    if limit > settings.max_page_size:
+        return limit, validation_error([{"field": "limit", "message": f"at most {settings.max_page_size}",
+                                         "loc": ["query", "limit"]}])
+    return limit, None
+
+
 def _not_found(job_id: str) -> JSONResponse:
     return JSONResponse({"detail": f"job {job_id} not found"}, status_code=404)
 
@@ -143,11 +152,11 @@ def submit_job(body: JobCreate, owner: OwnerDep, session: SessionDep, settings: 
 
 
 @router.get("", response_model=JobList, responses=_ERRORS)
-def list_jobs(owner: OwnerDep, session: SessionDep, settings: SettingsDep, limit: Limit = 50, offset: Offset = 0,
+def list_jobs(owner: OwnerDep, session: SessionDep, settings: SettingsDep, limit: Limit = None, offset: Offset = 0,
               status: Optional[Literal["queued", "running", "succeeded", "failed", "cancelled"]] = None) -> Any:
-    if limit > settings.max_page_size:
-        return validation_error([{"field": "limit", "message": f"at most {settings.max_page_size}",
-                                  "loc": ["query", "limit"]}])
+    limit, error = _page_size(limit, settings)
+    if error is not None:
+        return error
     items = repo.list_jobs(session, owner=owner, status=status, limit=limit, offset=offset)
     return JobList(items=[to_public(j, settings) for j in items], limit=limit, offset=offset,
                    total=repo.count_jobs(session, owner=owner, status=status))
@@ -191,11 +200,11 @@ def _trial_public(t: Any) -> TrialPublic:
 
 @router.get("/{job_id}/trials", response_model=TrialPage, responses=_ERRORS)
 def list_trials(job_id: JobId, owner: OwnerDep, session: SessionDep, settings: SettingsDep, storage: StorageDep,
-                limit: Limit = 100, offset: Offset = 0,
+                limit: Limit = None, offset: Offset = 0,
                 state: Optional[Literal["COMPLETE", "FAIL", "RUNNING", "PRUNED", "WAITING"]] = None) -> Any:
-    if limit > settings.max_page_size:
-        return validation_error([{"field": "limit", "message": f"at most {settings.max_page_size}",
-                                  "loc": ["query", "limit"]}])
+    limit, error = _page_size(limit, settings)
+    if error is not None:
+        return error
     job = repo.get_job(session, job_id, owner)
     if job is None:
         return _not_found(job_id)
