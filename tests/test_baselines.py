@@ -126,3 +126,44 @@ def test_num_timesteps_for(name, nfe, expected):
 def test_invalid_input_names_the_field(call, field):
     with pytest.raises(ValueError, match=field):
         call()
+
+
+# ----- the `s3search baselines` command -------------------------------------------------------------------
+class _RecordingEvaluator:
+    def __init__(self):
+        self.seen = []
+
+    def evaluate(self, schedules, request):
+        from s3search.evaluation.base import EvalResult
+
+        self.seen.extend(schedules)
+        return [EvalResult(s.canonical_hash(), float(s.nfe), s.nfe, 0.0) for s in schedules]
+
+
+def test_baseline_table_hits_each_nfe_exactly():
+    from s3search.cli.baselines_cmd import baseline_table
+
+    ev = _RecordingEvaluator()
+    table = baseline_table("gmm-8x8", [3, 4], evaluator=ev, n_samples=10)
+    assert set(table) == set(baselines.names())
+    assert all(s.nfe in (3, 4) for s in ev.seen)
+    assert table["edm_heun"] == {3: 3.0, 4: None}      # 2M - 1 evaluations: odd budgets only
+    assert table["dpmpp_2m"] == {3: 3.0, 4: 4.0}
+
+
+def test_cli_lists_and_scores():
+    from typer.testing import CliRunner
+
+    from s3search.cli import app
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["baselines", "--list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert {e["name"] for e in json.loads(listed.output)} == set(baselines.names())
+    out = runner.invoke(app, ["baselines", "--model", "gmm-8x8", "--nfe", "3,4", "--only", "ddim,edm_heun",
+                              "--n-samples", "64", "--metric", "fd", "--json"])
+    assert out.exit_code == 0, out.output
+    table = json.loads(out.output)
+    assert table["edm_heun"]["4"] is None and table["edm_heun"]["3"] > 0 and table["ddim"]["4"] > 0
+    bad = runner.invoke(app, ["baselines", "--model", "gmm-8x8", "--nfe", "x"])
+    assert bad.exit_code != 0 and "nfe" in bad.output
