@@ -18,8 +18,12 @@ _SOURCES = {"body", "query", "path", "header", "cookie"}
 _TYPE_TAGS = ("int", "list[", "NfeRange", "str", "float", "bool", "none", "function-")
 
 
-def _field(loc: tuple[Any, ...]) -> str:
+def _field(loc: tuple[Any, ...], kind: str = "") -> str:
     parts = list(loc)
+    if kind == "json_invalid":
+        return "body"                      # the location is a character offset, not a field
+    if parts and parts[-1] == "[key]":
+        parts = parts[:-2]                 # a bad key of a mapping: name the mapping
     if parts and parts[0] in _SOURCES:
         source = parts.pop(0)
         if not parts:
@@ -40,7 +44,7 @@ def field_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     items = []
     for e in errors:
         loc = tuple(e.get("loc", ()))
-        item = {"field": _field(loc), "message": str(e.get("msg", "invalid")),
+        item = {"field": _field(loc, str(e.get("type", ""))), "message": str(e.get("msg", "invalid")),
                 "loc": [p if isinstance(p, (int, str)) else str(p) for p in loc]}
         if (item["field"], item["message"]) not in seen:
             seen.add((item["field"], item["message"]))
