@@ -47,6 +47,8 @@ def test_params_are_sorted_pairs():
     ({"params": {"bogus": 1}}, "params.bogus"),
     ({"params": {"phi": float("inf")}}, "params.phi"),
     ({"final": "none"}, "final"),
+    ({"sampler": "seeds_2", "params": {"form": "noise", "eta": 0.5}}, "params.eta"),
+    ({"params": {"phi": 3, "phi_eta": 1.0}}, "params.phi_eta"),
     ({"schema_version": 2}, "schema_version"),
 ])
 def test_invalid_input_names_the_field(kwargs, field):

@@ -114,6 +114,7 @@ def _register(k: int) -> None:
                                     "S_0, S_1 by Gauss-Legendre or the official 100-point Riemann sum"),
                 "s_noise": Param(1.0, number(0.0, 10.0), "noise multiplier")},
         stochastic=lambda p: p["phi"] != 1 and p["s_noise"] > 0,
+        check=lambda p: phi_function(p["phi"], p["phi_eta"]) and None,
         description=f"ER-SDE-Solver-{k}: extended reverse-time SDE, order-{k} Taylor multistep",
         paper="Cui et al., Elucidating the solution space of extended reverse-time SDEs (arXiv 2309.06169)"))
 

@@ -76,6 +76,8 @@ class NamedSampler:
     stochastic: Callable[[Mapping[str, Any]], bool] = lambda p: False
     description: str = ""
     paper: str = ""
+    # Checks across parameters (raise ValueError naming the field), run whenever parameters are resolved.
+    check: Callable[[Mapping[str, Any]], None] = lambda p: None
 
     def resolve(self, params: Mapping[str, Any], path: str = "params") -> dict[str, Any]:
         """All parameters with defaults filled in, each checked; unknown keys are errors."""
@@ -87,6 +89,7 @@ class NamedSampler:
         for key, spec in self.params.items():
             value = params.get(key, spec.default)
             out[key] = spec.check(value, f"{path}.{key}") if key in params else value
+        self.check(out)
         return out
 
     def __call__(self, denoiser: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor,

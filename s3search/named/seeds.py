@@ -155,6 +155,11 @@ def seeds(denoiser: Denoise, x: torch.Tensor, timesteps: tuple[float, ...], proc
     return denoiser(x, timesteps[-1])
 
 
+def _check_form(p) -> None:
+    if p["form"] == "noise" and p["eta"] != 1.0:
+        raise ValueError(f"params.eta={p['eta']!r}: the noise form of SEEDS is defined for eta = 1 only")
+
+
 def _register(k: int) -> None:
     def fn(denoiser, x, timesteps, process, generator=None, **params):
         return seeds(denoiser, x, timesteps, process, generator, stages=k, **params)
@@ -167,6 +172,7 @@ def _register(k: int) -> None:
         params={"form": Param("data", choice("data", "noise"), "data or noise prediction form"),
                 "eta": Param(1.0, check_eta, "stochasticity (data form); 1 is the paper's SDE")},
         stochastic=lambda p: p["eta"] > 0,
+        check=_check_form,
         description=f"SEEDS-{k}: {k}-stage stochastic exponential Runge-Kutta with exact segment noise",
         paper="Gonzalez et al., SEEDS, NeurIPS 2023 (arXiv 2305.14267)"))
 
