@@ -16,7 +16,7 @@ import numpy as np
 import optuna
 
 from .context import SearchContext
-from .study import ATTR, Candidate, schedule_from_json
+from .study import ATTR, Candidate, chash, schedule_from_json
 
 __all__ = ["run_random", "run_optuna", "SAMPLERS"]
 
@@ -72,7 +72,7 @@ def run_optuna(ctx: SearchContext, nfe: int, method: str) -> None:
             trial = shadow.ask(dists)
             u = [trial.params[name] for name in dists]
             sched = ctx.space.from_unit(u, nfe)
-            known = ctx.ledger.done.get(sched.canonical_hash())
+            known = ctx.ledger.done.get(chash(sched))
             if known is not None:   # already paid for: tell the known value, spend nothing
                 shadow.tell(trial, known.value if known.ok else _worst(ctx, nfe))
                 stale += 1
@@ -82,9 +82,9 @@ def run_optuna(ctx: SearchContext, nfe: int, method: str) -> None:
             continue
         stale = 0
         # Duplicates inside one batch share one evaluation.
-        done = {e.schedule.canonical_hash(): e for e in ctx.evaluate([c for _, c in batch], nfe)}
+        done = {chash(e.schedule): e for e in ctx.evaluate([c for _, c in batch], nfe)}
         for trial, cand in batch:
-            ev = done.get(cand.schedule.canonical_hash()) or ctx.ledger.done.get(cand.schedule.canonical_hash())
+            ev = done.get(chash(cand.schedule)) or ctx.ledger.done.get(chash(cand.schedule))
             if ev is None:      # budget ran out before this one
                 shadow.tell(trial, state=optuna.trial.TrialState.FAIL)
             else:

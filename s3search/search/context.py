@@ -11,7 +11,7 @@ import numpy as np
 
 from ..space import SearchSpace
 from .config import Progress, ProgressFn, SearchConfig, StopFn
-from .study import Candidate, Evaluated, Ledger
+from .study import Candidate, Evaluated, Ledger, chash
 
 __all__ = ["SearchContext", "OPTION_DEFAULTS", "check_options"]
 
@@ -71,7 +71,7 @@ class SearchContext:
         """Evaluate new candidates, never beyond this NFE's budget; reports progress afterwards."""
         fresh, seen = [], set()
         for c in candidates:
-            h = c.schedule.canonical_hash()
+            h = chash(c.schedule)
             if h not in seen and not self.ledger.seen(c.schedule):
                 seen.add(h)
                 fresh.append(c)

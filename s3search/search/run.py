@@ -25,7 +25,7 @@ from .alternatives import run_optuna, run_random
 from .config import ProgressFn, SearchConfig, SearchResult, StopFn
 from .context import SearchContext, check_options
 from .s3 import run_s3
-from .study import AnySchedule, Ledger, schedule_from_json
+from .study import AnySchedule, Ledger, chash, schedule_from_json
 
 __all__ = ["run_search", "METHODS", "MultiNFEResult", "check_config", "build_space", "default_evaluator"]
 
@@ -131,7 +131,7 @@ def _test_scores(ctx: SearchContext, study: optuna.Study, nfe: int, best: AnySch
     entry = dict(stored.get(str(nfe), {}))
     cached: dict[str, float] = dict(entry.get("values", {}))
     req = EvalRequest(cfg.model, cfg.metric, cfg.n_test_samples, cfg.seed, "test")
-    want = {"searched:" + best.canonical_hash(): best}
+    want = {"searched:" + chash(best): best}
     want.update({"baseline:" + name: s for name, s in baselines.items()})
     todo = {k: s for k, s in want.items() if k not in cached}
     if todo:
@@ -148,7 +148,7 @@ def _test_scores(ctx: SearchContext, study: optuna.Study, nfe: int, best: AnySch
         v = cached.get(key)
         return math.inf if v is None else float(v)
 
-    return val("searched:" + best.canonical_hash()), {name: val("baseline:" + name) for name in baselines}
+    return val("searched:" + chash(best)), {name: val("baseline:" + name) for name in baselines}
 
 
 def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluator | None = None,

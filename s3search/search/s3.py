@@ -18,7 +18,7 @@ from predictors.base import kendall_tau
 from ..schedule import SolverSchedule
 from ..space import SearchSpace
 from .context import SearchContext
-from .study import Candidate
+from .study import Candidate, chash
 
 __all__ = ["run_s3", "evolve", "fit_predictor", "seed_random"]
 
@@ -80,7 +80,7 @@ def evolve(space: SearchSpace, predictor: predictors.Predictor, elites: Sequence
     pool: dict[str, SolverSchedule] = {}
 
     def add(s: SolverSchedule) -> None:
-        pool.setdefault(s.canonical_hash(), s)
+        pool.setdefault(chash(s), s)
 
     for s in elites:
         add(s)
@@ -105,7 +105,7 @@ def evolve(space: SearchSpace, predictor: predictors.Predictor, elites: Sequence
                 child = space.mutate(a, rng)
             kids.append(child)
         known = set(keys)
-        new = [(c.canonical_hash(), c) for c in kids]
+        new = [(chash(c), c) for c in kids]
         new = list({h: c for h, c in new if h not in known}.items())
         if new:
             kid_scores = predictor.predict([c for _, c in new])

@@ -12,6 +12,7 @@ the next batch picks up first.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -24,7 +25,7 @@ from optuna.trial import TrialState
 from ..evaluation.base import EvalRequest, EvalResult, Evaluator
 from ..schedule import SolverSchedule
 
-__all__ = ["AnySchedule", "Evaluated", "Candidate", "Ledger", "schedule_from_json", "ATTR"]
+__all__ = ["AnySchedule", "Evaluated", "Candidate", "Ledger", "schedule_from_json", "ATTR", "chash"]
 
 try:  # NamedSchedule is the baselines' type for samplers the space cannot express.
     from ..named import NamedSchedule
@@ -44,7 +45,6 @@ class ATTR:
     BASELINE = "baseline"          # the baseline's label, only on baseline trials
     PREDICTED = "predicted"        # the predictor's score when the candidate was chosen (lower is better)
     METRIC = "metric"
-    VALUE = "value"                # the metric again (a FAIL trial has no value of its own)
     SEED = "seed"
     N_SAMPLES = "n_samples"
     SPLIT = "split"
@@ -54,6 +54,13 @@ class ATTR:
     FLAT = "flat"                  # the flat encoding of TPE / CMA-ES trials
     EXTRAS = "extras"
     STALE = "stale"                # a RUNNING trial found on resume, ended FAIL and re-queued
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def chash(schedule: AnySchedule) -> str:
+    """`schedule.canonical_hash()`, memoised: the search hashes the same objects many times, and equal
+    schedules (the dataclass equality ignores the name) have equal canonical hashes."""
+    return schedule.canonical_hash()
 
 
 def schedule_from_json(text: str) -> AnySchedule:
@@ -123,7 +130,7 @@ class Ledger:
 
     def _record(self, number: int, attrs: dict[str, Any], value: float) -> Evaluated:
         sched = schedule_from_json(attrs[ATTR.SCHEDULE])
-        h = attrs.get(ATTR.HASH) or sched.canonical_hash()
+        h = attrs.get(ATTR.HASH) or chash(sched)
         ev = Evaluated(schedule=sched, value=value, nfe=int(attrs.get(ATTR.NFE, sched.nfe)),
                        source=str(attrs.get(ATTR.SOURCE, "")), label=str(attrs.get(ATTR.BASELINE, "")),
                        trial_number=number, predicted=attrs.get(ATTR.PREDICTED))
@@ -138,7 +145,7 @@ class Ledger:
         return len(self.done)
 
     def seen(self, schedule: AnySchedule) -> bool:
-        return schedule.canonical_hash() in self.done
+        return chash(schedule) in self.done
 
     def best(self, nfe: Optional[int] = None) -> Optional[Evaluated]:
         pool = [e for e in self.done.values() if e.ok and (nfe is None or e.nfe == nfe)]
@@ -159,10 +166,13 @@ class Ledger:
         queued = {t.user_attrs.get(ATTR.HASH) for t in self.waiting()}
         n = 0
         for c in candidates:
-            h = c.schedule.canonical_hash()
+            h = chash(c.schedule)
             if h in self.done or h in queued:
                 continue
-            self.study.enqueue_trial({}, user_attrs=self._attrs(c, h))
+            attrs = self._attrs(c, h)
+            attrs.update({ATTR.METRIC: self.request.metric, ATTR.SEED: self.request.seed,
+                          ATTR.N_SAMPLES: self.request.n_samples, ATTR.SPLIT: self.request.split})
+            self.study.enqueue_trial({}, user_attrs=attrs)
             queued.add(h)
             n += 1
         return n
@@ -178,7 +188,7 @@ class Ledger:
                 self.study.tell(trial, state=TrialState.FAIL)
                 continue
             sched = schedule_from_json(attrs[ATTR.SCHEDULE])
-            if sched.canonical_hash() in self.done:
+            if chash(sched) in self.done:
                 self.study.tell(trial, state=TrialState.PRUNED)
                 continue
             trials.append(trial)
@@ -204,20 +214,17 @@ class Ledger:
                 raise ValueError(f"the evaluator returned {len(results)} results for {len(scheds)} schedules")
         except Exception as e:  # an evaluator that raises must not end the search: every trial fails
             seconds = (time.perf_counter() - start) / len(scheds)
-            results = [EvalResult(s.canonical_hash(), math.inf, s.nfe, seconds, error=f"{type(e).__name__}: {e}")
+            results = [EvalResult(chash(s), math.inf, s.nfe, seconds, error=f"{type(e).__name__}: {e}")
                        for s in scheds]
         out = []
         for trial, sched, res in zip(trials, scheds, results):
             value = float(res.value) if res.ok and res.value is not None and math.isfinite(res.value) else math.inf
-            trial.set_user_attr(ATTR.METRIC, req.metric)
-            trial.set_user_attr(ATTR.SEED, req.seed)
-            trial.set_user_attr(ATTR.N_SAMPLES, req.n_samples)
-            trial.set_user_attr(ATTR.SPLIT, req.split)
+            # Metric, seeds, sample count and split were written when the trial was queued (one commit each
+            # set_user_attr costs on SQLite, so only what the evaluation produced is written here).
             trial.set_user_attr(ATTR.SECONDS, float(res.seconds))
             if res.extras:
                 trial.set_user_attr(ATTR.EXTRAS, {k: float(v) for k, v in res.extras.items()})
             if math.isfinite(value):
-                trial.set_user_attr(ATTR.VALUE, value)
                 self.study.tell(trial, value)
             else:
                 trial.set_user_attr(ATTR.ERROR, res.error or f"non-finite metric {res.value!r}")

@@ -1,0 +1,179 @@
+"""The search: a short S³ run beats a deliberately bad baseline; the study holds one trial per true evaluation
+with its attributes; a rerun on the same study never pays twice; the alternatives run behind the same API.
+
+The evaluator here is a closed-form Gaussian test bed run through the real integrator (data N(0, c^2 I) with its
+exact denoiser; metric: the Frechet distance of the samples to N(0, c^2 I)), cheap enough for the default suite.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from s3search import processes
+from s3search.denoisers import Denoiser
+from s3search.evaluation.base import EvalResult
+from s3search.integrator import sample
+from s3search.search.config import SearchConfig
+from s3search.search.run import run_search
+from s3search.search.study import ATTR
+from s3search.space import SearchSpace
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+MODEL = "gmm-8x4"            # an EDM-process model of the registry; only its process is used here
+SMALL = {"population": 64, "children": 64, "generations": 4, "batch_size": 5}
+
+
+class GaussianEvaluator:
+    def __init__(self, c: float = 0.5, d: int = 2, fail_implicit: bool = False) -> None:
+        self.c, self.d, self.fail_implicit = c, d, fail_implicit
+        self.proc = processes.get("edm")
+        self.calls: list[str] = []
+        self.denoiser = Denoiser(self._exact, self.proc, data_mean=torch.zeros(d, dtype=torch.float64))
+
+    def _exact(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        a, s = self.proc.alpha(t), self.proc.sigma(t)
+        return (a * self.c**2 / (a * a * self.c**2 + s * s)) * x
+
+    def evaluate(self, schedules, request):
+        out = []
+        for sch in schedules:
+            self.calls.append(sch.canonical_hash())
+            start = time.perf_counter()
+            if self.fail_implicit and any(getattr(st, "corrector", "") == "implicit" for st in
+                                          getattr(sch, "steps", ())):
+                out.append(EvalResult(sch.canonical_hash(), math.inf, sch.nfe, 0.0, error="refused"))
+                continue
+            g = torch.Generator().manual_seed(request.seed * 7919 + (0 if request.split == "search" else 1))
+            t0 = sch.timesteps[0]
+            scale = math.sqrt(self.proc.alpha(t0) ** 2 * self.c**2 + self.proc.sigma(t0) ** 2)
+            x = torch.randn(request.n_samples, self.d, generator=g, dtype=torch.float64) * scale
+            try:
+                y = sample(self.denoiser, x, sch, generator=g)
+                fd = float((y.mean(0) ** 2).sum() + ((y.var(0).sqrt() - self.c) ** 2).sum())
+                error = None if math.isfinite(fd) else "non-finite"
+            except ValueError as e:
+                fd, error = math.inf, str(e)
+            out.append(EvalResult(sch.canonical_hash(), fd if error is None else math.inf, sch.nfe,
+                                  time.perf_counter() - start, error=error))
+        return out
+
+
+def config(budget: int, method: str = "s3", nfe=(4,), **options) -> SearchConfig:
+    opts = {**SMALL, "baselines": ["ddim"], "top_baselines_on_grids": 0, **options}
+    return SearchConfig(model=MODEL, nfe=tuple(nfe), metric="fd", n_samples=256, n_test_samples=1024,
+                        budget=budget, method=method, predictor="lightgbm-reg", seed=0, options=opts)
+
+
+def new_study(tmp_path, name: str = "job", sqlite: bool = False) -> optuna.Study:
+    # In-memory storage keeps the suite fast (each SQLite commit costs ~20 ms here); resume runs on SQLite.
+    storage = f"sqlite:///{tmp_path / 's.db'}" if sqlite else None
+    return optuna.create_study(study_name=name, storage=storage)
+
+
+def test_short_search_beats_a_bad_baseline_and_fills_the_study(tmp_path):
+    ev = GaussianEvaluator()
+    study = new_study(tmp_path)
+    seen = []
+    result = run_search(config(40), study, evaluator=ev, progress=seen.append)
+    # DDIM on a time-uniform grid at NFE 4 is the deliberately bad yardstick.
+    assert set(result.baselines) == {"ddim"}
+    assert result.test_value < 0.5 * result.baselines["ddim"], (result.test_value, result.baselines)
+    assert result.best.nfe == 4 and result.evaluations == 40
+    assert seen and seen[-1].evaluations == 40 and seen[-1].best_value == result.best_value
+
+    trials = study.get_trials()
+    assert len(trials) == 40 and all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
+    assert len({t.user_attrs[ATTR.HASH] for t in trials}) == 40
+    for t in trials:
+        for key in (ATTR.SCHEDULE, ATTR.HASH, ATTR.NFE, ATTR.SOURCE, ATTR.METRIC, ATTR.SEED, ATTR.N_SAMPLES,
+                    ATTR.SPLIT, ATTR.SECONDS):
+            assert key in t.user_attrs, (t.number, key)
+        assert t.user_attrs[ATTR.NFE] == 4 and t.user_attrs[ATTR.SPLIT] == "search"
+    labelled = [t for t in trials if t.user_attrs[ATTR.SOURCE] == "baseline"]
+    assert [t.user_attrs[ATTR.BASELINE] for t in labelled] == ["ddim@time-uniform"]
+    s3 = [t for t in trials if t.user_attrs[ATTR.SOURCE] == "s3"]
+    assert s3 and all(ATTR.PREDICTED in t.user_attrs for t in s3)
+    # The reported best is the best trial of the study, and the test figures are stored with it.
+    assert result.best_value == min(t.value for t in trials if t.state == TrialState.COMPLETE)
+    assert set(study.user_attrs["test"]["4"]["values"]) == {"searched:" + result.best.canonical_hash(),
+                                                             "baseline:ddim"}
+    # 40 search evaluations + 2 test evaluations, nothing evaluated twice on the search split.
+    assert len(ev.calls) == 42
+
+
+def test_rerun_resumes_without_re_evaluating(tmp_path):
+    ev = GaussianEvaluator()
+    study = new_study(tmp_path, sqlite=True)
+    first = run_search(config(20), study, evaluator=ev)
+    n = len(ev.calls)
+    again = run_search(config(20), study, evaluator=ev)
+    assert len(ev.calls) == n                     # nothing new: search trials and test scores are reused
+    assert again.best == first.best and again.test_value == first.test_value
+    # A runner that died mid-evaluation leaves a RUNNING trial: it ends FAIL and its schedule is re-queued.
+    space = SearchSpace("edm", 4)
+    orphan = space.random(123)
+    t = study.ask()
+    t.set_user_attr(ATTR.SCHEDULE, orphan.to_json())
+    t.set_user_attr(ATTR.HASH, orphan.canonical_hash())
+    t.set_user_attr(ATTR.NFE, 4)
+    t.set_user_attr(ATTR.SOURCE, "s3")
+    study = optuna.load_study(study_name="job", storage=f"sqlite:///{tmp_path / 's.db'}")   # a new process
+    more = run_search(config(26), study, evaluator=ev)
+    assert more.evaluations == 26
+    assert study.trials[t.number].state == TrialState.FAIL
+    assert orphan.canonical_hash() in ev.calls[n:]
+    done = [x for x in study.get_trials() if x.state == TrialState.COMPLETE]
+    assert len(done) == 26 and len({x.user_attrs[ATTR.HASH] for x in done}) == 26
+
+
+@pytest.mark.parametrize("method", ["random", "tpe", "cmaes"])
+def test_alternatives_share_the_interface(tmp_path, method):
+    ev = GaussianEvaluator()
+    study = new_study(tmp_path, method)
+    result = run_search(config(16, method, seed_baselines=False), study, evaluator=ev)
+    trials = study.get_trials(states=(TrialState.COMPLETE, TrialState.FAIL))
+    assert len(trials) == 16 == result.evaluations
+    assert {t.user_attrs[ATTR.SOURCE] for t in trials} == {method}
+    if method != "random":
+        dim = SearchSpace("edm", 4).unit_dim(4)
+        assert all(len(t.user_attrs[ATTR.FLAT]) == dim for t in trials)
+    assert math.isfinite(result.test_value) and result.baselines == {}
+
+
+def test_failed_evaluations_are_recorded_and_the_search_goes_on(tmp_path):
+    ev = GaussianEvaluator(fail_implicit=True)
+    study = new_study(tmp_path)
+    result = run_search(config(24), study, evaluator=ev)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert failed and all(t.user_attrs[ATTR.ERROR] == "refused" for t in failed)
+    assert result.evaluations == 24 and all(s.corrector != "implicit" for s in result.best.steps)
+
+
+def test_several_nfe_and_stop(tmp_path):
+    ev = GaussianEvaluator()
+    result = run_search(config(24, nfe=(3, 5)), new_study(tmp_path, "multi"), evaluator=ev)
+    assert sorted(result.per_nfe) == [3, 5]
+    assert {r.best.nfe for r in result.per_nfe.values()} == {3, 5}
+    assert result.best.nfe == 3 and result.evaluations == 24
+    calls = []
+    stopped = run_search(config(40), new_study(tmp_path, "stop"), evaluator=GaussianEvaluator(),
+                         progress=calls.append, should_stop=lambda: len(calls) >= 3)
+    assert stopped.stopped and stopped.evaluations < 40 and math.isnan(stopped.test_value)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"method": "annealing"}, "method"), ({"predictor": "xgboost"}, "predictor"), ({"budget": 0}, "budget"),
+    ({"nfe": ()}, "nfe"), ({"n_samples": 1}, "n_samples"), ({"options": {"bogus": 1}}, "options.bogus"),
+])
+def test_bad_configs_raise_value_errors(tmp_path, change, field):
+    import dataclasses
+
+    cfg = dataclasses.replace(config(10), **change)
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        run_search(cfg, new_study(tmp_path), evaluator=GaussianEvaluator())
