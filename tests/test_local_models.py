@@ -138,6 +138,9 @@ def test_torchscript_eps_on_vp_linear(tmp_path) -> None:
     x = torch.randn(2, *SHAPE)
     eps = 0.5 * x + 1000 * t
     torch.testing.assert_close(spec.denoiser(x, t), (x - proc.sigma(t) * eps) / proc.alpha(t))
+    # The weights hash keys the cached reference statistics.
+    import hashlib
+    assert spec.provenance["weights_sha256"] == hashlib.sha256((tmp_path / "net.pt").read_bytes()).hexdigest()
 
 
 def test_torchscript_conditional_guided_x0(tmp_path) -> None:

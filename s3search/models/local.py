@@ -23,6 +23,7 @@ Kinds:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import tomllib
@@ -514,6 +515,45 @@ def _features(entry: LocalModelEntry) -> Optional[Callable[[torch.Tensor], torch
     return _import(entry, "features", entry.features)()
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hashes(entry: LocalModelEntry) -> dict[str, str]:
+    """Weight and feature-network hashes: the keys under which cached reference statistics stay valid.
+
+    An entry point's weights are unknown to us, so its reference statistics are recomputed rather than cached
+    (unless the factory's own ModelSpec provides a weights_sha256).
+    """
+    out: dict[str, str] = {}
+    if entry.kind == "torchscript":
+        out["weights_sha256"] = _file_sha256(entry.resolve(entry.path))
+    elif entry.kind == "diffusers-unet":
+        root = entry.resolve(entry.path)
+        unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+        digest = hashlib.sha256()
+        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+            digest.update(_file_sha256(unet_dir / name).encode())
+        out["weights_sha256"] = digest.hexdigest()
+    if entry.features == "inception":
+        from ..metrics.fid import resolve_weights_path
+
+        try:
+            weights = entry.resolve(entry.inception_weights) if entry.inception_weights else None
+            out["features_sha256"] = _file_sha256(resolve_weights_path(weights))
+        except FileNotFoundError:
+            pass  # reported, with where to put the file, when the features are first computed
+    elif entry.features == "digits":
+        from .digits_features import FEATURES_FILE
+
+        out["features_sha256"] = _file_sha256(FEATURES_FILE)
+    return out
+
+
 def build_model(entry: LocalModelEntry) -> ModelSpec:
     """Load the weights and assemble the ModelSpec for one registry entry."""
     spec: Optional[ModelSpec] = None
@@ -536,6 +576,7 @@ def build_model(entry: LocalModelEntry) -> ModelSpec:
     metric = entry.metric or ("fd-features" if features is not None and reference_sampler is not None else "fd")
     provenance = {"registry_entry": entry.where, "kind": entry.kind, "path": entry.path,
                   "process": denoiser.process.name, "process_note": process_note}
+    provenance.update(_hashes(entry))
     if entry.guidance_scale is not None:
         provenance.update(guidance_scale=str(entry.guidance_scale), class_label=str(entry.class_label))
     return ModelSpec(name=entry.name, denoiser=denoiser, shape=tuple(shape),
