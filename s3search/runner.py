@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import optuna
-from optuna.trial import TrialState
 
 from studies import jobs as repo
 from studies.db import make_engine, make_session_factory
@@ -204,11 +203,8 @@ class Runner:
         storage = self.storage()
         study = optuna.create_study(study_name=job.study_name, storage=storage, direction="minimize",
                                     load_if_exists=True)
-        # Trials a dead runner left RUNNING will never finish; mark them failed so the resume reuses only
-        # finished ones (the claim fencing guarantees that runner can no longer write to this job).
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            storage.set_trial_system_attr(t._trial_id, "fail_reason", "runner died during the evaluation")
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        # Trials a dead runner left RUNNING are the search's to settle: its Ledger ends them FAIL and re-queues
+        # their schedules (the claim fencing guarantees that runner can no longer write to this job).
         if job.attempts == 1 or "job_id" not in study.user_attrs:
             study.set_user_attr("job_id", job.id)
             study.set_user_attr("spec", job.spec)
@@ -240,8 +236,17 @@ class Runner:
             log.exception("could not save the dashboard note")
 
 
-def _result_doc(result: SearchResult) -> dict[str, Any]:
+def _one_result(result: SearchResult) -> dict[str, Any]:
     return {"best": result.best.to_dict(), "best_value": _finite(result.best_value),
             "test_value": _finite(result.test_value),
             "baselines": {str(k): _finite(v) for k, v in result.baselines.items()},
             "evaluations": int(result.evaluations)}
+
+
+def _result_doc(result: SearchResult) -> dict[str, Any]:
+    """The job's stored result: the first NFE's figures at the top, every NFE's under `per_nfe`."""
+    doc = _one_result(result)
+    per_nfe = getattr(result, "per_nfe", None) or {}
+    doc["per_nfe"] = {str(n): _one_result(r) for n, r in sorted(per_nfe.items())}
+    doc["stopped"] = bool(getattr(result, "stopped", False))
+    return doc

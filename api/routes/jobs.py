@@ -222,6 +222,14 @@ def list_trials(job_id: JobId, owner: OwnerDep, session: SessionDep, settings: S
     return TrialPage(items=[_trial_public(t) for t in page], total=len(trials), limit=limit, offset=offset, next=nxt)
 
 
+def schedule_from_doc(doc: dict[str, Any]) -> Any:
+    """A SolverSchedule, or a NamedSchedule when the best was a named sampler (a baseline)."""
+    if "sampler" in doc:
+        from s3search.named import NamedSchedule
+        return NamedSchedule.from_dict(doc)
+    return SolverSchedule.from_dict(doc)
+
+
 def best_schedule_doc(job: Job) -> Optional[dict[str, Any]]:
     if job.result and isinstance(job.result.get("best"), dict):
         return job.result["best"]
@@ -240,7 +248,7 @@ def get_schedule(job_id: JobId, owner: OwnerDep, session: SessionDep,
     if doc is None:
         return JSONResponse({"detail": f"job {job_id} has no evaluated schedule yet (status {job.status})"},
                             status_code=404)
-    schedule = SolverSchedule.from_dict(doc)
+    schedule = schedule_from_doc(doc)
     headers = {"X-Job-Status": job.status}
     if format == "json":
         return JSONResponse(schedule.to_dict(), headers=headers)

@@ -30,6 +30,8 @@ def value_of(k: int) -> float:
 def fake_search(config, study, *, evaluator=None, progress=None, should_stop=None) -> SearchResult:
     delay = float(config.options.get("eval_seconds", 0.0))
     nfe = config.nfe[0]
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):   # left by a dead runner
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     seen = {t.user_attrs["k"] for t in done}
     best_k = min(seen, key=value_of) if seen else None
