@@ -1,7 +1,109 @@
-"""Commands of this area (placeholder until the area lands)."""
+"""`s3search search`: run a search on the embedded defaults (SQLite file, local evaluation) and print the best
+schedule against every baseline on the test split. Rerunning with the same --study-name resumes the study."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+__all__ = ["register", "search", "format_table"]
+
+
+def _parse_nfe(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise typer.BadParameter(f"--nfe={text!r} must be an integer or a comma-separated list of integers")
+    if not values or any(v < 1 for v in values):
+        raise typer.BadParameter(f"--nfe={text!r} must hold positive integers")
+    return values
+
+
+def format_table(result, nfe: int) -> str:
+    """Searched schedule vs every baseline (its best grid), test split, best first."""
+    searched = "searched (S3)"
+    rows = [(searched, result.test_value)] + list(result.baselines.items())
+    rows.sort(key=lambda r: r[1] if math.isfinite(r[1]) else math.inf)
+    best_base = min((v for n, v in rows if n != searched and math.isfinite(v)), default=math.nan)
+    lines = [f"NFE {nfe} - test split (lower is better)", f"{'sampler':<24}{'test':>14}{'vs best baseline':>18}"]
+    for name, value in rows:
+        ratio = value / best_base if math.isfinite(best_base) and best_base > 0 and math.isfinite(value) else math.nan
+        lines.append(f"{name:<24}{value:>14.6g}{ratio:>17.3f}x")
+    return "\n".join(lines)
+
+
+def search(
+    model: str = typer.Option(..., help="Model registry name, e.g. digits, gmm-64d."),
+    nfe: str = typer.Option("5", help="NFE, or several separated by commas (the budget is split)."),
+    budget: int = typer.Option(200, help="True evaluations in total (baselines included)."),
+    metric: Optional[str] = typer.Option(None, help="Metric name (default: the model's default metric)."),
+    method: str = typer.Option("s3", help="s3 | random | tpe | cmaes"),
+    predictor: str = typer.Option("lightgbm-rank", help="Predictor for method s3 (see predictors.names())."),
+    seed: int = typer.Option(0, help="Seed of the search and of the search-split samples."),
+    n_samples: int = typer.Option(1000, help="Samples per search evaluation."),
+    n_test_samples: int = typer.Option(5000, help="Samples for the final test evaluation (fresh seeds)."),
+    storage: str = typer.Option("sqlite:///s3search.db", help="Optuna storage URL (the study lives here)."),
+    study_name: Optional[str] = typer.Option(None, help="Study name; an existing study is resumed."),
+    options: str = typer.Option("{}", help="JSON object of search options (see docs/search.md)."),
+    out: Optional[Path] = typer.Option(None, help="Write the best schedule JSON here."),
+    quiet: bool = typer.Option(False, help="Print only the final table."),
+) -> None:
+    """Search a solver schedule for MODEL at NFE and compare it with every baseline."""
+    import optuna
+
+    from ..models import registry
+    from ..search.config import Progress, SearchConfig
+    from ..search.run import run_search
+
+    nfes = _parse_nfe(nfe)
+    try:
+        opts = json.loads(options)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"--options is not valid JSON: {e}")
+    if not isinstance(opts, dict):
+        raise typer.BadParameter("--options must be a JSON object")
+    try:
+        spec = registry.get(model)
+    except KeyError as e:
+        raise typer.BadParameter(str(e))
+    metric = metric or spec.default_metric
+    name = study_name or f"{model}-nfe{'_'.join(map(str, nfes))}-{method}-{metric}-seed{seed}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True)
+    config = SearchConfig(model=model, nfe=nfes, metric=metric, n_samples=n_samples, n_test_samples=n_test_samples,
+                          budget=budget, method=method, predictor=predictor, seed=seed, options=opts)
+    start = time.perf_counter()
+
+    def progress(p: Progress) -> None:
+        if quiet:
+            return
+        tau = f"  tau={p.predictor_tau:.2f}" if p.predictor_tau is not None else ""
+        typer.echo(f"[{time.perf_counter() - start:7.1f}s] {p.evaluations:4d}/{p.budget} best={p.best_value:.6g}"
+                   f"{tau}  {p.message}", err=True)
+
+    try:
+        result = run_search(config, study, progress=progress)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    per_nfe = getattr(result, "per_nfe", None) or {nfes[0]: result}
+    typer.echo(f"study {name!r} in {storage}: {result.evaluations} evaluations, metric {metric}")
+    for n, r in sorted(per_nfe.items()):
+        typer.echo("")
+        typer.echo(format_table(r, n))
+        typer.echo(f"best schedule (NFE {n}): {r.best.to_json()}")
+    if out is not None:
+        out.write_text(json.dumps({str(n): json.loads(r.best.to_json()) for n, r in per_nfe.items()}, indent=1)
+                       if len(per_nfe) > 1 else result.best.to_json(indent=1))
+        typer.echo(f"wrote {out}")
+    sys.stdout.flush()
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("search")(search)
