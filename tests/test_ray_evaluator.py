@@ -45,7 +45,7 @@ def read_log(path: Path) -> list[tuple[str, int, str]]:
     rows = []
     for line in path.read_text().splitlines():
         event, pid, *rest = line.split(" ", 2)
-        rows.append((event, int(pid), rest[0] if rest else ""))
+        rows.append((event, int(pid), rest[0].split("@")[0] if rest else ""))
     return rows
 
 
@@ -103,7 +103,7 @@ def test_same_results_as_local_and_model_loaded_once_per_actor(ray_session, tmp_
 
 def test_failing_candidate_becomes_an_error_result_and_others_survive(ray_session):
     cands = [schedule(k) for k in range(5)]
-    with RayEvaluator(RaySettings(max_in_flight=2, batch_size=3), factory=TOY,
+    with RayEvaluator(RaySettings(max_in_flight=1, batch_size=3), factory=TOY,
                       factory_kwargs={"raise_on": ["c1"], "nan_on": ["c4"]}) as ev:
         res = ev.evaluate(cands, REQUEST)
     assert [r.ok for r in res] == [True, False, True, True, False]
@@ -124,29 +124,7 @@ def kill_first_start(log: Path, killed: list[int], deadline_s: float = 120.0) ->
         time.sleep(0.05)
 
 
-def test_worker_killed_mid_evaluation_is_retried_and_each_result_arrives_once(ray_session, tmp_path):
-    log = tmp_path / "log.txt"
-    cands = [schedule(k) for k in range(4)]
-    killed: list[int] = []
-    with RayEvaluator(RaySettings(max_in_flight=1, batch_size=4, max_retries=2), factory=TOY,
-                      factory_kwargs={"log_path": str(log), "sleep_s": 0.5}) as ev:
-        ev.start()
-        assert ray.get(ev._actors[0].ping.remote(), timeout=120) > 0
-        killer = threading.Thread(target=kill_first_start, args=(log, killed))
-        killer.start()
-        res = ev.evaluate(cands, REQUEST)
-        killer.join()
-    assert len(killed) == 1
-    assert [r.ok for r in res] == [True] * 4
-    assert [r.value for r in res] == [toy_score(c, REQUEST.seed) for c in cands]
-    events = read_log(log)
-    loads = [pid for e, pid, _ in events if e == "load"]
-    assert loads[0] == killed[0] and len(loads) == 2 and loads[1] != killed[0], "the actor was restarted once"
-    # The killed process started c0 and died; the restarted one evaluated the whole batch once.
-    after = [name for e, pid, name in events if e == "start" and pid == loads[1]]
-    assert after == ["c0", "c1", "c2", "c3"]
-
-
+@pytest.mark.slow   # four worker restarts: ~15 s on a busy 2-core machine
 def test_candidate_that_always_kills_its_worker_fails_alone(ray_session, tmp_path):
     # A worker killed on every attempt at c1: c1 ends as an error, its batch-mate still scores. max_retries=0
     # keeps the number of (slow) worker restarts down; the retry itself is covered by the test above.
@@ -221,3 +199,109 @@ def test_adaptive_batch_size_targets_about_a_second_per_task():
     ev.stats.eval_seconds = 30.0                 # 3 s per evaluation -> one per task
     assert ev.batch_size_for(100) == 1
     assert RayEvaluator(RaySettings(batch_size=7), factory=TOY).batch_size_for(100) == 7
+
+
+# ----- the search loop on Ray ------------------------------------------------------------------------------
+
+LOCAL = "s3search.evaluation.local:LocalEvaluator"
+
+
+def search_config(**over):
+    from s3search.search.config import SearchConfig
+
+    base = dict(model="gmm-8x4", nfe=(4,), metric="fd", n_samples=200, n_test_samples=200, budget=12, seed=3,
+                options={"batch_size": 4, "population": 32, "children": 32, "generations": 2, "init_random": 4,
+                         "test_baselines": False})
+    base.update(over)
+    return SearchConfig(**base)
+
+
+def new_study(name: str):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(direction="minimize", study_name=name)
+
+
+def trial_rows(study) -> list[tuple]:
+    return [(t.number, t.state.name, t.value, t.user_attrs.get("schedule_hash"), t.user_attrs.get("baseline"))
+            for t in study.get_trials(deepcopy=False)]
+
+
+def started_hashes(path: Path, split: str = "search") -> list[str]:
+    """Hashes of the evaluations started on `split` (the search ends with a test-split run of the winner)."""
+    details = [line.split(" ", 2)[2].split("@") for line in path.read_text().splitlines() if line.startswith("start ")]
+    return [h for _, h, sp in details if sp == split]
+
+
+def test_search_on_ray_gives_the_same_trials_as_the_local_path(ray_session):
+    from s3search.evaluation.local import LocalEvaluator
+    from s3search.search.run import run_search
+
+    cfg = search_config()
+    local_study, ray_study = new_study("local"), new_study("ray")
+    local = run_search(cfg, local_study, evaluator=LocalEvaluator())
+    with RayEvaluator(RaySettings(max_in_flight=2), factory=LOCAL) as ev:
+        on_ray = run_search(cfg, ray_study, evaluator=ev)
+        assert len(ev.stats.pids) == 2
+    rows = trial_rows(ray_study)
+    assert len(rows) == cfg.budget and all(r[1] == "COMPLETE" for r in rows)
+    assert rows == trial_rows(local_study)
+    assert (on_ray.best_value, on_ray.test_value) == (local.best_value, local.test_value)
+
+
+def test_search_survives_a_killed_worker_and_records_a_failing_candidate(ray_session, tmp_path):
+    from s3search.search.run import run_search
+
+    log = tmp_path / "log.txt"
+    cfg = search_config()
+    study = new_study("faults")
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_first_start, args=(log, killed))
+    killer.start()
+    # One candidate per task, so the log counts evaluations exactly (a raising candidate in a larger batch
+    # makes the actor re-run its batch-mates one by one to isolate it).
+    with RayEvaluator(RaySettings(max_in_flight=2, max_retries=2, batch_size=1), factory=TOY,
+                      factory_kwargs={"log_path": str(log), "sleep_s": 0.2, "raise_on": ["dpmpp_2m"]}) as ev:
+        run_search(cfg, study, evaluator=ev)
+    killer.join()
+    assert len(killed) == 1
+    loads = [pid for e, pid, _ in read_log(log) if e == "load"]
+    assert len(loads) == 3 and killed[0] in loads[:2], "two actors, and one restart of the killed one"
+    trials = study.get_trials(deepcopy=False)
+    hashes = [t.user_attrs["schedule_hash"] for t in trials]
+    assert len(trials) == cfg.budget and len(set(hashes)) == cfg.budget, "no trial lost or duplicated"
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert [t.user_attrs["baseline"].split("@")[0] for t in failed] == ["dpmpp_2m"]
+    assert "RuntimeError: toy failure" in failed[0].user_attrs["error"]
+    assert all(t.state.name == "COMPLETE" for t in trials if t not in failed)
+    # The killed evaluation was started again in the restarted process, and nothing else ran twice.
+    starts = started_hashes(log)
+    assert sorted(set(starts)) == sorted(hashes)
+    assert len(starts) == len(hashes) + 1
+    twice = [h for h in set(starts) if starts.count(h) == 2]
+    pids = [pid for e, pid, detail in read_log(log) if e == "start"]
+    assert pids[0] == killed[0] and starts[0] == twice[0] and loads[2] in pids
+
+
+def test_interrupted_search_resumes_without_re_evaluating(ray_session, tmp_path):
+    from s3search.search.run import run_search
+
+    log = tmp_path / "log.txt"
+    cfg = search_config(budget=14)
+    study = new_study("resume")
+    kwargs = {"log_path": str(log)}
+    with RayEvaluator(RaySettings(max_in_flight=1), factory=TOY, factory_kwargs=kwargs) as ev:
+        run_search(cfg, study, evaluator=ev, should_stop=lambda: len(study.trials) >= 6)
+    first = started_hashes(log)
+    assert 0 < len(first) < cfg.budget
+    # A new evaluator (new actors), as after a restart of the whole runner.
+    with RayEvaluator(RaySettings(max_in_flight=1), factory=TOY, factory_kwargs=kwargs) as ev:
+        run_search(cfg, study, evaluator=ev)
+    # (run_search may leave WAITING trials queued beyond the budget; they were never evaluated.)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.name != "WAITING"]
+    assert len(done) == cfg.budget and all(t.state.name == "COMPLETE" for t in done)
+    starts = started_hashes(log)
+    assert starts[:len(first)] == first
+    assert len(starts) == len(set(starts)) == cfg.budget, "no stored trial evaluated again"
+    assert sorted(starts) == sorted(t.user_attrs["schedule_hash"] for t in done)

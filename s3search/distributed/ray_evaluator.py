@@ -49,6 +49,16 @@ def load_factory(path: str) -> Any:
     return target
 
 
+def schedule_from_json(text: str) -> Any:
+    """A SolverSchedule, or a NamedSchedule (a named sampler on a grid) when the document names a sampler."""
+    doc = json.loads(text)
+    if isinstance(doc, dict) and "sampler" in doc:
+        from ..named import NamedSchedule
+
+        return NamedSchedule.from_dict(doc)
+    return SolverSchedule.from_dict(doc)
+
+
 def _request_from_json(text: str) -> EvalRequest:
     doc = json.loads(text)
     return EvalRequest(**doc)
@@ -64,9 +74,16 @@ def _result_to_dict(result: EvalResult) -> dict[str, Any]:
     return doc
 
 
-def _error_dict(schedule: SolverSchedule, error: str, seconds: float = 0.0) -> dict[str, Any]:
+def _error_dict(schedule: Any, error: str, seconds: float = 0.0) -> dict[str, Any]:
     return asdict(EvalResult(schedule_hash=schedule.canonical_hash(), value=math.inf, nfe=schedule.nfe,
                              seconds=seconds, error=error))
+
+
+def _safe_hash(schedule: Any) -> str:
+    try:
+        return str(schedule.canonical_hash())
+    except Exception:  # noqa: BLE001
+        return f"invalid-{id(schedule):x}"
 
 
 class EvalActorCore:
@@ -80,7 +97,7 @@ class EvalActorCore:
         self.pid = os.getpid()
         self.evaluator = load_factory(factory)(**json.loads(factory_kwargs_json))
 
-    def _evaluate(self, schedules: list[SolverSchedule], request: EvalRequest) -> list[dict[str, Any]]:
+    def _evaluate(self, schedules: list[Any], request: EvalRequest) -> list[dict[str, Any]]:
         results = self.evaluator.evaluate(schedules, request)
         if len(results) != len(schedules):
             raise RuntimeError(f"the evaluator returned {len(results)} results for {len(schedules)} schedules")
@@ -89,7 +106,7 @@ class EvalActorCore:
     def evaluate_json(self, schedules_json: list[str], request_json: str) -> str:
         t0 = time.perf_counter()
         request = _request_from_json(request_json)
-        schedules = [SolverSchedule.from_json(s) for s in schedules_json]
+        schedules = [schedule_from_json(s) for s in schedules_json]
         try:
             out = self._evaluate(schedules, request)
         except Exception as batch_error:  # noqa: BLE001 - any failure of a candidate must become a FAIL result
@@ -229,7 +246,8 @@ class RayEvaluator:
         size = self.batch_size_for(n)
         return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
 
-    def evaluate(self, schedules: Sequence[SolverSchedule], request: EvalRequest) -> list[EvalResult]:
+    def evaluate(self, schedules: Sequence[Any], request: EvalRequest) -> list[EvalResult]:
+        """Score SolverSchedules and NamedSchedules (anything with to_json / canonical_hash / nfe)."""
         import ray
         from ray.exceptions import RayError, RayTaskError
 
@@ -237,10 +255,19 @@ class RayEvaluator:
         if not schedules:
             return []
         self.start()
-        texts = [s.to_json() for s in schedules]
         request_json = json.dumps(asdict(request))
         results: list[Optional[dict[str, Any]]] = [None] * len(schedules)
-        queue: deque[tuple[list[int], bool]] = deque((b, False) for b in self._batches(len(schedules)))
+        texts: list[str] = []
+        for i, s in enumerate(schedules):
+            try:
+                texts.append(s.to_json())
+            except Exception as e:  # noqa: BLE001 - not a schedule we can send: a failed candidate
+                texts.append("")
+                results[i] = {"schedule_hash": _safe_hash(s), "value": math.inf, "nfe": -1, "seconds": 0.0,
+                              "error": f"schedule cannot be serialised: {type(e).__name__}: {e}", "extras": {}}
+        todo = [i for i in range(len(schedules)) if results[i] is None]
+        queue: deque[tuple[list[int], bool]] = deque(
+            ([todo[j] for j in b], False) for b in self._batches(len(todo)))
         idle = list(range(len(self._actors)))
         pending: dict[Any, _Job] = {}
         timeout = self.settings.timeout_s

@@ -11,25 +11,26 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..evaluation.base import EvalRequest, EvalResult
-from ..schedule import SolverSchedule
 
 __all__ = ["ToyEvaluator", "toy_score"]
 
 
-def toy_score(schedule: SolverSchedule, seed: int = 0) -> float:
+def toy_score(schedule: Any, seed: int = 0) -> float:
     """A smooth function of the per-step choices: squared log-step sizes discounted by order, plus a seed term.
 
     The seed term makes "same seeds, same value" a checkable property of the distributed path.
     """
     ts = schedule.timesteps
+    # A NamedSchedule (a named sampler on a grid) has no per-step choices: count it as order 2, eta 0.
+    steps = getattr(schedule, "steps", None) or [None] * (len(ts) - 1)
     total = 0.0
-    for i, step in enumerate(schedule.steps):
-        a, b = ts[i], ts[i + 1]
-        gap = math.log1p(a) - math.log1p(b)      # t may be 0 at the end; log1p keeps it finite
-        total += gap ** (step.order + 1) / math.factorial(step.order + 1) + 1e-3 * step.eta
+    for i, step in enumerate(steps):
+        order, eta = (2, 0.0) if step is None else (step.order, step.eta)
+        gap = math.log1p(ts[i]) - math.log1p(ts[i + 1])   # t may be 0 at the end; log1p keeps it finite
+        total += gap ** (order + 1) / math.factorial(order + 1) + 1e-3 * eta
     return total + 1e-6 * (seed % 997)
 
 
@@ -65,10 +66,10 @@ class ToyEvaluator:
                 f.flush()
                 os.fsync(f.fileno())
 
-    def evaluate(self, schedules: Sequence[SolverSchedule], request: EvalRequest) -> list[EvalResult]:
+    def evaluate(self, schedules: Sequence[Any], request: EvalRequest) -> list[EvalResult]:
         results = []
         for s in schedules:
-            self._log("start", s.name or s.canonical_hash())
+            self._log("start", f"{s.name}@{s.canonical_hash()}@{request.split}")
             t0 = time.perf_counter()
             if s.name in self.raise_on:
                 raise RuntimeError(f"toy failure for schedule {s.name!r}")
