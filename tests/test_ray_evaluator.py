@@ -124,6 +124,18 @@ def kill_first_start(log: Path, killed: list[int], deadline_s: float = 120.0) ->
         time.sleep(0.05)
 
 
+def test_hung_evaluation_times_out_as_an_error_result(ray_session):
+    with RayEvaluator(RaySettings(max_in_flight=1, batch_size=1, max_retries=0, timeout_s=1.0), factory=TOY,
+                      factory_kwargs={"sleep_s": 30.0}) as ev:
+        ev.start()
+        ray.get(ev._actors[0].ping.remote(), timeout=120)   # the deadline should not include actor start-up
+        t0 = time.monotonic()
+        res = ev.evaluate([schedule(0)], REQUEST)
+        assert time.monotonic() - t0 < 20
+        assert ev.stats.timeouts == 1
+    assert not res[0].ok and "timed out" in res[0].error and res[0].value == math.inf
+
+
 @pytest.mark.slow   # four worker restarts: ~15 s on a busy 2-core machine
 def test_candidate_that_always_kills_its_worker_fails_alone(ray_session, tmp_path):
     # A worker killed on every attempt at c1: c1 ends as an error, its batch-mate still scores. max_retries=0

@@ -275,7 +275,7 @@ class RayEvaluator:
         def submit(indices: list[int], isolated: bool) -> None:
             a = idle.pop()
             ref = self._actors[a].evaluate_json.remote([texts[i] for i in indices], request_json)
-            pending[ref] = _Job(indices, a, isolated, time.monotonic() + timeout if timeout else math.inf)
+            pending[ref] = _Job(indices, a, isolated, time.monotonic() + timeout * len(indices) if timeout else math.inf)
             self.stats.batches += 1
 
         def give_up(job: _Job, why: str) -> None:
@@ -324,12 +324,12 @@ class RayEvaluator:
                     job.kills += 1
                     if job.kills > self.settings.max_retries:
                         pending.pop(ref)
-                        give_up(job, f"timed out {job.kills} times after {timeout:g} s each")
+                        give_up(job, f"timed out ({timeout:g} s per candidate), {job.kills} attempt(s)")
                         idle.append(job.actor)
                     else:
                         # Killing with restart lets Ray re-run the batch on the restarted actor.
                         ray.kill(self._actors[job.actor], no_restart=False)
-                        job.deadline = now + timeout
+                        job.deadline = now + timeout * len(job.indices)
         self.stats.wall_seconds += time.perf_counter() - t_start
         out = []
         for s, r in zip(schedules, results):

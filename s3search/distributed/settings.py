@@ -10,8 +10,8 @@
     S3SEARCH_RAY_BATCH_SIZE          candidates per Ray task (default 0 = about 1 s of work per task, from
                                      the evaluation times seen so far; 1 before the first)
     S3SEARCH_RAY_EMBEDDED_CPUS       CPUs an embedded Ray may use (default 0 = all of this machine's)
-    S3SEARCH_RAY_TIMEOUT_S           seconds one batch may take before its actor is killed and the batch
-                                     retried (default 0 = no limit)
+    S3SEARCH_RAY_TIMEOUT_S           seconds per candidate a batch may take before its actor is killed and
+                                     the batch retried (default 0 = no limit)
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class RaySettings:
     max_retries: int = 2
     batch_size: int = 0                 # 0: adaptive, about 1 s of evaluation per task
     embedded_cpus: int = 0              # 0: let Ray count this machine's cores
-    timeout_s: float = 0.0              # 0: no limit per batch
+    timeout_s: float = 0.0              # per candidate of a batch; 0: no limit
 
     def __post_init__(self) -> None:
         self.validate()
