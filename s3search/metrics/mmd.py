@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["median_distance", "mmd2_unbiased"]
@@ -26,7 +27,8 @@ def median_distance(reference: torch.Tensor, max_points: int = 2000) -> float:
         raise ValueError("reference must hold at least 2 samples")
     d = torch.cdist(r, r)
     iu = torch.triu_indices(len(r), len(r), offset=1)
-    med = float(d[iu[0], iu[1]].median())
+    # The usual median (mean of the middle two for an even count); torch.median would return the lower one.
+    med = float(np.median(d[iu[0], iu[1]].numpy()))
     if not med > 0:
         raise ValueError("reference samples are all identical; the median distance is 0")
     return med
