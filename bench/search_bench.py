@@ -1,0 +1,248 @@
+"""Search benchmark: searched schedule vs every baseline, search efficiency, predictor quality.
+
+    # searched vs best baseline at each NFE, test split, excess over the 1000-step value
+    python bench/search_bench.py quality --model gmm-64d --nfe 4,5,6,8,10 --budget 200
+    # best-so-far against true evaluations for S³, random, TPE, CMA-ES (+ random at a larger budget)
+    python bench/search_bench.py efficiency --model gmm-64d --nfe 5 --budget 200 --random-budget 1000
+    # Kendall tau / top-k recall of every predictor on held-out schedules (uses the efficiency run's pairs)
+    python bench/search_bench.py predictors --model gmm-64d --nfe 5
+    python bench/search_bench.py plot --model gmm-64d --nfe 5
+
+Every run uses the real LocalEvaluator and an in-memory Optuna study (the SQLite file adds ~20 ms per commit on
+this machine and does not change what is measured). Results go to docs/bench/search_*.json; `report` prints the
+markdown tables from them. Each figure printed is measured by the run that prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import predictors  # noqa: E402
+from s3search import baselines, processes  # noqa: E402
+from s3search.evaluation.base import EvalRequest  # noqa: E402
+from s3search.evaluation.local import LocalEvaluator  # noqa: E402
+from s3search.models import registry  # noqa: E402
+from s3search.search.config import SearchConfig  # noqa: E402
+from s3search.search.run import run_search  # noqa: E402
+from s3search.search.study import ATTR, schedule_from_json  # noqa: E402
+
+OUT = ROOT / "docs" / "bench"
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _save(name: str, doc: dict) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / name
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def _load(name: str) -> dict:
+    path = OUT / name
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def reference_value(model: str, metric: str, n_test: int, seed: int, steps: int = 1000) -> float:
+    """The metric of a 1000-step sampler (DPM-Solver++(2M), logSNR grid) on the test split."""
+    spec = registry.get(model)
+    sched = baselines.get("dpmpp_2m", _logsnr(spec.process, steps), spec.process.name)
+    res = LocalEvaluator().evaluate([sched], EvalRequest(model, metric, n_test, seed, "test"))[0]
+    if not res.ok:
+        raise RuntimeError(f"reference failed: {res.error}")
+    return float(res.value)
+
+
+def _logsnr(process, n: int) -> list[float]:
+    from s3search import grids
+
+    return list(grids.logsnr(process, n))
+
+
+def _config(args, nfe: int, method: str, budget: int, **options) -> SearchConfig:
+    spec = registry.get(args.model)
+    opts = {"population": args.population, "children": args.population, "generations": args.generations,
+            "batch_size": args.batch, **options}
+    return SearchConfig(model=args.model, nfe=(nfe,), metric=args.metric or spec.default_metric,
+                        n_samples=args.n_samples, n_test_samples=args.n_test, budget=budget, method=method,
+                        predictor=args.predictor, seed=args.seed, options=opts)
+
+
+def _curve(study: optuna.Study) -> list[float]:
+    best, out = math.inf, []
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if ATTR.SCHEDULE not in t.user_attrs or t.state not in (optuna.trial.TrialState.COMPLETE,
+                                                                  optuna.trial.TrialState.FAIL):
+            continue
+        if t.value is not None and t.state == optuna.trial.TrialState.COMPLETE:
+            best = min(best, t.value)
+        out.append(best)
+    return out
+
+
+def cmd_quality(args) -> None:
+    key = f"search_quality_{args.model}.json"
+    doc = _load(key)
+    metric = args.metric or registry.get(args.model).default_metric
+    if "reference" not in doc:
+        t = time.perf_counter()
+        doc["reference"] = reference_value(args.model, metric, args.n_test, args.seed)
+        print(f"1000-step value: {doc['reference']:.6g} ({time.perf_counter() - t:.0f}s)", flush=True)
+    doc.setdefault("runs", {})
+    for nfe in args.nfe:
+        if str(nfe) in doc["runs"] and not args.force:
+            continue
+        t = time.perf_counter()
+        study = optuna.create_study(direction="minimize")
+        res = run_search(_config(args, nfe, "s3", args.budget), study)
+        ref = doc["reference"]
+        best_name, best_base = min(res.baselines.items(), key=lambda kv: kv[1])
+        ratio = (res.test_value - ref) / (best_base - ref) if best_base > ref else math.nan
+        doc["runs"][str(nfe)] = {
+            "nfe": nfe, "budget": args.budget, "evaluations": res.evaluations, "seconds": time.perf_counter() - t,
+            "search_value": res.best_value, "test_value": res.test_value, "best_baseline": best_name,
+            "best_baseline_test": best_base, "excess_ratio": ratio, "baselines_test": res.baselines,
+            "schedule": json.loads(res.best.to_json()), "n_samples": args.n_samples, "n_test": args.n_test,
+            "predictor": args.predictor, "curve": _curve(study), "rounds": study.user_attrs.get("rounds", []),
+        }
+        _save(key, {**doc, "model": args.model, "metric": metric, "seed": args.seed})
+        print(f"NFE {nfe}: searched {res.test_value:.5g} vs {best_name} {best_base:.5g} (1000-step {ref:.5g}); "
+              f"excess ratio {ratio:.3f}; {time.perf_counter() - t:.0f}s", flush=True)
+
+
+def cmd_efficiency(args) -> None:
+    nfe = args.nfe[0]
+    key = f"search_efficiency_{args.model}_nfe{nfe}.json"
+    doc = _load(key)
+    doc.setdefault("curves", {})
+    plan = [("s3", args.budget), ("tpe", args.budget), ("cmaes", args.budget), ("random", args.random_budget)]
+    for method, budget in plan:
+        if method in doc["curves"] and not args.force:
+            continue
+        t = time.perf_counter()
+        study = optuna.create_study(direction="minimize")
+        # Pure search ability: no method is seeded with the baselines here.
+        res = run_search(_config(args, nfe, method, budget, seed_baselines=False, test_baselines=False), study)
+        doc["curves"][method] = {"budget": budget, "curve": _curve(study), "test_value": res.test_value,
+                                 "seconds": time.perf_counter() - t}
+        if method == "random":
+            pairs = [(t.user_attrs[ATTR.SCHEDULE], t.value) for t in study.get_trials(deepcopy=False)
+                     if t.state == optuna.trial.TrialState.COMPLETE]
+            doc["random_pairs"] = pairs
+        _save(key, {**doc, "model": args.model, "nfe": nfe})
+        c = doc["curves"][method]["curve"]
+        print(f"{method}: best {c[-1]:.5g} after {len(c)} evaluations ({time.perf_counter() - t:.0f}s)", flush=True)
+
+
+def cmd_predictors(args) -> None:
+    nfe = args.nfe[0]
+    doc = _load(f"search_efficiency_{args.model}_nfe{nfe}.json")
+    pairs = doc.get("random_pairs")
+    if not pairs:
+        raise SystemExit("run `efficiency` first: its random search provides the held-out pairs")
+    rng = np.random.default_rng(args.seed)
+    idx = rng.permutation(len(pairs))
+    half = len(idx) // 2
+    scheds = [schedule_from_json(s) for s, _ in pairs]
+    values = [float(v) for _, v in pairs]
+    out = {}
+    for name in predictors.names():
+        t = time.perf_counter()
+        p = predictors.get(name, seed=args.seed).fit([scheds[i] for i in idx[:half]], [values[i] for i in idx[:half]])
+        q = p.evaluate([scheds[i] for i in idx[half:]], [values[i] for i in idx[half:]], k=20)
+        out[name] = {**q.to_dict(), "n_train": half, "seconds": time.perf_counter() - t}
+        print(f"{name}: tau {q.kendall_tau:.3f}, top-20 recall {q.topk_recall:.2f} (train {half}, test {q.n})",
+              flush=True)
+    _save(f"search_predictors_{args.model}_nfe{nfe}.json", {"model": args.model, "nfe": nfe, "results": out})
+
+
+def cmd_plot(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nfe = args.nfe[0]
+    doc = _load(f"search_efficiency_{args.model}_nfe{nfe}.json")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, entry in doc.get("curves", {}).items():
+        c = entry["curve"]
+        ax.plot(np.arange(1, len(c) + 1), c, label=f"{method} ({len(c)} evals)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("true evaluations")
+    ax.set_ylabel("best so far (search split, lower is better)")
+    ax.set_title(f"{args.model}, NFE {nfe}: best-so-far vs evaluations")
+    ax.legend()
+    fig.tight_layout()
+    path = OUT / f"search_efficiency_{args.model}_nfe{nfe}.png"
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def cmd_report(args) -> None:
+    for model in args.models:
+        q = _load(f"search_quality_{model}.json")
+        if q:
+            print(f"\n### {model}: searched vs best baseline (test split, {q['metric']}; 1000-step value "
+                  f"{q['reference']:.5g})\n")
+            print("| NFE | budget | searched | best baseline | its value | excess ratio | target | met |")
+            print("|---|---|---|---|---|---|---|---|")
+            for nfe, r in sorted(q["runs"].items(), key=lambda kv: int(kv[0])):
+                target = 0.3 if int(nfe) <= 6 else 0.6
+                print(f"| {nfe} | {r['evaluations']} | {r['test_value']:.5g} | {r['best_baseline']} | "
+                      f"{r['best_baseline_test']:.5g} | {r['excess_ratio']:.3f} | <= {target} | "
+                      f"{'yes' if r['excess_ratio'] <= target else 'no'} |")
+        for f in sorted(OUT.glob(f"search_efficiency_{model}_nfe*.json")):
+            e = json.loads(f.read_text())
+            print(f"\n### {model} NFE {e['nfe']}: best-so-far (search split)\n")
+            print("| method | evaluations | best@50 | best@100 | best@200 | final | final test |")
+            print("|---|---|---|---|---|---|---|")
+            for m, c in e["curves"].items():
+                cur = c["curve"]
+                at = [f"{cur[min(n, len(cur)) - 1]:.5g}" for n in (50, 100, 200)]
+                print(f"| {m} | {len(cur)} | {' | '.join(at)} | {cur[-1]:.5g} | {c['test_value']:.5g} |")
+        for f in sorted(OUT.glob(f"search_predictors_{model}_nfe*.json")):
+            p = json.loads(f.read_text())
+            print(f"\n### {model} NFE {p['nfe']}: predictor quality on held-out random schedules\n")
+            print("| predictor | Kendall tau | top-20 recall | train | test | fit s |")
+            print("|---|---|---|---|---|---|")
+            for name, r in p["results"].items():
+                print(f"| {name} | {r['kendall_tau']:.3f} | {r['topk_recall']:.2f} | {r['n_train']} | {r['n']} | "
+                      f"{r['seconds']:.1f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["quality", "efficiency", "predictors", "plot", "report"])
+    ap.add_argument("--model", default="gmm-64d")
+    ap.add_argument("--models", nargs="*", default=["gmm-64d", "digits"])
+    ap.add_argument("--nfe", default="4,5,6,8,10", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--budget", type=int, default=200)
+    ap.add_argument("--random-budget", type=int, default=1000)
+    ap.add_argument("--metric", default=None)
+    ap.add_argument("--predictor", default="lightgbm-rank")
+    ap.add_argument("--n-samples", type=int, default=1000)
+    ap.add_argument("--n-test", type=int, default=5000)
+    ap.add_argument("--population", type=int, default=256)
+    ap.add_argument("--generations", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args()
+    {"quality": cmd_quality, "efficiency": cmd_efficiency, "predictors": cmd_predictors, "plot": cmd_plot,
+     "report": cmd_report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
