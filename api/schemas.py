@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, StrictStr, StringConstraints, JsonValue
 
 __all__ = ["METHODS", "EXPORT_FORMATS", "NfeRange", "JobCreate", "JobProgress", "JobBest", "JobLinks",
            "JobPublic", "JobList", "TrialPublic", "TrialPage", "ModelList", "BaselineList", "Options",
@@ -23,7 +23,9 @@ class NfeRange(BaseModel):
 
 
 OptionKey = Annotated[StrictStr, StringConstraints(pattern=NAME_PATTERN)]
-OptionValue = Union[StrictBool, StrictInt, StrictFloat, Annotated[StrictStr, StringConstraints(max_length=1000)], None]
+# Search options (s3search.search.context.OPTION_DEFAULTS): any JSON; the key set and values are checked by
+# the search's own validator at submission. The body size limit bounds their size.
+OptionValue = JsonValue
 
 
 class JobCreate(BaseModel):

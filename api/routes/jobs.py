@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import json
 import math
+import re
 from typing import Annotated, Any, Literal, Optional
 
 from fastapi import APIRouter, Header, Path, Query, Response
@@ -74,7 +75,32 @@ def limit_errors(body: JobCreate, settings: Settings) -> list[dict[str, Any]]:
     predictors = predictor_names()
     if predictors is not None and body.predictor not in predictors:
         errors.append(_err("predictor", f"predictor={body.predictor!r} is unknown; known: {', '.join(predictors)}"))
+    if not errors:
+        errors += search_errors(body)
     return errors
+
+
+# Options that name server-side resources (database URLs, devices, paths) are the server's to set.
+SERVER_ONLY_OPTIONS = ("evaluator", "warm_start")
+_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*)")
+
+
+def search_errors(body: JobCreate) -> list[dict[str, Any]]:
+    """The search's own validation of the config (option names and values), as field errors."""
+    for key in SERVER_ONLY_OPTIONS:
+        if key in body.options:
+            return [_err(f"options.{key}", f"options.{key} is set by the server, not by a request")]
+    try:
+        from s3search.runner import config_from_spec
+        from s3search.search.run import check_config
+    except ImportError:
+        return []
+    try:
+        check_config(config_from_spec(spec_of(body)))
+    except (ValueError, TypeError) as e:
+        m = _FIELD.match(str(e))
+        return [_err(m.group(1) if m else "options", str(e))]
+    return []
 
 
 def spec_of(body: JobCreate) -> dict[str, Any]:

@@ -90,3 +90,14 @@ def postgres_url() -> Iterator[str]:
         yield url
     finally:
         drop_postgres(url)
+
+
+# Real-process tests take about a minute per backend on this machine: the SQLite run stays in the default
+# suite, the PostgreSQL run of the same test goes to the slow (benchmark) suite.
+_SLOW_ON_POSTGRES = ("test_e2e.py", "test_faults.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.fspath.basename in _SLOW_ON_POSTGRES and "[postgres" in item.nodeid:
+            item.add_marker(pytest.mark.slow)
