@@ -111,6 +111,33 @@ def parse_results(doc: Any, source: str = "results") -> Results:
     return res
 
 
+def _from_search_bench(doc: dict[str, Any], source: str) -> dict[str, Any]:
+    """bench/search_bench.py's files in this module's format.
+
+    quality (search_quality_<model>.json): runs = {"<nfe>": {test_value, schedule, curve (best so far),
+    baselines_test: {"<name>@<grid>": value}}}; efficiency (search_efficiency_<model>_nfe<N>.json): curves =
+    {method: {curve, test_value}} for unseeded searches, labelled "<method> (unseeded)".
+    """
+    out: dict[str, Any] = {"model": doc.get("model", ""), "metric": doc.get("metric", ""), "runs": [],
+                           "baselines": []}
+    if isinstance(doc.get("runs"), dict):
+        for key, r in doc["runs"].items():
+            if not isinstance(r, dict):
+                raise ValueError(f"{source}.runs[{key!r}] must be an object")
+            nfe = r.get("nfe", int(key) if str(key).isdigit() else key)
+            out["runs"].append({"method": "s3", "nfe": nfe, "value": r.get("test_value"),
+                                "schedule": r.get("schedule"), "history": r.get("curve")})
+            for name, value in (r.get("baselines_test") or {}).items():
+                out["baselines"].append({"name": name, "nfe": nfe, "value": value})
+    if isinstance(doc.get("curves"), dict):
+        for method, c in doc["curves"].items():
+            if not isinstance(c, dict):
+                raise ValueError(f"{source}.curves[{method!r}] must be an object")
+            out["runs"].append({"method": f"{method} (unseeded)", "nfe": doc.get("nfe"), "value": c.get("test_value"),
+                                "history": c.get("curve")})
+    return out
+
+
 def load_results(path: str | Path) -> Results:
     """One results file, or every *.json results file in a directory, merged (they must share model and metric)."""
     p = Path(path)
@@ -123,8 +150,10 @@ def load_results(path: str | Path) -> Results:
             doc = json.loads(f.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{f.name} is not valid JSON: {e}") from None
-        if not isinstance(doc, dict) or ("runs" not in doc and "baselines" not in doc):
+        if not isinstance(doc, dict) or not ({"runs", "baselines", "curves"} & set(doc)):
             continue  # another file in the folder (a summary, a config)
+        if isinstance(doc.get("runs"), dict) or "curves" in doc:
+            doc = _from_search_bench(doc, f.name)
         part = parse_results(doc, f.name)
         for key in ("model", "metric"):
             mine, theirs = getattr(merged, key), getattr(part, key)
@@ -220,13 +249,30 @@ def plot_best_so_far(res: Results, out: str | Path) -> Path:
     return _save(fig, out)
 
 
-def _grid_rows(res: Results, nfe: int) -> list[tuple[str, dict[str, Any]]]:
+def _baseline_schedule(entry: BaselineEntry, process: Optional[str]) -> Optional[dict[str, Any]]:
+    """The entry's schedule, or for a "<name>@<grid>" label the baseline rebuilt on that grid (default range)."""
+    if entry.schedule is not None or process is None or "@" not in entry.name:
+        return entry.schedule
+    from . import baselines
+
+    name, _, grid = entry.name.partition("@")
+    try:
+        sched = baselines.for_nfe(name, entry.nfe, process, grid=grid)
+    except (ValueError, KeyError):
+        return None
+    return sched.to_dict() if sched.nfe == entry.nfe else None
+
+
+def _grid_rows(res: Results, nfe: int, process: Optional[str] = None,
+               max_baselines: int = 6) -> list[tuple[str, dict[str, Any]]]:
     rows = []
     best_run = min((r for r in res.runs if r.nfe == nfe and r.schedule), key=lambda r: r.value, default=None)
     if best_run is not None:
         rows.append((f"searched ({best_run.method})", best_run.schedule))
-    for b in sorted((b for b in res.baselines if b.nfe == nfe and b.schedule), key=lambda b: b.value):
-        rows.append((b.name, b.schedule))
+    for b in sorted((b for b in res.baselines if b.nfe == nfe), key=lambda b: b.value):
+        doc = _baseline_schedule(b, process) if len(rows) < max_baselines + 1 else None
+        if doc is not None:
+            rows.append((b.name, doc))
     return rows
 
 
@@ -245,7 +291,7 @@ def plot_sample_grid(res: Results, nfe: int, model: Any, out: str | Path, n: int
 
     if len(model.shape) != 3:
         raise ValueError(f"model shape {model.shape} is not an image (C, H, W); sample grids need an image model")
-    rows = _grid_rows(res, nfe)
+    rows = _grid_rows(res, nfe, model.process.name)
     if not rows:
         raise ValueError(f"no schedule at nfe={nfe} in the results")
     plt = _pyplot()

@@ -130,3 +130,37 @@ def test_cli_plots(tmp_path):
     assert (tmp_path / "figs" / "metric_vs_nfe.png").exists()
     res = runner.invoke(app, ["plots", "--results", str(tmp_path / "missing"), "--out", str(tmp_path / "f")])
     assert res.exit_code != 0
+
+
+def _search_bench_files(tmp_path):
+    """Files in the formats bench/search_bench.py writes (quality and efficiency)."""
+    ts = grids.edm(EDM, 4)
+    quality = {"model": "toy-images", "metric": "fd", "seed": 0, "reference": 0.1, "runs": {
+        "4": {"nfe": 4, "test_value": 1.1, "search_value": 1.0, "curve": [5.0, 3.0, 3.0, 1.0],
+              "schedule": baselines.get("dpmpp_2m", timesteps=ts, process="edm").to_dict(),
+              "baselines_test": {"ddim@logsnr": 4.0, "dpmpp_2m@edm": 2.0, "nonsense@nogrid": 9.0}}}}
+    efficiency = {"model": "toy-images", "nfe": 4, "curves": {
+        "s3": {"budget": 3, "curve": [4.0, 2.0, 2.0], "test_value": 2.1},
+        "random": {"budget": 3, "curve": [6.0, 6.0, 3.0], "test_value": 3.3}}, "random_pairs": []}
+    d = tmp_path / "bench"
+    d.mkdir()
+    (d / "search_quality_toy-images.json").write_text(json.dumps(quality))
+    (d / "search_efficiency_toy-images_nfe4.json").write_text(json.dumps(efficiency))
+    (d / "search_predictors_toy-images_nfe4.json").write_text(json.dumps({"model": "toy-images", "results": {}}))
+    return d
+
+
+def test_reads_search_bench_outputs(tmp_path):
+    res = plots.load_results(_search_bench_files(tmp_path))
+    methods = sorted(r.method for r in res.runs)
+    assert methods == ["random (unseeded)", "s3", "s3 (unseeded)"]
+    s3 = next(r for r in res.runs if r.method == "s3")
+    assert (s3.nfe, s3.value, s3.history) == (4, 1.1, (5.0, 3.0, 3.0, 1.0))
+    assert sorted(b.name for b in res.baselines) == ["ddim@logsnr", "dpmpp_2m@edm", "nonsense@nogrid"]
+    # Baselines are rebuilt from "<name>@<grid>" for the sample grid; unknown ones are left out.
+    rows = plots._grid_rows(res, 4, "edm")
+    assert [label for label, _ in rows] == ["searched (s3)", "dpmpp_2m@edm", "ddim@logsnr"]
+    expected = baselines.for_nfe("ddim", 4, "edm", grid="logsnr").to_dict()
+    assert rows[2][1] == expected
+    out = plots.make_all(tmp_path / "bench", tmp_path / "figs", n_samples=2, model_loader=_toy_model)
+    assert sorted(p.name for p in out) == ["best_so_far.png", "metric_vs_nfe.png", "samples_nfe4.png"]
