@@ -62,7 +62,9 @@ def plots_command(
 
 
 def register(app: typer.Typer) -> None:
-    # The service area may also define `export` (a job's schedule from the API); keep both reachable.
+    # The service area's `export` (a job's schedule from the API) hands `--schedule FILE` to export_command;
+    # register ours only where that command is absent.
     taken = {c.name or (c.callback.__name__.replace("_", "-") if c.callback else "") for c in app.registered_commands}
-    app.command("export" if "export" not in taken else "export-file")(export_command)
+    if "export" not in taken:
+        app.command("export")(export_command)
     app.command("plots")(plots_command)
