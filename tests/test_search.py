@@ -177,3 +177,30 @@ def test_bad_configs_raise_value_errors(tmp_path, change, field):
     cfg = dataclasses.replace(config(10), **change)
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         run_search(cfg, new_study(tmp_path), evaluator=GaussianEvaluator())
+
+
+def test_command_line_runs_end_to_end_with_the_local_evaluator(tmp_path):
+    """`s3search search` on the embedded defaults (SQLite file, LocalEvaluator), then resumed."""
+    from typer.testing import CliRunner
+
+    from s3search.cli import app
+
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    args = ["search", "--model", "gmm-8x4", "--nfe", "4", "--budget", "14", "--n-samples", "200",
+            "--n-test-samples", "400", "--storage", db, "--study-name", "cli", "--out", str(tmp_path / "best.json"),
+            "--options", '{"population": 32, "children": 32, "generations": 2, "batch_size": 4}']
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0, run.output
+    assert "searched (S3)" in run.output and "NFE 4 - test split" in run.output
+    table = run.output.split("NFE 4 - test split")[1]
+    assert sum(1 for line in table.splitlines() if line.endswith("x")) >= 3     # searched + baselines
+    from s3search.schedule import SolverSchedule
+
+    best = SolverSchedule.from_json((tmp_path / "best.json").read_text())
+    assert best.nfe == 4
+    study = optuna.load_study(study_name="cli", storage=db)
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.FAIL))) == 14
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and len(optuna.load_study(study_name="cli", storage=db).trials) == 14
+    bad = CliRunner().invoke(app, ["search", "--model", "gmm-8x4", "--method", "annealing", "--storage", db])
+    assert bad.exit_code != 0 and "method" in bad.output
