@@ -319,6 +319,10 @@ def _notes(schedule: Schedule, tool: str, segs: list[dict[str, Any]]) -> list[st
                          "data-prediction form)")
     if schedule.final == "none":
         notes.append("final=none: this schedule stops at sigma_N without denoising")
+    if any(s["exact"] for s in segs):
+        notes.append("exact=true means the k-diffusion / ComfyUI sampler takes the same update rule on that slice "
+                     "(stochastic samplers draw their own noise)" + ("; diffusers' schedulers of the same name "
+                     "differ in details such as lower_order_final" if tool == "diffusers" else ""))
     notes.append(f"exact: {_EXACT_ROUTE[tool]}")
     return notes
 

@@ -297,16 +297,19 @@ def plot_sample_grid(res: Results, nfe: int, model: Any, out: str | Path, n: int
     plt = _pyplot()
     seeds = sample_seeds(seed, "test", n)
     fig, axes = plt.subplots(len(rows), n, figsize=(0.9 * n + 1.6, 0.95 * len(rows) + 0.3), squeeze=False)
-    for i, (label, doc) in enumerate(rows):
+    samples = []
+    for _, doc in rows:
         sched = load_schedule(doc)
-        proc = model.process
         gens = generators_for(seeds)
         like = torch.empty((n,) + tuple(model.shape))
-        x_T = proc.sigma(sched.timesteps[0]) * randn_rows(like, gens)
-        x = sample(model.denoiser, x_T, sched, gens).detach().cpu().float()
-        lo, hi = float(x.min()), float(x.max())
+        x_T = model.process.sigma(sched.timesteps[0]) * randn_rows(like, gens)
+        samples.append(sample(model.denoiser, x_T, sched, gens).detach().cpu().float())
+    # One grey scale for every row, so a washed-out or over-contrasted sampler shows as such.
+    everything = torch.cat([x.reshape(-1) for x in samples])
+    lo, hi = (float(q) for q in torch.quantile(everything, torch.tensor([0.005, 0.995])))
+    for i, ((label, _), x) in enumerate(zip(rows, samples)):
         for j in range(n):
-            img = x[j].permute(1, 2, 0).squeeze(-1).numpy()
+            img = x[j].permute(1, 2, 0).squeeze(-1).clamp(lo, hi).numpy()
             ax = axes[i][j]
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=lo, vmax=hi, interpolation="nearest")
             ax.set_xticks([])
