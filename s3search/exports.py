@@ -106,7 +106,9 @@ class _Family:
 
 
 def _is(step: StepSpec, order: int, derivative: Optional[str] = None) -> bool:
-    return step.order == order and step.corrector == "none" and (derivative is None or step.derivative == derivative)
+    # Stock multistep samplers use the most recent points only: custom lags never match.
+    return (step.order == order and step.corrector == "none" and not step.canonical().lags
+            and (derivative is None or step.derivative == derivative))
 
 
 # Warm-up orders follow the k-diffusion code: 2M takes an order-1 first step; 3M-SDE takes order 1, then the

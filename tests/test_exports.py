@@ -134,6 +134,14 @@ def test_mixed_schedule_says_it_cannot_run_per_step():
     assert "uni_pc_bh2" in names and "euler_ancestral" not in names[:1]
 
 
+def test_custom_lags_are_never_exact():
+    steps = (S(1), S(1), S(2, "dpmpp", lags=(2,)), S(2, "dpmpp"))
+    sched = SolverSchedule("edm", grids.edm(get_process("edm"), 4), steps)
+    segs = exports.segments(sched)
+    covering = [s for s in segs if s["steps"][0] <= 2 < s["steps"][1]]
+    assert covering and covering[0]["exact"] is False
+
+
 def test_zero_x0_first_segment_is_not_exact():
     out = exports.to_k_diffusion(SCHEDULES["zero-x0"])
     assert out["segments"][0]["exact"] is False
