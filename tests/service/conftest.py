@@ -99,5 +99,5 @@ _SLOW_ON_POSTGRES = ("test_e2e.py", "test_faults.py")
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.fspath.basename in _SLOW_ON_POSTGRES and "[postgres" in item.nodeid:
+        if item.path.name in _SLOW_ON_POSTGRES and "[postgres" in item.nodeid:
             item.add_marker(pytest.mark.slow)
