@@ -143,7 +143,7 @@ def test_monte_carlo_search_lands_on_the_klub_minimiser(seed):
     cost = exact_klub_cost(c, dim)
     ref = scipy_minimiser(cost, n, EDM.t_min, EDM.t_max)
     res = ays.optimise(d_edm, sampler, n, process=EDM, n_samples=1024, n_times=16, seed=seed, max_iterations=120)
-    # Measured over seeds 0-3: at most 1.2e-2 in log sigma (Monte Carlo noise at 1024 samples); 4e-2 allowed.
+    # Measured over seeds 0-5: at most 1.5e-2 in log sigma (Monte Carlo noise at 1024 samples); 4e-2 allowed.
     np.testing.assert_allclose(np.log(res.sigmas), np.log(ref), atol=4e-2)
     assert ays.estimate_klub(cost, res.sigmas) <= ays.estimate_klub(cost, ref) * 1.002
 

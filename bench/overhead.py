@@ -1,0 +1,216 @@
+"""Integrator overhead: wall(sample) / (NFE x wall(one model evaluation)), for a small MLP at batch 1000 on CPU.
+
+    OMP_NUM_THREADS=1 python bench/overhead.py                 # the default configuration, a markdown table
+    python bench/overhead.py --hidden 512 --threads 4 --repeats 30
+    python bench/overhead.py --profile                         # where the non-model time goes (cProfile)
+
+The model evaluation is timed through the same denoiser callable the integrator calls (the eps -> x0 adapter
+included), on a loop of NFE calls, interleaved with the sampling runs so that load on a shared machine hits both alike.
+Three figures: best-of-repeats ratio (load only ever adds time, so the best runs are the least disturbed),
+the median of per-repeat ratios, and 1 + (integrator-only time, measured with a zero-cost model) / model time. A ratio of 1.00 means the
+integrator costs nothing beyond its model calls; the issue's target is <= 1.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import math
+import pstats
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from s3search import grids, processes
+from s3search.denoisers import from_eps
+from s3search.integrator import sample
+from s3search.noise import generators_for
+from s3search.schedule import SolverSchedule, StepSpec
+
+PROCESS = "vp-linear"
+
+
+# ----- the network ---------------------------------------------------------------------------------------
+class MLP(torch.nn.Module):
+    """An eps-predicting MLP with a sinusoidal time embedding (the size of a small toy / digits model)."""
+
+    def __init__(self, dim: int, hidden: int, depth: int, emb: int = 32) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(1000.0), emb // 2)))
+        layers: list[torch.nn.Module] = [torch.nn.Linear(dim + emb, hidden), torch.nn.SiLU()]
+        for _ in range(depth - 1):
+            layers += [torch.nn.Linear(hidden, hidden), torch.nn.SiLU()]
+        layers.append(torch.nn.Linear(hidden, dim))
+        self.net = torch.nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        arg = t[:, None] * self.freqs[None]
+        return self.net(torch.cat([x, arg.sin(), arg.cos()], dim=1))
+
+
+# ----- the schedules -------------------------------------------------------------------------------------
+def _multistep(n: int, order: int, **kw) -> tuple[StepSpec, ...]:
+    # Orders warm up from 1 and drop again on the last steps, as DPM-Solver++ does below 10 steps.
+    return tuple(StepSpec(order=max(1, min(order, i + 1, n - i)), **kw) for i in range(n))
+
+
+def schedules(n: int) -> dict[str, SolverSchedule]:
+    ts = grids.logsnr(processes.get(PROCESS), n)
+    unipc = list(_multistep(n, 3, derivative="bh2", corrector="unic"))
+    unipc[-1] = StepSpec(order=unipc[-1].order, derivative="bh2")  # UniPC applies no corrector on the last step
+    specs = {
+        "DDIM": tuple(StepSpec() for _ in range(n)),
+        "DPM-Solver++(3M)": _multistep(n, 3, derivative="dpmpp"),
+        "Taylor order 4 (DEIS-like)": _multistep(n, 4),
+        "UniPC-bh2 order 3 (UniC)": tuple(unipc),
+        "SDE-DPM-Solver++(2M), eta=1": _multistep(n, 2, derivative="dpmpp", eta=1.0),
+        "PECE implicit corrector, order 2": _multistep(n, 2, corrector="implicit"),
+    }
+    return {name: SolverSchedule(process=PROCESS, timesteps=ts, steps=steps, name=name)
+            for name, steps in specs.items()}
+
+
+def evaluation_times(schedule: SolverSchedule) -> list[float]:
+    """NFE model times: the network's cost does not depend on t, so the schedule's times in turn suffice."""
+    ts = schedule.timesteps
+    return [ts[i % len(ts)] for i in range(schedule.nfe)]
+
+
+# ----- timing --------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    name: str
+    noise: str
+    nfe: int
+    steps: int
+    model_ms: float          # one model call, best of the repeats
+    sample_ms: float         # one sample() run, best of the repeats
+    ratio_best: float        # best sample / best model loop
+    ratio_median: float      # median of the per-repeat (interleaved) ratios
+    free_us_per_step: float  # sample() with a model that costs nothing: pure integrator time per step
+
+    @property
+    def ratio_free(self) -> float:
+        """1 + integrator-only time / model time: the ratio with load noise on the overhead side removed."""
+        return 1.0 + self.free_us_per_step * self.steps / (1e3 * self.model_ms * self.nfe)
+
+
+class CountingDenoiser:
+    def __init__(self, fn: Callable[[torch.Tensor, float], torch.Tensor]) -> None:
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        self.calls += 1
+        return self.fn(x, t)
+
+
+CLOCK = time.perf_counter  # --clock cpu switches to time.thread_time (see main)
+
+
+def _time(fn: Callable[[], object]) -> float:
+    start = CLOCK()
+    fn()
+    return CLOCK() - start
+
+
+def _generator(noise: str, batch: int):
+    if noise == "per-row":
+        return generators_for(range(batch))
+    return torch.Generator().manual_seed(0)
+
+
+def measure(name: str, schedule: SolverSchedule, denoiser, x_T: torch.Tensor, noise: str, repeats: int) -> Row:
+    """Interleaved repeats of (sample, the same NFE model calls, sample with a free model); see the docstring."""
+    times = evaluation_times(schedule)
+    free_out = denoiser(x_T, schedule.timesteps[0])
+
+    def model_loop() -> None:
+        for t in times:
+            denoiser(x_T, t)
+
+    counting = CountingDenoiser(denoiser)
+    with torch.no_grad():
+        sample(counting, x_T, schedule, _generator(noise, x_T.shape[0]))  # warm-up, and the NFE check
+        if counting.calls != schedule.nfe:
+            raise RuntimeError(f"{name}: sample made {counting.calls} calls, schedule.nfe={schedule.nfe}")
+        samples, models, frees = [], [], []
+        for _ in range(repeats):
+            gens = [_generator(noise, x_T.shape[0]) for _ in range(2)]  # built outside the timed region
+            samples.append(_time(lambda: sample(denoiser, x_T, schedule, gens[0])))
+            models.append(_time(model_loop))
+            frees.append(_time(lambda: sample(lambda x, t: free_out, x_T, schedule, gens[1])))
+    ratios = [s / m for s, m in zip(samples, models)]
+    return Row(name, noise, schedule.nfe, schedule.num_steps, 1e3 * min(models) / schedule.nfe, 1e3 * min(samples),
+               min(samples) / min(models), statistics.median(ratios), 1e6 * min(frees) / schedule.num_steps)
+
+
+def profile(schedule: SolverSchedule, x_T: torch.Tensor, noise: str, top: int = 18) -> str:
+    """cProfile of sampling with a free model (returns x unchanged): everything left is integrator overhead."""
+    free = lambda x, t: x  # noqa: E731
+    gen = _generator(noise, x_T.shape[0])
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(20):
+        sample(free, x_T, schedule, gen)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=21)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: this thread's CPU time, which excludes time the OS gave to other processes "
+                         "(meaningful with --threads 1 only; use it on a loaded machine)")
+    ap.add_argument("--profile", action="store_true", help="also print a cProfile of the overhead per schedule")
+    args = ap.parse_args(argv)
+
+    global CLOCK
+    if args.clock == "cpu":
+        if args.threads != 1:
+            ap.error("--clock cpu needs --threads 1: other threads' work would not be counted")
+        CLOCK = time.thread_time
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    net = MLP(args.dim, args.hidden, args.depth).eval()
+    denoiser = from_eps(net, PROCESS)
+    x_T = torch.randn(args.batch, args.dim, generator=torch.Generator().manual_seed(1))
+    rows = []
+    for name, sched in schedules(args.steps).items():
+        noises = ["one generator", "per-row"] if any(s.eta > 0 for s in sched.steps) else ["-"]
+        for noise in noises:
+            rows.append(measure(name, sched, denoiser, x_T, noise, args.repeats))
+            if args.profile:
+                print(f"## profile: {name}, noise {noise}\n```\n{profile(sched, x_T, noise)}```\n", flush=True)
+
+    print(f"Integrator overhead, MLP {args.dim}-{args.hidden}x{args.depth}-{args.dim} (eps, {PROCESS}), "
+          f"batch {args.batch}, {args.steps} steps, float32, torch {torch.__version__}, "
+          f"{args.threads} thread(s), {args.repeats} interleaved repeats, {args.clock} clock.\n")
+    print("best = best sample / best model loop; median = median of per-repeat ratios; free = 1 + "
+          "(sample() with a zero-cost model) / (NFE x best model call).\n")
+    print("| schedule | noise | NFE | model ms/call | sample ms | ratio best | ratio median | ratio free | "
+          "integrator us/step |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.name} | {r.noise} | {r.nfe} | {r.model_ms:.3f} | {r.sample_ms:.2f} | {r.ratio_best:.3f} | "
+              f"{r.ratio_median:.3f} | {r.ratio_free:.3f} | {r.free_us_per_step:.0f} |")
+    worst = max(r.ratio_best for r in rows)
+    print(f"\nworst best-of ratio {worst:.3f} (target <= 1.05)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
