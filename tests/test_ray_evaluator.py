@@ -205,10 +205,10 @@ def test_adaptive_batch_size_targets_about_a_second_per_task():
     ev = RayEvaluator(RaySettings(max_in_flight=2), factory=TOY)
     ev._actors = [object(), object()]            # sizing only; nothing is sent to Ray here
     assert ev.batch_size_for(40) == 1            # nothing timed yet: one candidate per task
-    ev.stats.evaluations, ev.stats.eval_seconds = 10, 0.5      # 50 ms per evaluation -> 20 per task
+    ev.stats.recent_seconds.extend([4.0] + [0.05] * 9)   # 50 ms per evaluation after a slow first -> 20
     assert ev.batch_size_for(100) == 20
     assert ev.batch_size_for(10) == 5            # never more than an even share per actor
-    ev.stats.eval_seconds = 30.0                 # 3 s per evaluation -> one per task
+    ev.stats.recent_seconds.extend([3.0] * 32)   # 3 s per evaluation -> one per task
     assert ev.batch_size_for(100) == 1
     assert RayEvaluator(RaySettings(batch_size=7), factory=TOY).batch_size_for(100) == 7
 

@@ -162,6 +162,7 @@ class RayStats:
     eval_seconds: float = 0.0    # time inside the evaluators
     wall_seconds: float = 0.0    # time in evaluate() on the driver
     pids: set[int] = field(default_factory=set)
+    recent_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=32))   # per candidate
 
 
 class RayEvaluator:
@@ -236,9 +237,11 @@ class RayEvaluator:
         """
         if self.settings.batch_size:
             return self.settings.batch_size
-        if self.stats.evaluations == 0 or self.stats.eval_seconds <= 0:
+        recent = sorted(self.stats.recent_seconds)
+        if not recent:
             return 1
-        mean = self.stats.eval_seconds / self.stats.evaluations
+        # The median of recent candidates: the first evaluation of a model also pays for reference statistics.
+        mean = max(recent[len(recent) // 2], 1e-6)
         per_actor = math.ceil(n / max(1, len(self._actors)))
         return max(1, min(per_actor, math.ceil(TASK_TARGET_S / mean)))
 
@@ -311,6 +314,7 @@ class RayEvaluator:
                     continue
                 self.stats.eval_seconds += float(doc["seconds"])
                 self.stats.evaluations += len(job.indices)
+                self.stats.recent_seconds.extend(float(r["seconds"]) for r in doc["results"])
                 self.stats.pids.add(int(doc["pid"]))
                 for i, r in zip(job.indices, doc["results"]):
                     results[i] = r
