@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(60.0, gt=0)      # a running job whose heartbeat is older is resumed elsewhere
     poll_interval_s: float = Field(1.0, gt=0)
     max_attempts: int = Field(3, ge=1)
+    evaluator: str = Field("local", pattern="^(local|ray)$")   # where the runner evaluates candidates
+    eval_cache: bool = True                                    # reuse evaluations stored in the database
 
 
 def get_settings() -> Settings:

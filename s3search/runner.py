@@ -29,7 +29,7 @@ from studies.optuna_storage import optuna_storage
 from .evaluation.base import Evaluator
 from .search.config import Progress, SearchConfig, SearchResult
 
-__all__ = ["RunnerOptions", "Runner", "config_from_spec", "SearchFn"]
+__all__ = ["RunnerOptions", "Runner", "config_from_spec", "SearchFn", "evaluator_factory"]
 
 log = logging.getLogger("s3search.runner")
 
@@ -40,6 +40,31 @@ EvaluatorFactory = Callable[[SearchConfig], Optional[Evaluator]]
 def _default_search() -> SearchFn:
     from .search.run import run_search
     return run_search
+
+
+def evaluator_factory(kind: str, sessions: Any = None) -> EvaluatorFactory:
+    """Evaluators for the runner: "local" (in this process) or "ray" (RAY_ADDRESS, else embedded Ray), behind
+    the database's evaluation cache when `sessions` is given (the same candidate is never paid twice, across
+    jobs and runners)."""
+    if kind not in ("local", "ray"):
+        raise ValueError(f"evaluator={kind!r} must be local or ray")
+
+    def make(config: SearchConfig) -> Evaluator:
+        from .search.context import check_options
+        from .search.run import default_evaluator
+
+        options = check_options(dict(config.options))
+        if kind == "ray":
+            from .distributed import RayEvaluator
+            inner: Evaluator = RayEvaluator(factory_kwargs=options.get("evaluator") or {})
+        else:
+            inner = default_evaluator(options)
+        if sessions is None:
+            return inner
+        from studies.cache import CachedEvaluator
+        return CachedEvaluator(inner, sessions)
+
+    return make
 
 
 def config_from_spec(spec: dict[str, Any]) -> SearchConfig:
@@ -143,6 +168,18 @@ class Runner:
                 return
 
     def _search(self, job: Job, token: str, lost: threading.Event) -> None:
+        self._evaluator: Any = None
+        try:
+            self._search_inner(job, token, lost)
+        finally:
+            close = getattr(getattr(self._evaluator, "inner", self._evaluator), "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 - releasing workers must not hide the job's outcome
+                    log.exception("closing the evaluator failed")
+
+    def _search_inner(self, job: Job, token: str, lost: threading.Event) -> None:
         cancelled = threading.Event()
 
         def should_stop() -> bool:
@@ -163,10 +200,12 @@ class Runner:
             if not ok:
                 lost.set()
 
+        evaluator = None
         try:
             config = config_from_spec(job.spec)
             study = self._open_study(job, token, config)
             evaluator = self.evaluator_factory(config) if self.evaluator_factory else None
+            self._evaluator = evaluator
             search = self.search_fn or _default_search()
             result = search(config, study, evaluator=evaluator, progress=progress, should_stop=should_stop)
         except Exception as e:  # noqa: BLE001 - any failure ends the job with its reason

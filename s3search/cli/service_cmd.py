@@ -70,14 +70,17 @@ def runner(database_url: Optional[str] = _db_option(),
            max_jobs: Optional[int] = typer.Option(None, "--max-jobs", min=1),
            heartbeat: Optional[float] = typer.Option(None, "--heartbeat", help="seconds between heartbeats"),
            stale_after: Optional[float] = typer.Option(None, "--stale-after",
-                                                      help="seconds without heartbeat before a job is resumed")
+                                                      help="seconds without heartbeat before a job is resumed"),
+           evaluator: Optional[str] = typer.Option(None, "--evaluator", help="local | ray (default: $S3S_EVALUATOR, "
+                                                   "else local; ray joins $RAY_ADDRESS or starts an embedded Ray)"),
+           no_cache: bool = typer.Option(False, "--no-cache", help="do not use the database's evaluation cache")
            ) -> None:
     """Claim queued jobs from the database and run their searches. SIGTERM gives the current job back."""
     import logging
 
     from api.settings import Settings
 
-    from ..runner import Runner, RunnerOptions
+    from ..runner import Runner, RunnerOptions, evaluator_factory
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings(**({"database_url": database_url} if database_url else {}))
@@ -87,6 +90,11 @@ def runner(database_url: Optional[str] = _db_option(),
                             stale_after_s=stale_after or settings.stale_after_s,
                             poll_interval_s=settings.poll_interval_s, max_attempts=settings.max_attempts)
     r = Runner(settings.database_url, runner_id=runner_id, options=options)
+    kind = evaluator or settings.evaluator
+    try:
+        r.evaluator_factory = evaluator_factory(kind, None if no_cache or not settings.eval_cache else r.sessions)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--evaluator") from None
 
     def _stop(signum: int, _frame: Any) -> None:
         typer.echo(f"runner {r.runner_id}: signal {signum}, stopping", err=True)

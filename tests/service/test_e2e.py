@@ -50,6 +50,18 @@ def test_submit_poll_fetch_sample_and_dashboard(service):
     assert job["progress"]["evaluations"] == JOB["budget"]
     assert job["result"]["test_value"] is not None and job["result"]["baselines"]
 
+    # The runner evaluated through the database's evaluation cache: every search evaluation is stored once.
+    from sqlalchemy import func, select
+
+    from studies.db import make_engine
+    from studies.models import EvalCacheEntry
+    engine = make_engine(env["DATABASE_URL"])
+    with engine.connect() as conn:
+        cached = conn.execute(select(func.count()).select_from(EvalCacheEntry)
+                              .where(EvalCacheEntry.metric_key.like("%split=search"))).scalar_one()
+    engine.dispose()
+    assert cached == JOB["budget"]
+
     trials = client.get(f"/v1/jobs/{job_id}/trials", params={"limit": 50}).json()
     complete = [t for t in trials["items"] if t["state"] == "COMPLETE"]
     assert trials["total"] >= JOB["budget"] and len(complete) == JOB["budget"]
