@@ -166,3 +166,13 @@ def test_many_steps_reach_the_target_and_exact_prior_runs(tmp_path):
     assert fine.extras["mode_tv"] < 0.1
     exact = LocalEvaluator(cache_dir=str(tmp_path), prior="exact").evaluate([schedule("edm", 100, order=2)], req)[0]
     assert exact.ok and abs(exact.value - entropy) < 0.1
+
+
+def test_named_schedules_are_evaluated_batch_invariantly(tmp_path):
+    from s3search import baselines
+
+    sched = baselines.for_nfe("seeds_2", 9, "edm")   # a stochastic sampler outside the schedule space
+    req = EvalRequest("gmm-8x4", "mode-tv", 40, seed=3)
+    a = LocalEvaluator(cache_dir=str(tmp_path), batch_size=6).evaluate([sched], req)[0]
+    b = LocalEvaluator(cache_dir=str(tmp_path), batch_size=40).evaluate([sched], req)[0]
+    assert a.ok and a.nfe == 9 and a.value == b.value and a.extras == b.extras
