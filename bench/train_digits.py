@@ -34,9 +34,11 @@ from s3search.models.digits_features import DigitsClassifier
 P_MEAN, P_STD = -1.2, 1.2
 
 
-def _save(net: torch.nn.Module, path: Path, meta: dict[str, str]) -> str:
+def _save(net: torch.nn.Module, path: Path, meta: dict) -> str:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(path), metadata=meta)
+    # One metadata key: safetensors writes several keys in hash order, which would change the file's bytes
+    # (and its sha256) from run to run although the tensors are identical.
+    save_file(state, str(path), metadata={"s3search": json.dumps(meta, sort_keys=True)})
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -156,12 +158,12 @@ def main() -> None:
     clf, acc = train_classifier(x, y, args.seed, args.classifier_steps)
     log(f"classifier test accuracy {acc:.4f}")
     clf_sha = _save(clf, args.out / "digits_features.safetensors",
-                    {"config": json.dumps(clf.config), "test_accuracy": f"{acc:.4f}"})
+                    {"config": clf.config, "test_accuracy": round(acc, 4)})
 
     net, final_loss, sigma_data = train_denoiser(x, args.seed, args.steps, args.batch, args.lr, log)
     eval_loss = held_out_loss(net, x, sigma_data, args.seed)
     den_sha = _save(net, args.out / "digits_denoiser.safetensors",
-                    {"config": json.dumps(net.config), "sigma_data": repr(sigma_data)})
+                    {"config": net.config, "sigma_data": sigma_data})
     # Reload the float16-rounded weights so the sanity check measures what is committed.
     from s3search.models.digits import load_denoiser_net
     net, _ = load_denoiser_net(args.out / "digits_denoiser.safetensors")

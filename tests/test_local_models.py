@@ -293,6 +293,8 @@ def test_wrong_formats_give_clear_errors(tmp_path, entry_module) -> None:
     _save_unet(unet_dir, _tiny_unet(), "epsilon")
     (unet_dir / "diffusion_pytorch_model.safetensors").rename(unet_dir / "diffusion_pytorch_model.bin")
     np.save(tmp_path / "badref.npy", np.zeros((4, 3, 8, 8), dtype=np.float32))
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "config.json").write_text("{not json")
     path = _write(tmp_path, f"""
         [models.garbage]
         kind = "torchscript"
@@ -323,6 +325,9 @@ def test_wrong_formats_give_clear_errors(tmp_path, entry_module) -> None:
         kind = "entrypoint"
         path = "surely_not_a_module_c2:make"
         shape = [2]
+        [models.bad-json]
+        kind = "diffusers-unet"
+        path = "badjson"
         [models.bad-ref]
         kind = "entrypoint"
         path = "{entry_module}:make"
@@ -344,6 +349,8 @@ def test_wrong_formats_give_clear_errors(tmp_path, entry_module) -> None:
         f["wrong-return"]()
     with pytest.raises(ValueError, match=r"models\.no-module\.path: cannot import"):
         f["no-module"]()
+    with pytest.raises(ValueError, match=r"models\.bad-json\.path: .*config\.json is not valid JSON"):
+        f["bad-json"]()
     with pytest.raises(ValueError, match=r"models\.bad-ref\.reference: .*expected \[N >= 2, 1, 8, 8\]"):
         f["bad-ref"]()
 

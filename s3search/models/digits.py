@@ -118,18 +118,26 @@ def edm_denoise(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, sigma_data
     return c_skip * x + c_out * net(c_in * x, torch.log(sigma) / 4.0)
 
 
-def load_denoiser_net(path: Path = DENOISER_FILE) -> tuple[DigitsNet, dict[str, str]]:
-    """The committed network (weights stored as float16, run in float32) and its safetensors metadata."""
+def read_metadata(path: Path) -> dict:
+    """The JSON document a safetensors file written by bench/train_digits.py carries under "s3search"."""
     from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if "s3search" not in meta:
+        raise ValueError(f"{path} has no 's3search' metadata; it was not written by bench/train_digits.py")
+    return json.loads(meta["s3search"])
+
+
+def load_denoiser_net(path: Path = DENOISER_FILE) -> tuple[DigitsNet, dict]:
+    """The committed network (weights stored as float16, run in float32) and its metadata (config, sigma_data)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"digits denoiser weights not found at {path}; run bench/train_digits.py")
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-    config = json.loads(meta["config"])
-    net = DigitsNet(**config)
+    meta = read_metadata(path)
+    net = DigitsNet(**meta["config"])
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     net.load_state_dict(state)
     net.eval().requires_grad_(False)

@@ -6,7 +6,6 @@ quantises images to [0, 255]: out-of-range pixels are a sampler artefact the fea
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -38,16 +37,16 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def load_classifier(path: Path = FEATURES_FILE) -> tuple[DigitsClassifier, dict[str, str]]:
-    from safetensors import safe_open
+def load_classifier(path: Path = FEATURES_FILE) -> tuple[DigitsClassifier, dict]:
     from safetensors.torch import load_file
+
+    from .digits import read_metadata
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"digits classifier weights not found at {path}; run bench/train_digits.py")
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-    net = DigitsClassifier(**json.loads(meta["config"]))
+    meta = read_metadata(path)
+    net = DigitsClassifier(**meta["config"])
     net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     net.eval().requires_grad_(False)
     return net, meta

@@ -352,6 +352,16 @@ def _existing(entry: LocalModelEntry, field_name: str, value: str, want_dir: boo
     return p
 
 
+def _read_json(entry: LocalModelEntry, path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(entry.err("path", f"{path} is not valid JSON: {e}")) from None
+    if not isinstance(data, dict):
+        raise ValueError(entry.err("path", f"{path} must hold a JSON object"))
+    return data
+
+
 def _load_diffusers(entry: LocalModelEntry):
     from diffusers import UNet2DModel
 
@@ -360,7 +370,7 @@ def _load_diffusers(entry: LocalModelEntry):
     config_file = unet_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(entry.err("path", f"{root} holds no config.json (nor unet/config.json)"))
-    config = json.loads(config_file.read_text())
+    config = _read_json(entry, config_file)
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ValueError(entry.err("path", f"{config_file} describes a {config.get('_class_name')}; only "
                                            "UNet2DModel (unconditional or class-conditional) is supported"))
@@ -375,7 +385,7 @@ def _load_diffusers(entry: LocalModelEntry):
     for candidate in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json",
                       unet_dir / "scheduler_config.json"):
         if candidate.is_file():
-            scheduler = json.loads(candidate.read_text())
+            scheduler = _read_json(entry, candidate)
             break
     if entry.process is None and not scheduler:
         raise FileNotFoundError(entry.err("path", f"{root} holds no scheduler_config.json (nor "
