@@ -156,3 +156,27 @@ def test_to_uint8_rgb() -> None:
         fid.to_uint8_rgb(torch.zeros(2, 4, 8, 8))
     with pytest.raises(ValueError, match="data_range"):
         fid.to_uint8_rgb(torch.zeros(1, 1, 2, 2), data_range=(1.0, 1.0))
+
+
+def test_registry_entry_with_inception_features(random_inception_file, tmp_path, monkeypatch) -> None:
+    import hashlib
+
+    from s3search.models import local
+
+    (tmp_path / "c2_fid_models.py").write_text(
+        "from s3search import processes\nfrom s3search.denoisers import Denoiser\n"
+        "def make():\n    return Denoiser(fn=lambda x, t: x, process=processes.get('edm'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    np_images = (torch.rand(4, 3, 8, 8) * 255).to(torch.uint8).numpy()
+    import numpy as np
+    np.save(tmp_path / "ref.npy", np_images)
+    registry_file = tmp_path / "models.toml"
+    registry_file.write_text(f'[models.img]\nkind = "entrypoint"\npath = "c2_fid_models:make"\nshape = [3, 8, 8]\n'
+                             f'reference = "ref.npy"\nfeatures = "inception"\n'
+                             f'inception_weights = "{random_inception_file}"\n')
+    spec = local.load_registry_file(registry_file)["img"]()
+    assert spec.default_metric == "fd-features"
+    with open(random_inception_file, "rb") as f:
+        assert spec.provenance["features_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    feats = spec.features(spec.reference_sampler(2, torch.Generator().manual_seed(0)))
+    assert feats.shape == (2, 2048) and torch.isfinite(feats).all()

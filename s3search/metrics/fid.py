@@ -47,7 +47,7 @@ WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0
 FEATURE_LAYERS = ("64", "192", "768", "2048")
 
 _BUILD_LOCK = threading.Lock()
-_CACHE: dict[tuple[str, str, float], nn.Module] = {}
+_CACHE: dict[tuple[str, str, float, str], nn.Module] = {}
 
 
 def default_weights_path() -> Path:
@@ -125,12 +125,13 @@ def _weights_from(module: types.ModuleType, state: dict[str, torch.Tensor]) -> I
         module.load_state_dict_from_url = original
 
 
-def load_inception(weights_path: Optional[str | os.PathLike] = None, feature: str = "2048") -> nn.Module:
+def load_inception(weights_path: Optional[str | os.PathLike] = None, feature: str = "2048",
+                   device: str | torch.device = "cpu") -> nn.Module:
     """torchmetrics' NoTrainInceptionV3 with the local weights; output [B, int(feature)] for uint8 RGB input."""
     if str(feature) not in FEATURE_LAYERS:
         raise ValueError(f"feature={feature!r} must be one of {', '.join(FEATURE_LAYERS)}")
     path = resolve_weights_path(weights_path)
-    key = (str(path.resolve()), str(feature), path.stat().st_mtime)
+    key = (str(path.resolve()), str(feature), path.stat().st_mtime, str(device))
     with _BUILD_LOCK:
         if key not in _CACHE:
             state = _read_state_dict(path)
@@ -145,7 +146,7 @@ def load_inception(weights_path: Optional[str | os.PathLike] = None, feature: st
                 raise ValueError(f"Inception weights file {path} is not an InceptionV3 FID state dict: "
                                  f"{str(e).splitlines()[0]}") from None
             net.num_features = int(feature)  # spares torchmetrics a dummy forward pass to find it
-            _CACHE[key] = net
+            _CACHE[key] = net.to(device)
         return _CACHE[key]
 
 
@@ -168,16 +169,18 @@ class InceptionFeatures:
     """
 
     def __init__(self, weights_path: Optional[str | os.PathLike] = None,
-                 data_range: tuple[float, float] = (-1.0, 1.0), batch_size: int = 32, feature: str = "2048"):
+                 data_range: tuple[float, float] = (-1.0, 1.0), batch_size: int = 32, feature: str = "2048",
+                 device: str | torch.device = "cpu"):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be at least 1")
         self.weights_path, self.data_range, self.batch_size, self.feature = weights_path, data_range, batch_size, feature
+        self.device = torch.device(device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        net = load_inception(self.weights_path, self.feature)
+        net = load_inception(self.weights_path, self.feature, self.device)
         images = to_uint8_rgb(x, self.data_range)
         with torch.no_grad():
-            return torch.cat([net(images[i:i + self.batch_size]).float()
+            return torch.cat([net(images[i:i + self.batch_size].to(self.device)).float().cpu()
                               for i in range(0, len(images), self.batch_size)])
 
 

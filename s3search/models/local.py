@@ -517,7 +517,7 @@ def _features(entry: LocalModelEntry) -> Optional[Callable[[torch.Tensor], torch
         from ..metrics.fid import InceptionFeatures
 
         weights = str(entry.resolve(entry.inception_weights)) if entry.inception_weights else None
-        return InceptionFeatures(weights, data_range=entry.data_range)
+        return InceptionFeatures(weights, data_range=entry.data_range, device=_device(entry))
     if entry.features == "digits":
         from .digits_features import load_feature_fn
 
