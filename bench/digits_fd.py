@@ -67,7 +67,8 @@ def main() -> None:
     print(f"| sampler | grid | NFE | FD (mean ± sd over seeds {args.seeds}) | seconds per evaluation |")
     print("|---|---|---|---|---|")
     per_seed = ", ".join(f"{v:.2f}" for v in fl)
-    print(f"| real digits (floor) | - | - | {statistics.mean(fl):.3f} ± {statistics.stdev(fl) if len(fl) > 1 else 0:.3f}"
+    sd_floor = statistics.stdev(fl) if len(fl) > 1 else 0.0
+    print(f"| real digits (floor) | - | - | {statistics.mean(fl):.3f} ± {sd_floor:.3f}"
           f" (per seed {per_seed}) | - |")
     rows = [("ddim", args.long_nfe), ("ddim", 50), ("ddim", 10), ("dpmpp_2m", 10), ("unipc_bh2_2", 10),
             ("unipc_bh2_3", 10), ("dpmpp_3m", 10), ("ddim", 5), ("dpmpp_2m", 5)]

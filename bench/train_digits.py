@@ -68,7 +68,8 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int) ->
     return net, acc
 
 
-def train_denoiser(x: torch.Tensor, seed: int, steps: int, batch: int, lr: float, log) -> tuple[DigitsNet, float, float]:
+def train_denoiser(x: torch.Tensor, seed: int, steps: int, batch: int, lr: float,
+                   log) -> tuple[DigitsNet, float, float]:
     torch.manual_seed(seed)
     sigma_data = float(x.std())
     net = DigitsNet()

@@ -173,7 +173,8 @@ class InceptionFeatures:
                  device: str | torch.device = "cpu"):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be at least 1")
-        self.weights_path, self.data_range, self.batch_size, self.feature = weights_path, data_range, batch_size, feature
+        self.weights_path, self.data_range = weights_path, data_range
+        self.batch_size, self.feature = batch_size, feature
         self.device = torch.device(device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
