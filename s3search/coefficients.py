@@ -20,16 +20,20 @@ import numpy as np
 __all__ = ["kernel_moments", "taylor_weights", "dpmpp_weights", "unipc_weights", "step_weights"]
 
 
+_SERIES_TERMS = 40
+_INV_FACTORIAL = np.array([1.0 / math.factorial(j) for j in range(_SERIES_TERMS + 8)])
+
+
 def kernel_moments(omega: float, n: int) -> np.ndarray:
     """K_k = omega * int_0^1 exp(-omega (1 - u)) u^k du for k = 0 .. n-1."""
     moments = np.empty(n)
     if abs(omega) < 1.0:
-        # Series in omega: the recurrence below loses digits when |omega| is small.
-        for k in range(n):
-            factor = math.factorial(k)
-            total = sum((-omega) ** m * factor / math.factorial(m + k + 1) for m in range(40))
-            moments[k] = omega * total
-        return moments
+        # Series K_k = omega k! sum_m (-omega)^m / (m + k + 1)!: the recurrence below loses digits for small
+        # |omega|. One matrix product, since a Python loop here costs a visible share of a small model's call.
+        powers = (-omega) ** np.arange(_SERIES_TERMS, dtype=np.float64)
+        index = np.arange(_SERIES_TERMS)[None, :] + np.arange(n)[:, None] + 1
+        factorials = np.array([math.factorial(k) for k in range(n)], dtype=np.float64)
+        return omega * factorials * (_INV_FACTORIAL[index] @ powers)
     moments[0] = -math.expm1(-omega)
     # Integration by parts: omega I_k = 1 - k I_{k-1}, with K_k = omega I_k.
     for k in range(1, n):

@@ -83,11 +83,13 @@ def _solve_step(x: torch.Tensor, s: float, t: float, step: StepSpec, points: lis
         noise_std = sigma_t * math.sqrt(eta * math.expm1(2.0 * h))
     nodes = [(p.lam - lam_s) / h for p in points]
     weights = step_weights(step.derivative, omega, nodes, corrector=len(points) > step.order)
+    # One new batch-sized tensor per step, accumulated in place: on CPU each out-of-place add allocates (and
+    # page-faults) a fresh buffer, which costs more than the add itself.
     out = x * decay
     for w, p in zip(weights.tolist(), points):
-        out = out.add(p.value(step.prediction), alpha=pref * w)
+        out.add_(p.value(step.prediction), alpha=pref * w)
     if z is not None and noise_std > 0.0:
-        out = out.add(z, alpha=noise_std)
+        out.add_(z, alpha=noise_std)
     return out
 
 
