@@ -136,6 +136,18 @@ def test_hung_evaluation_times_out_as_an_error_result(ray_session):
     assert not res[0].ok and "timed out" in res[0].error and res[0].value == math.inf
 
 
+def test_bad_factories_and_impossible_resources_are_reported(ray_session):
+    with pytest.raises(ValueError, match="factory"):
+        RayEvaluator(factory="s3search.distributed.toy:NoSuchThing")
+    with pytest.raises(ValueError, match="gpus_per_eval"):
+        RayEvaluator(RaySettings(gpus_per_eval=1), factory=TOY).start()
+    # An evaluator whose constructor raises inside the worker: every candidate fails with the reason.
+    with RayEvaluator(RaySettings(max_in_flight=1, max_retries=0), factory=TOY,
+                      factory_kwargs={"sleep_s": -1.0}) as ev:
+        res = ev.evaluate([schedule(0)], REQUEST)
+    assert not res[0].ok and "sleep_s=-1.0 must be" in res[0].error
+
+
 @pytest.mark.slow   # four worker restarts: ~15 s on a busy 2-core machine
 def test_candidate_that_always_kills_its_worker_fails_alone(ray_session, tmp_path):
     # A worker killed on every attempt at c1: c1 ends as an error, its batch-mate still scores. max_retries=0

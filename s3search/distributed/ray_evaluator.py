@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from ..evaluation.base import EvalRequest, EvalResult
 from ..schedule import SolverSchedule
-from .settings import RaySettings
+from .settings import ENV_PREFIX, RaySettings
 
 __all__ = ["RayEvaluator", "EvalActorCore", "DEFAULT_FACTORY", "load_factory", "ensure_ray"]
 
@@ -77,6 +78,16 @@ def _result_to_dict(result: EvalResult) -> dict[str, Any]:
 def _error_dict(schedule: Any, error: str, seconds: float = 0.0) -> dict[str, Any]:
     return asdict(EvalResult(schedule_hash=schedule.canonical_hash(), value=math.inf, nfe=schedule.nfe,
                              seconds=seconds, error=error))
+
+
+def _short(error: BaseException, limit: int = 400) -> str:
+    """The exception's type and the start of its message (Ray's messages carry whole tracebacks)."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if ln.strip()]
+    if not lines:
+        return type(error).__name__
+    # The first line says what happened; the last one carries the original exception's message.
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def _safe_hash(schedule: Any) -> str:
@@ -171,6 +182,7 @@ class RayEvaluator:
     def __init__(self, settings: Optional[RaySettings] = None, factory: str = DEFAULT_FACTORY,
                  factory_kwargs: Optional[Mapping[str, Any]] = None) -> None:
         self.settings = settings or RaySettings.from_env()
+        load_factory(factory)      # a bad path fails here, not inside every worker
         self.factory = factory
         self.factory_kwargs_json = json.dumps(dict(factory_kwargs or {}))   # also checks they are JSON-able
         self.stats = RayStats()
@@ -195,7 +207,14 @@ class RayEvaluator:
 
         if not self._actors:
             ensure_ray(self.settings)
-            n = self.settings.actors_for(ray.cluster_resources())
+            resources = ray.cluster_resources()
+            # An actor the cluster can never place would wait forever: say so now instead.
+            for key, need, name in (("CPU", self.settings.cpus_per_eval, "cpus_per_eval"),
+                                    ("GPU", self.settings.gpus_per_eval, "gpus_per_eval")):
+                if need > resources.get(key, 0):
+                    raise ValueError(f"{name}={need:g} but the Ray cluster has {resources.get(key, 0):g} {key}s "
+                                     f"(set {ENV_PREFIX}{name.upper()} or add nodes with `s3search worker`)")
+            n = self.settings.actors_for(resources)
             self._actors = [self._make_actor() for _ in range(n)]
         return self
 
@@ -309,7 +328,7 @@ class RayEvaluator:
                     idle.append(job.actor)
                     continue
                 except RayError as e:
-                    give_up(job, f"worker lost after {self.settings.max_retries} retries: {type(e).__name__}")
+                    give_up(job, f"worker lost or could not start after {self.settings.max_retries} retries: {_short(e)}")
                     idle.append(job.actor)
                     continue
                 self.stats.eval_seconds += float(doc["seconds"])
