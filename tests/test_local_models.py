@@ -380,3 +380,40 @@ def test_process_view_is_exact_at_equal_logsnr() -> None:
     t_src = seen[0]
     assert src.sigma_ve(t_src) == pytest.approx(sigma, rel=1e-10)
     torch.testing.assert_close(out, torch.full((1, 2), src.alpha(t_src), dtype=torch.float32))
+
+
+# ----- the `s3search models` command (registered by the lead in s3search/cli/__init__.py) ---------------------
+def test_models_cli_lists_and_checks_registry_models(tmp_path, entry_module, monkeypatch) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from s3search.cli import models_cmd
+
+    app = typer.Typer()
+    models_cmd.register(app)
+    path = _write(tmp_path, f"""
+        [models.ok]
+        kind = "entrypoint"
+        path = "{entry_module}:make"
+        shape = [2]
+        [models.broken]
+        kind = "torchscript"
+        path = "missing.pt"
+        process = "edm"
+        prediction_type = "eps"
+        shape = [2]
+    """)
+    monkeypatch.setenv(registry.ENV_REGISTRY, str(path))
+    registry.clear_cache()
+    try:
+        runner = CliRunner()
+        listed = runner.invoke(app, ["models", "list", "--json"])
+        assert listed.exit_code == 0, listed.output
+        rows = {r["name"]: r["source"] for r in json.loads(listed.output)}
+        assert rows["ok"] == "registry file" and rows["broken"] == "registry file"
+        good = runner.invoke(app, ["models", "check", "ok"])
+        assert good.exit_code == 0 and json.loads(good.output)["shape"] == [2]
+        bad = runner.invoke(app, ["models", "check", "ok", "broken"])
+        assert bad.exit_code == 1 and "missing.pt does not exist" in bad.output
+    finally:
+        registry.clear_cache()
