@@ -297,7 +297,8 @@ class RayEvaluator:
         def submit(indices: list[int], isolated: bool) -> None:
             a = idle.pop()
             ref = self._actors[a].evaluate_json.remote([texts[i] for i in indices], request_json)
-            pending[ref] = _Job(indices, a, isolated, time.monotonic() + timeout * len(indices) if timeout else math.inf)
+            deadline = time.monotonic() + timeout * len(indices) if timeout else math.inf
+            pending[ref] = _Job(indices, a, isolated, deadline)
             self.stats.batches += 1
 
         def give_up(job: _Job, why: str) -> None:
@@ -328,7 +329,8 @@ class RayEvaluator:
                     idle.append(job.actor)
                     continue
                 except RayError as e:
-                    give_up(job, f"worker lost or could not start after {self.settings.max_retries} retries: {_short(e)}")
+                    retries = self.settings.max_retries
+                    give_up(job, f"worker lost or could not start after {retries} retries: {_short(e)}")
                     idle.append(job.actor)
                     continue
                 self.stats.eval_seconds += float(doc["seconds"])
