@@ -29,7 +29,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "population": 256,              # candidates kept by the predictor-scored evolution
     "children": 256,                # children per evolution generation
     "generations": 12,              # predictor-scored generations per true-evaluation round
-    "explore": 0.2,                 # share of each batch drawn from the predicted top 20% at random
+    "explore": 0.3,                 # share of each batch from the freely evolved population (the rest: the
+                                    # predicted best neighbours of the best evaluated schedules)
     "predictor_params": {},         # passed to predictors.get
     "warm_start": None,             # {"storage": url (default: the study's), "studies": [names]}
     "evaluator": {},                # LocalEvaluator keyword arguments when run_search builds one

@@ -20,7 +20,7 @@ from ..space import SearchSpace
 from .context import SearchContext
 from .study import Candidate, chash
 
-__all__ = ["run_s3", "evolve", "fit_predictor", "seed_random"]
+__all__ = ["run_s3", "evolve", "local_pool", "fit_predictor", "seed_random"]
 
 
 def seed_random(ctx: SearchContext, nfe: int, n: int) -> None:
@@ -119,16 +119,48 @@ def evolve(space: SearchSpace, predictor: predictors.Predictor, elites: Sequence
     return [(s, float(v)) for k, s, v in zip(keys, scheds, scores) if k not in exclude]
 
 
-def _choose(ranked: list[tuple[SolverSchedule, float]], k: int, explore: float,
-            rng: np.random.Generator) -> list[tuple[SolverSchedule, float]]:
-    """The predicted top (k - e) plus e picked at random from the rest of the predicted top 20%."""
-    n_explore = int(round(explore * k)) if len(ranked) > 2 * k else 0
-    head = ranked[: k - n_explore]
-    rest = ranked[k - n_explore: max(k, len(ranked) // 5)]
-    if n_explore and rest:
-        idx = rng.choice(len(rest), size=min(n_explore, len(rest)), replace=False)
-        head += [rest[i] for i in sorted(idx)]
-    return head
+def local_pool(space: SearchSpace, predictor: predictors.Predictor, elites: Sequence[SolverSchedule],
+               rng: np.random.Generator, size: int, exclude: set[str]) -> list[tuple[SolverSchedule, float]]:
+    """One- and two-change neighbours of the best evaluated schedules (rank-weighted), and crossovers between
+    them, scored by the predictor: the predictor is most reliable next to points it was trained on."""
+    if not elites:
+        return []
+    w = 1.0 / (1.0 + np.arange(len(elites)))
+    w /= w.sum()
+    pool: dict[str, SolverSchedule] = {}
+    for _ in range(size):
+        a = elites[int(rng.choice(len(elites), p=w))]
+        if len(elites) > 1 and rng.random() < 0.25:
+            child = space.crossover(a, elites[int(rng.choice(len(elites), p=w))], rng)
+        else:
+            child = space.mutate(a, rng, n_changes=1 if rng.random() < 0.6 else 2)
+        h = chash(child)
+        if h not in exclude:
+            pool.setdefault(h, child)
+    scheds = list(pool.values())
+    scores = predictor.predict(scheds) if scheds else np.zeros(0)
+    order = np.argsort(scores, kind="stable")
+    return [(scheds[i], float(scores[i])) for i in order]
+
+
+def _choose(local: list[tuple[SolverSchedule, float]], ranked: list[tuple[SolverSchedule, float]], k: int,
+            explore: float) -> list[tuple[SolverSchedule, float]]:
+    """The predicted best (k - e) neighbours of the elites plus the e best of the freely evolved population."""
+    n_global = int(round(explore * k)) if local else k
+    picks: dict[str, tuple[SolverSchedule, float]] = {}
+    for source, n in ((ranked, n_global), (local, k)):
+        for s, p in source:
+            if len(picks) >= k or n <= 0:
+                break
+            h = chash(s)
+            if h not in picks:
+                picks[h] = (s, p)
+                n -= 1
+    for s, p in ranked:                      # too few neighbours: fill up from the evolved population
+        if len(picks) >= k:
+            break
+        picks.setdefault(chash(s), (s, p))
+    return list(picks.values())
 
 
 def run_s3(ctx: SearchContext, nfe: int) -> None:
@@ -147,11 +179,12 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
         elites = [e.schedule for e in sorted(ctx.ledger.done.values(), key=lambda e: e.value)
                   if e.nfe == nfe and e.ok and isinstance(e.schedule, SolverSchedule)
                   and ctx.space.contains(e.schedule)][:16]
+        exclude = set(ctx.ledger.done)
         ranked = evolve(ctx.space, predictor, elites, nfe, ctx.rng, population=int(o["population"]),
-                        children=int(o["children"]), generations=int(o["generations"]),
-                        exclude=set(ctx.ledger.done))
+                        children=int(o["children"]), generations=int(o["generations"]), exclude=exclude)
+        local = local_pool(ctx.space, predictor, elites[:8], ctx.rng, 2 * int(o["children"]), exclude)
         k = min(int(o["batch_size"]), ctx.remaining(nfe))
-        picks = _choose(ranked, k, float(o["explore"]), ctx.rng)
+        picks = _choose(local, ranked, k, float(o["explore"]))
         generation += 1
         cands = [Candidate(s, source="s3", predicted=p, generation=generation) for s, p in picks]
         done = ctx.evaluate(cands, nfe)
