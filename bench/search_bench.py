@@ -94,13 +94,16 @@ def cmd_quality(args) -> None:
     key = f"search_quality_{args.model}.json"
     doc = _load(key)
     metric = args.metric or registry.get(args.model).default_metric
+    if args.reference is not None:
+        doc["reference"] = args.reference
     if "reference" not in doc:
         t = time.perf_counter()
         doc["reference"] = reference_value(args.model, metric, args.n_test, args.seed)
         print(f"1000-step value: {doc['reference']:.6g} ({time.perf_counter() - t:.0f}s)", flush=True)
+    _save(key, {**doc, "model": args.model, "metric": metric, "seed": args.seed})
     doc.setdefault("runs", {})
     for nfe in args.nfe:
-        if str(nfe) in doc["runs"] and not args.force:
+        if str(nfe) in doc["runs"] and not (args.force or nfe in args.redo):
             continue
         t = time.perf_counter()
         study = optuna.create_study(direction="minimize")
@@ -127,6 +130,8 @@ def cmd_efficiency(args) -> None:
     doc.setdefault("curves", {})
     plan = [("s3", args.budget), ("tpe", args.budget), ("cmaes", args.budget), ("random", args.random_budget)]
     for method, budget in plan:
+        if args.methods and method not in args.methods:
+            continue
         if method in doc["curves"] and not args.force:
             continue
         t = time.perf_counter()
@@ -238,7 +243,12 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=12)
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--force", action="store_true", help="rerun what is already stored")
+    ap.add_argument("--reference", type=float, default=None,
+                    help="quality: a 1000-step value measured earlier at the same --n-test and --seed")
+    ap.add_argument("--methods", nargs="*", default=None, help="efficiency: only these methods")
+    ap.add_argument("--redo", default="", type=lambda s: [int(x) for x in s.split(",") if x],
+                    help="quality: rerun these NFE")
     args = ap.parse_args()
     {"quality": cmd_quality, "efficiency": cmd_efficiency, "predictors": cmd_predictors, "plot": cmd_plot,
      "report": cmd_report}[args.command](args)
