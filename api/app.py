@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from studies.db import make_engine, make_session_factory
 from studies.migrate import upgrade
 
+from .deps import KeyCache
 from .errors import install_error_handlers
 from .routes import catalog, health, jobs
 from .settings import Settings
@@ -31,6 +32,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessions = make_session_factory(engine)
     app.state.optuna_storage = None
+    app.state.key_cache = KeyCache(settings.key_cache_ttl_s)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)

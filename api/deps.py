@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Optional
 
 from fastapi import Depends, Header, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from optuna.storages import RDBStorage
 from sqlalchemy.orm import Session
 
@@ -15,19 +18,24 @@ from studies.optuna_storage import optuna_storage
 
 from .settings import Settings
 
-__all__ = ["SettingsDep", "SessionDep", "OwnerDep", "StorageDep", "API_KEY_HEADER"]
+__all__ = ["SettingsDep", "SessionDep", "OwnerDep", "StorageDep", "API_KEY_HEADER", "KeyCache"]
 
 API_KEY_HEADER = "X-API-Key"
 _storage_lock = threading.Lock()
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies that do no I/O are `async def`: FastAPI runs sync dependencies in the thread pool, one hop each,
+# which costs more than the work itself here. Creating a Session does no I/O (it connects on first use).
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessions() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    session = request.app.state.sessions()
+    try:
         yield session
+    finally:
+        await run_in_threadpool(session.close)
 
 
 def get_storage(request: Request) -> RDBStorage:
@@ -45,13 +53,54 @@ SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[RDBStorage, Depends(get_storage)]
 
 
-def get_owner(session: SessionDep,
+class KeyCache:
+    """Owners of recently verified keys, for `ttl_s` seconds: a revoked key stops working within that time.
+
+    Entries are keyed by SHA-256 of the key, so the process never keeps a key it was sent in memory."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000):
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _id(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def get(self, key: str) -> Optional[str]:
+        if self.ttl_s <= 0:
+            return None
+        hit = self._entries.get(self._id(key))
+        if hit is None or hit[1] < time.monotonic():
+            return None
+        return hit[0]
+
+    def put(self, key: str, owner: str) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[self._id(key)] = (owner, time.monotonic() + self.ttl_s)
+
+
+async def get_owner(request: Request, session: SessionDep,
               x_api_key: Annotated[Optional[str], Header(alias=API_KEY_HEADER, include_in_schema=True)] = None,
               authorization: Annotated[Optional[str], Header(include_in_schema=False)] = None) -> str:
     key = x_api_key
     if key is None and authorization and authorization.lower().startswith("bearer "):
         key = authorization[7:].strip()
-    row = verify_key(session, key) if key else None
+    if not key:
+        row = None
+    else:
+        cache: KeyCache = request.app.state.key_cache
+        owner = cache.get(key)
+        if owner is not None:
+            return owner
+        row = await run_in_threadpool(verify_key, session, key)
+        if row is not None:
+            cache.put(key, row.owner)
     if row is None:
         raise HTTPException(401, detail=f"a valid API key is required in the {API_KEY_HEADER} header",
                             headers={"WWW-Authenticate": f'ApiKey header="{API_KEY_HEADER}"'})

@@ -21,6 +21,8 @@ class Settings(BaseSettings):
                                                                               "S3S_MODEL_REGISTRY"))
     dashboard_url: str = "http://127.0.0.1:8080"
     migrate_on_start: bool = True
+    # Verified API keys are remembered this long (seconds): a revoked key works at most this much longer.
+    key_cache_ttl_s: float = Field(5.0, ge=0)
 
     # Limits on what a job may ask for.
     min_nfe: int = Field(2, ge=1)

@@ -21,7 +21,7 @@ from .db import utcnow
 from .models import FINAL_STATUSES, JOB_STATUSES, Job
 
 __all__ = ["IdempotencyConflict", "HeartbeatState", "study_name_for", "create_job", "get_job", "list_jobs",
-           "count_jobs", "claim_next", "heartbeat", "cancel_requested", "record_progress", "set_study_id", "finish", "release", "request_cancel"]
+           "count_jobs", "count_active", "claim_next", "heartbeat", "cancel_requested", "record_progress", "set_study_id", "finish", "release", "request_cancel"]
 
 
 class IdempotencyConflict(Exception):
@@ -109,6 +109,14 @@ def list_jobs(session: Session, *, owner: Optional[str] = None, status: Optional
 
 def count_jobs(session: Session, *, owner: Optional[str] = None, status: Optional[str] = None) -> int:
     n = int(session.scalar(select(func.count()).select_from(Job).where(*_list_filter(owner, status))) or 0)
+    session.commit()
+    return n
+
+
+def count_active(session: Session, owner: str) -> int:
+    """Queued and running jobs of `owner` (for the per-owner limit)."""
+    n = int(session.scalar(select(func.count()).select_from(Job).where(
+        Job.owner == owner, Job.status.in_(("queued", "running")))) or 0)
     session.commit()
     return n
 

@@ -160,8 +160,7 @@ def submit_job(body: JobCreate, owner: OwnerDep, session: SessionDep, settings: 
         return JSONResponse({"detail": f"model={body.model!r} is unknown; known models: {', '.join(known)}",
                              "errors": [_err("model", "unknown model")], "known": known}, status_code=404)
     spec = spec_of(body)
-    if idempotency_key is None and repo.count_jobs(session, owner=owner, status="queued") + repo.count_jobs(
-            session, owner=owner, status="running") >= settings.max_active_jobs_per_owner:
+    if idempotency_key is None and repo.count_active(session, owner) >= settings.max_active_jobs_per_owner:
         return JSONResponse({"detail": f"at most {settings.max_active_jobs_per_owner} active jobs per owner"},
                             status_code=429)
     try:

@@ -129,3 +129,26 @@ def test_trials_and_schedule_after_a_run(app, client, keys, db_url):
     other = client.get(f"/v1/jobs/{job_id}/schedule?format=comfyui", headers=h(keys["alice"]))
     assert other.status_code in (200, 501)           # 501 until s3search.exports is installed
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=h(keys["alice"])).status_code == 409
+
+
+def test_revoked_key_stops_working_once_the_cache_expires(db_url):
+    from studies.keys import revoke_key
+
+    app = create_app(Settings(database_url=db_url, key_cache_ttl_s=0.5))
+    with app.state.sessions() as s:
+        row, key = create_key(s, "carol")
+    with TestClient(app) as client:
+        assert client.get("/v1/jobs", headers=h(key)).status_code == 200
+        with app.state.sessions() as s:
+            assert revoke_key(s, row.id)
+        import time
+        time.sleep(0.6)
+        assert client.get("/v1/jobs", headers=h(key)).status_code == 401
+    nocache = create_app(Settings(database_url=db_url, key_cache_ttl_s=0))
+    with app.state.sessions() as s:
+        row2, key2 = create_key(s, "carol")
+    with TestClient(nocache) as client:
+        assert client.get("/v1/jobs", headers=h(key2)).status_code == 200
+        with nocache.state.sessions() as s:
+            revoke_key(s, row2.id)
+        assert client.get("/v1/jobs", headers=h(key2)).status_code == 401
