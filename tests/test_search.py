@@ -204,3 +204,15 @@ def test_command_line_runs_end_to_end_with_the_local_evaluator(tmp_path):
     assert again.exit_code == 0 and len(optuna.load_study(study_name="cli", storage=db).trials) == 14
     bad = CliRunner().invoke(app, ["search", "--model", "gmm-8x4", "--method", "annealing", "--storage", db])
     assert bad.exit_code != 0 and "method" in bad.output
+
+
+def test_warm_start_feeds_earlier_studies_to_the_predictor(tmp_path):
+    ev = GaussianEvaluator()
+    db = f"sqlite:///{tmp_path / 'w.db'}"
+    old = optuna.create_study(study_name="old", storage=db)
+    run_search(config(12, "random", seed_baselines=False), old, evaluator=ev)
+    new = optuna.create_study(study_name="new", storage=db)
+    result = run_search(config(20, warm_start={"studies": ["old"]}), new, evaluator=ev)
+    n_old = len(old.get_trials(states=(TrialState.COMPLETE,)))
+    assert new.user_attrs["warm_start_pairs"] == n_old > 0
+    assert result.evaluations == 20 and len(new.get_trials(states=(TrialState.COMPLETE, TrialState.FAIL))) == 20

@@ -122,6 +122,7 @@ def _load_warm(ctx: SearchContext, study: optuna.Study) -> None:
     pairs = load_pairs(storage, names, model=ctx.config.model)
     # Group ids >= 10_000 mark outside pairs: compared only among themselves (same study, same NFE).
     ctx.warm_pairs = [(p.schedule, p.value, 10_000 * (1 + names.index(p.study)) + p.schedule.nfe) for p in pairs]
+    study.set_user_attr("warm_start_pairs", len(ctx.warm_pairs))
 
 
 def _test_scores(ctx: SearchContext, study: optuna.Study, nfe: int, best: AnySchedule,
