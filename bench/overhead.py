@@ -1,14 +1,17 @@
 """Integrator overhead: wall(sample) / (NFE x wall(one model evaluation)), for a small MLP at batch 1000 on CPU.
 
     OMP_NUM_THREADS=1 python bench/overhead.py                 # the default configuration, a markdown table
-    python bench/overhead.py --hidden 512 --threads 4 --repeats 30
+    OMP_NUM_THREADS=1 python bench/overhead.py --clock cpu     # on a loaded machine: this thread's CPU time
+    python bench/overhead.py --hidden 512 --depth 4 --repeats 30
     python bench/overhead.py --profile                         # where the non-model time goes (cProfile)
 
 The model evaluation is timed through the same denoiser callable the integrator calls (the eps -> x0 adapter
-included), on a loop of NFE calls, interleaved with the sampling runs so that load on a shared machine hits both alike.
-Three figures: best-of-repeats ratio (load only ever adds time, so the best runs are the least disturbed),
-the median of per-repeat ratios, and 1 + (integrator-only time, measured with a zero-cost model) / model time. A ratio of 1.00 means the
-integrator costs nothing beyond its model calls; the issue's target is <= 1.05.
+included), on a loop of NFE calls, interleaved with the sampling runs so that load on a shared machine hits
+both alike. Three figures: the best-of-repeats ratio (load only ever adds time, so the best runs are the least
+disturbed), the median of the per-repeat ratios, and "free" = 1 + (sample() with a zero-cost model) / (NFE x
+model time), which isolates the integrator's own work from load and cache interference. A ratio of 1.00 means
+the integrator costs nothing beyond its model calls; the issue's target is <= 1.05. The network is untrained
+(random weights): only its cost matters here.
 """
 
 from __future__ import annotations

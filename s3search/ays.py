@@ -124,8 +124,9 @@ class KLUBObjective:
         x0 = self.data_sampler(self.n_samples, gen)
         if x0.shape[0] != self.n_samples:
             raise ValueError(f"data_sampler returned {x0.shape[0]} rows for n={self.n_samples}")
-        eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
-        eps_up = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
+        # Noise is drawn on the CPU generator and moved, so a seed means the same draws on every device.
+        eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
+        eps_up = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
         offsets = torch.rand(self.n_times, generator=gen, dtype=torch.float64).numpy()
         strata = (np.arange(self.n_times) + offsets) / self.n_times
         return x0, eps, eps_up, strata
@@ -137,13 +138,14 @@ class KLUBObjective:
         groups = np.array_split(np.arange(self.n_samples), self.n_times)
         sig_rows = np.concatenate([np.full(len(g), s) for g, s in zip(groups, sig_k)])
         col = (-1,) + (1,) * (x0.dim() - 1)
-        x_t = x0 + torch.as_tensor(sig_rows, dtype=x0.dtype).view(col) * eps
+        x_t = x0 + torch.as_tensor(sig_rows, dtype=x0.dtype, device=x0.device).view(col) * eps
         # Phase 2: the denoiser at each sampled sigma (one call per stratum) and at the interval's top.
         d_t = torch.cat([self.denoise_ve(x_t[g[0]:g[-1] + 1], float(s)) for g, s in zip(groups, sig_k)])
         lift = np.sqrt(np.maximum(up * up - sig_rows * sig_rows, 0.0))
-        d_up = self.denoise_ve(x_t + torch.as_tensor(lift, dtype=x0.dtype).view(col) * eps_up, up)
+        lift_t = torch.as_tensor(lift, dtype=x0.dtype, device=x0.device).view(col)
+        d_up = self.denoise_ve(x_t + lift_t * eps_up, up)
         # Phase 3: importance weights ||dD||^2 / g(sigma), times pi's normaliser.
-        sq = (d_t - d_up).pow(2).flatten(1).sum(1).to(torch.float64).numpy()
+        sq = (d_t - d_up).pow(2).flatten(1).sum(1).to(device="cpu", dtype=torch.float64).numpy()
         z = float(importance_antiderivative(up, up, self.c) - importance_antiderivative(lo, up, self.c))
         return z * float(np.mean(sq / _importance_g(sig_rows, up, self.c)))
 
@@ -325,6 +327,8 @@ def optimise(denoiser: DenoiserFn, data_sampler: DataSampler, n: int = 10, *,
         ts = tuple(float(t) for t in init)
         if len(ts) != n + 1:
             raise ValueError(f"init has {len(ts)} times; n={n} steps need {n + 1}")
+        for i, t in enumerate(ts):
+            proc.check_time(t, f"init[{i}]")
     sig = tuple(proc.sigma_ve(t) for t in ts)
     objective = cost if cost is not None else KLUBObjective(denoiser, proc, data_sampler, n_samples, n_times, c)
     opts = dict(seed=seed, candidates=candidates, window=window, min_window=min_window, decay=decay,

@@ -208,7 +208,8 @@ def test_subdivision_keeps_points_and_optimises_only_new_ones():
     # For this separable cost the refined points are optimal given their neighbours: equal angle halves.
     theta = np.arctan(np.array(res.sigmas) / 0.5)
     np.testing.assert_allclose(theta[1::2], (theta[:-1:2] + theta[2::2]) / 2, atol=3e-3)
-    assert res.grid(12) == res.timesteps and res.grid(6) == pytest.approx(grids.from_sigmas(EDM, res.stages[1].sigmas), rel=1e-12)
+    assert res.grid(12) == res.timesteps
+    assert res.grid(6) == pytest.approx(grids.from_sigmas(EDM, res.stages[1].sigmas), rel=1e-12)
     assert len(res.grid(7)) == 8
 
 
