@@ -329,3 +329,15 @@ def test_interrupted_search_resumes_without_re_evaluating(ray_session, tmp_path)
     assert starts[:len(first)] == first
     assert len(starts) == len(set(starts)) == cfg.budget, "no stored trial evaluated again"
     assert sorted(starts) == sorted(t.user_attrs["schedule_hash"] for t in done)
+
+
+def test_gpu_settings_put_the_local_evaluator_on_cuda():
+    import json
+
+    gpu = RayEvaluator(RaySettings(gpus_per_eval=1), factory=LOCAL)
+    assert json.loads(gpu.factory_kwargs_json) == {"device": "cuda"}
+    assert json.loads(RayEvaluator(RaySettings(), factory=LOCAL).factory_kwargs_json) == {}
+    assert json.loads(RayEvaluator(RaySettings(gpus_per_eval=1), factory=LOCAL,
+                                   factory_kwargs={"device": "cuda:0"}).factory_kwargs_json) == {"device": "cuda:0"}
+    # The toy evaluator takes no device: nothing is added.
+    assert json.loads(RayEvaluator(RaySettings(gpus_per_eval=1), factory=TOY).factory_kwargs_json) == {}

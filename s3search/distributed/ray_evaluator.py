@@ -16,6 +16,7 @@ keyword arguments, never an object from a request.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 import re
@@ -78,6 +79,13 @@ def _result_to_dict(result: EvalResult) -> dict[str, Any]:
 def _error_dict(schedule: Any, error: str, seconds: float = 0.0) -> dict[str, Any]:
     return asdict(EvalResult(schedule_hash=schedule.canonical_hash(), value=math.inf, nfe=schedule.nfe,
                              seconds=seconds, error=error))
+
+
+def _accepts(target: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _short(error: BaseException, limit: int = 400) -> str:
@@ -182,9 +190,13 @@ class RayEvaluator:
     def __init__(self, settings: Optional[RaySettings] = None, factory: str = DEFAULT_FACTORY,
                  factory_kwargs: Optional[Mapping[str, Any]] = None) -> None:
         self.settings = settings or RaySettings.from_env()
-        load_factory(factory)      # a bad path fails here, not inside every worker
+        target = load_factory(factory)      # a bad path fails here, not inside every worker
+        kwargs = dict(factory_kwargs or {})
+        if self.settings.gpus_per_eval > 0 and "device" not in kwargs and _accepts(target, "device"):
+            # Ray narrows CUDA_VISIBLE_DEVICES to the actor's GPU, so "cuda" is that GPU.
+            kwargs["device"] = "cuda"
         self.factory = factory
-        self.factory_kwargs_json = json.dumps(dict(factory_kwargs or {}))   # also checks they are JSON-able
+        self.factory_kwargs_json = json.dumps(kwargs)   # also checks they are JSON-able
         self.stats = RayStats()
         self._actors: list[Any] = []
         self._actor_class: Any = None
