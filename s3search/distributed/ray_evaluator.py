@@ -4,7 +4,7 @@ Why core actors and not Ray Tune: the S³ loop is batch-shaped (evaluate a popul
 evolve, evaluate the top k) and already keeps every trial in its Optuna study, which is also what resume reads.
 Tune would add a second trial store and resume mechanism to keep consistent with the study, a Trainable per
 trial (so a model load per trial unless actors are reused), and per-trial bookkeeping that costs more than a
-small evaluation. Actors give what the issue asks for directly: resources per evaluation, a bound on
+small evaluation (bench/tune_overhead.py: ~30 ms per extra trial against ~1 ms per extra evaluation here). Actors give what the issue asks for directly: resources per evaluation, a bound on
 evaluations in flight, a model loaded once per worker process, and bounded retries when a worker dies
 (Ray restarts the actor and re-runs the batch).
 
@@ -105,6 +105,13 @@ def _safe_hash(schedule: Any) -> str:
         return f"invalid-{id(schedule):x}"
 
 
+def _release_gpu_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class EvalActorCore:
     """One evaluator per process; batches in and out as JSON text."""
 
@@ -140,6 +147,8 @@ class EvalActorCore:
                         out.extend(self._evaluate([s], request))
                     except Exception as e:  # noqa: BLE001
                         out.append(_error_dict(s, f"{type(e).__name__}: {e}", time.perf_counter() - t1))
+        if any(r["error"] for r in out):
+            _release_gpu_memory()      # after a CUDA out-of-memory, the next batch should start from a clean cache
         return json.dumps({"pid": self.pid, "seconds": time.perf_counter() - t0, "results": out})
 
     def ping(self) -> int:
