@@ -180,3 +180,12 @@ def test_registry_entry_with_inception_features(random_inception_file, tmp_path,
         assert spec.provenance["features_sha256"] == hashlib.sha256(f.read()).hexdigest()
     feats = spec.features(spec.reference_sampler(2, torch.Generator().manual_seed(0)))
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+
+
+def test_fid_metric_refuses_non_inception_features():
+    from s3search import metrics
+    from s3search.models import registry
+
+    with pytest.raises(ValueError, match="Inception"):
+        metrics.get("fid").check_model(registry.get("digits"))
+    metrics.get("fd-features").check_model(registry.get("digits"))

@@ -40,6 +40,7 @@ class Metric:
     needs_exact: bool = False              # needs model.exact (a GaussianMixture)
     needs_features: bool = False           # needs model.features
     needs_trajectory_reference: bool = False
+    needs_inception: bool = False          # the features must be Inception's (metrics.fid.InceptionFeatures)
     _stats: Optional[Callable[[ModelSpec, ReferenceDraw], dict[str, torch.Tensor]]] = None
     _compute: Callable[[torch.Tensor, MetricContext], float] = lambda x, ctx: float("nan")
 
@@ -49,6 +50,12 @@ class Metric:
                              f"model={model.name!r} has none")
         if self.needs_features and model.features is None:
             raise ValueError(f"metric={self.name!r} needs a feature network; model={model.name!r} has none")
+        if self.needs_inception:
+            from .fid import InceptionFeatures
+
+            if not isinstance(model.features, InceptionFeatures):
+                raise ValueError(f"metric={self.name!r} needs Inception features (registry entry features = "
+                                 f"\"inception\"); model={model.name!r} has other features: use fd-features")
         if self.needs_reference and model.reference_sampler is None and not hasattr(model.exact, "log_prob"):
             raise ValueError(f"metric={self.name!r} needs reference samples; model={model.name!r} has no "
                              "reference_sampler")
@@ -125,6 +132,9 @@ _METRICS: dict[str, Metric] = {m.name: m for m in [
            _stats=_fd_stats, _compute=_fd),
     Metric("fd-features", "Fréchet distance in the model's feature space (FID for image models)", "1",
            needs_reference=True, needs_features=True,
+           _stats=lambda model, draw: _gauss(batched_features(model, draw())), _compute=_fd_features),
+    Metric("fid", "FID: Fréchet distance in Inception pool features (local weights file)", "1",
+           needs_reference=True, needs_features=True, needs_inception=True,
            _stats=lambda model, draw: _gauss(batched_features(model, draw())), _compute=_fd_features),
     Metric("sw2", "sliced Wasserstein-2 distance, 512 fixed projections", "1", needs_reference=True,
            _stats=_samples_stats,
