@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, StrictStr, StringConstraints, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, StrictInt, StrictStr, StringConstraints, JsonValue
 
 __all__ = ["METHODS", "EXPORT_FORMATS", "NfeRange", "JobCreate", "JobProgress", "JobBest", "JobLinks",
            "JobPublic", "JobList", "TrialPublic", "TrialPage", "ModelList", "BaselineList", "Options",
@@ -44,6 +44,27 @@ class JobCreate(BaseModel):
     predictor: StrictStr = Field("lightgbm-rank", pattern=NAME_PATTERN)
     seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
     options: dict[OptionKey, OptionValue] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _utf8_only(cls, options: dict[str, Any]) -> dict[str, Any]:
+        # JSON text may carry lone surrogates (\udc00); they cannot be stored or sent back as UTF-8.
+        def walk(x: Any, path: str) -> None:
+            if isinstance(x, str):
+                try:
+                    x.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{path} is not valid Unicode text") from None
+            elif isinstance(x, list):
+                for i, v in enumerate(x):
+                    walk(v, f"{path}[{i}]")
+            elif isinstance(x, dict):
+                for k, v in x.items():
+                    walk(k, path)
+                    walk(v, f"{path}.{k}")
+
+        walk(options, "options")
+        return options
 
     def nfe_values(self) -> list[int]:
         if isinstance(self.nfe, int):

@@ -68,14 +68,14 @@ def test_text_that_postgres_dislikes_is_stored_or_refused_cleanly():
         app = _app(url)
         with TestClient(app) as client:
             body = {"model": "gmm-64d", "nfe": 5, "budget": 3, "predictor": "ridge",
-                    "options": {"note": "nul\u0000byte \U0001F600 \\u0000"}}
+                    "options": {"baselines": ["nul\u0000byte \U0001F600 \\u0000"]}}
             hdr = {"X-API-Key": app.state.fuzz_key, "Content-Type": "application/json"}
             r = client.post("/v1/jobs", content=json.dumps(body), headers=hdr)
             assert r.status_code == 202, r.text
             got = client.get(r.headers["location"], headers={"X-API-Key": app.state.fuzz_key}).json()
-            assert got["spec"]["options"]["note"] == body["options"]["note"]
+            assert got["spec"]["options"]["baselines"] == body["options"]["baselines"]
             # A lone surrogate is valid JSON text but no valid UTF-8: refused, not a 500.
-            lone = json.dumps({**body, "options": {"note": "x"}}).replace('"x"', '"\\udc00"')
+            lone = json.dumps({**body, "options": {"baselines": ["x"]}}).replace('"x"', '"\\udc00"')
             r = client.post("/v1/jobs", content=lone, headers=hdr)
             assert r.status_code == 422 and r.json()["errors"][0]["field"].startswith("options"), r.text
         app.state.engine.dispose()
