@@ -73,6 +73,8 @@ def _config(args, nfe: int, method: str, budget: int, **options) -> SearchConfig
     spec = registry.get(args.model)
     opts = {"population": args.population, "children": args.population, "generations": args.generations,
             "batch_size": args.batch, **options}
+    if args.recompute_reference:   # the model's weights were re-saved since the cached reference statistics
+        opts["evaluator"] = {"recompute_reference": True}
     return SearchConfig(model=args.model, nfe=(nfe,), metric=args.metric or spec.default_metric,
                         n_samples=args.n_samples, n_test_samples=args.n_test, budget=budget, method=method,
                         predictor=args.predictor, seed=args.seed, options=opts)
@@ -91,7 +93,7 @@ def _curve(study: optuna.Study) -> list[float]:
 
 
 def cmd_quality(args) -> None:
-    key = f"search_quality_{args.model}.json"
+    key = f"search_quality_{args.model}{args.tag}.json"
     doc = _load(key)
     metric = args.metric or registry.get(args.model).default_metric
     if args.reference is not None:
@@ -132,21 +134,23 @@ def cmd_efficiency(args) -> None:
     for method, budget in plan:
         if args.methods and method not in args.methods:
             continue
-        if method in doc["curves"] and not args.force:
+        label = method if args.seed == 0 else f"{method}-seed{args.seed}"
+        if label in doc["curves"] and not args.force:
             continue
         t = time.perf_counter()
         study = optuna.create_study(direction="minimize")
         # Pure search ability: no method is seeded with the baselines here.
         res = run_search(_config(args, nfe, method, budget, seed_baselines=False, test_baselines=False), study)
-        doc["curves"][method] = {"budget": budget, "curve": _curve(study), "test_value": res.test_value,
-                                 "seconds": time.perf_counter() - t}
-        if method == "random":
+        doc = {**_load(key), **{k: v for k, v in doc.items() if k != "curves"}}   # other runs may have saved
+        doc.setdefault("curves", {})[label] = {"budget": budget, "curve": _curve(study),
+                                               "test_value": res.test_value, "seconds": time.perf_counter() - t}
+        if method == "random" and args.seed == 0:
             pairs = [(t.user_attrs[ATTR.SCHEDULE], t.value) for t in study.get_trials(deepcopy=False)
                      if t.state == optuna.trial.TrialState.COMPLETE]
             doc["random_pairs"] = pairs
         _save(key, {**doc, "model": args.model, "nfe": nfe})
-        c = doc["curves"][method]["curve"]
-        print(f"{method}: best {c[-1]:.5g} after {len(c)} evaluations ({time.perf_counter() - t:.0f}s)", flush=True)
+        c = doc["curves"][label]["curve"]
+        print(f"{label}: best {c[-1]:.5g} after {len(c)} evaluations ({time.perf_counter() - t:.0f}s)", flush=True)
 
 
 def cmd_predictors(args) -> None:
@@ -196,18 +200,21 @@ def cmd_plot(args) -> None:
 
 
 def cmd_report(args) -> None:
-    for model in args.models:
-        q = _load(f"search_quality_{model}.json")
-        if q:
-            print(f"\n### {model}: searched vs best baseline (test split, {q['metric']}; 1000-step value "
+    for f in sorted(OUT.glob("search_quality_*.json")):
+        q = json.loads(f.read_text())
+        model = q["model"]
+        if q.get("runs"):
+            print(f"\n### {f.stem}: searched vs best baseline (test split, {q['metric']}; 1000-step value "
                   f"{q['reference']:.5g})\n")
-            print("| NFE | budget | searched | best baseline | its value | excess ratio | target | met |")
-            print("|---|---|---|---|---|---|---|---|")
+            print("| NFE | evaluations | searched | best baseline | its value | beats it | excess ratio | target | met |")
+            print("|---|---|---|---|---|---|---|---|---|")
             for nfe, r in sorted(q["runs"].items(), key=lambda kv: int(kv[0])):
                 target = 0.3 if int(nfe) <= 6 else 0.6
+                met = "yes" if r["excess_ratio"] <= target else ("n/a" if math.isnan(r["excess_ratio"]) else "no")
+                beats = "yes" if r["test_value"] < r["best_baseline_test"] else "no"
                 print(f"| {nfe} | {r['evaluations']} | {r['test_value']:.5g} | {r['best_baseline']} | "
-                      f"{r['best_baseline_test']:.5g} | {r['excess_ratio']:.3f} | <= {target} | "
-                      f"{'yes' if r['excess_ratio'] <= target else 'no'} |")
+                      f"{r['best_baseline_test']:.5g} | {beats} | {r['excess_ratio']:.3f} | <= {target} | {met} |")
+    for model in args.models:
         for f in sorted(OUT.glob(f"search_efficiency_{model}_nfe*.json")):
             e = json.loads(f.read_text())
             print(f"\n### {model} NFE {e['nfe']}: best-so-far (search split)\n")
@@ -244,6 +251,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rerun what is already stored")
+    ap.add_argument("--tag", default="", help="quality: suffix of the result file (e.g. -b200)")
+    ap.add_argument("--recompute-reference", action="store_true",
+                    help="recompute cached metric reference statistics (stale after new weights)")
     ap.add_argument("--reference", type=float, default=None,
                     help="quality: a 1000-step value measured earlier at the same --n-test and --seed")
     ap.add_argument("--methods", nargs="*", default=None, help="efficiency: only these methods")
