@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import grids
-from .denoisers import Denoiser, DenoiserFn
+from .denoisers import DenoiserFn
 from .processes import NoiseProcess
 
 __all__ = [
@@ -196,18 +196,9 @@ def _candidates(lower: float, current: float, upper: float, window: float, half:
     return np.exp(logs)
 
 
-def coordinate_search(sigmas: Sequence[float], cost: IntervalCost, *, free: Optional[Sequence[int]] = None,
-                      seed: int = 0, candidates: int = 11, window: float = 0.5, min_window: float = 0.02,
-                      decay: float = 0.7, max_iterations: int = 300, stage: int = 0, start_iteration: int = 0,
-                      callback: Optional[ProgressCallback] = None) -> tuple[tuple[float, ...], int, bool]:
-    """Minimise sum_i cost(s_{i+1}, s_i) over the `free` interior points; returns (sigmas, iterations, stopped).
-
-    Sweeps over the free points (Gauss-Seidel). Each point's candidates reach `w` of the way to its neighbours
-    (in log sigma); w widens by 1/decay (up to `window`) when an edge candidate wins and narrows by `decay`
-    (down to `min_window`) when the current value wins. The search ends after a sweep that moves no point with
-    every window at `min_window`, when `max_iterations` updates are spent, or when the callback returns True.
-    """
-    s = [float(v) for v in sigmas]
+def _check_search(s: list[float], free: Optional[Sequence[int]], candidates: int, window: float,
+                  min_window: float, decay: float) -> list[int]:
+    """Validate coordinate_search's arguments; returns the sorted free indices."""
     if len(s) < 3:
         raise ValueError(f"sigmas has {len(s)} values; a grid with a free interior point needs at least 3")
     if any(not (math.isfinite(v) and v > 0) for v in s) or any(s[i + 1] >= s[i] for i in range(len(s) - 1)):
@@ -221,6 +212,22 @@ def coordinate_search(sigmas: Sequence[float], cost: IntervalCost, *, free: Opti
     idx = list(range(1, len(s) - 1)) if free is None else sorted(set(int(i) for i in free))
     if not idx or any(not 1 <= i <= len(s) - 2 for i in idx):
         raise ValueError(f"free={list(free or [])} must name interior points 1..{len(s) - 2}")
+    return idx
+
+
+def coordinate_search(sigmas: Sequence[float], cost: IntervalCost, *, free: Optional[Sequence[int]] = None,
+                      seed: int = 0, candidates: int = 11, window: float = 0.5, min_window: float = 0.02,
+                      decay: float = 0.7, max_iterations: int = 300, stage: int = 0, start_iteration: int = 0,
+                      callback: Optional[ProgressCallback] = None) -> tuple[tuple[float, ...], int, bool]:
+    """Minimise sum_i cost(s_{i+1}, s_i) over the `free` interior points; returns (sigmas, iterations, stopped).
+
+    Sweeps over the free points (Gauss-Seidel). Each point's candidates reach `w` of the way to its neighbours
+    (in log sigma); w widens by 1/decay (up to `window`) when an edge candidate wins and narrows by `decay`
+    (down to `min_window`) when the current value wins. The search ends after a sweep that moves no point with
+    every window at `min_window`, when `max_iterations` updates are spent, or when the callback returns True.
+    """
+    s = [float(v) for v in sigmas]
+    idx = _check_search(s, free, candidates, window, min_window, decay)
     half = candidates // 2
     # One window per point: it widens while the best candidate is at its edge (the optimum lies further out)
     # and narrows when the point stays, so points travel fast early and are resolved finely late.
@@ -297,6 +304,22 @@ class AYSResult:
         return self._times(grids.loglinear_interp(self.sigmas, n))
 
 
+def _initial_grid(proc: NoiseProcess, n: int, init: str | Sequence[float], t_start: Optional[float],
+                  t_end: Optional[float]) -> tuple[float, ...]:
+    """The starting grid: a grid name ("auto": EDM rho = 7, or time-uniform for discrete time) or given times."""
+    if isinstance(init, str):
+        name = ("time-uniform" if hasattr(proc, "model_time") else "edm") if init == "auto" else init
+        if name not in grids.names():
+            raise ValueError(f"init={init!r} must be 'auto', a grid name or a list of times")
+        return grids.get(name, proc, n, t_start, t_end)
+    ts = tuple(float(t) for t in init)
+    if len(ts) != n + 1:
+        raise ValueError(f"init has {len(ts)} times; n={n} steps need {n + 1}")
+    for i, t in enumerate(ts):
+        proc.check_time(t, f"init[{i}]")
+    return ts
+
+
 def optimise(denoiser: DenoiserFn, data_sampler: DataSampler, n: int = 10, *,
              process: Optional[NoiseProcess] = None, init: str | Sequence[float] = "auto",
              t_start: Optional[float] = None, t_end: Optional[float] = None, subdivisions: int = 0,
@@ -318,17 +341,7 @@ def optimise(denoiser: DenoiserFn, data_sampler: DataSampler, n: int = 10, *,
         raise ValueError(f"n={n!r} must be an integer >= 2 (a grid needs an interior point to optimise)")
     if isinstance(subdivisions, bool) or not isinstance(subdivisions, int) or not 0 <= subdivisions <= 6:
         raise ValueError(f"subdivisions={subdivisions!r} must be an integer from 0 to 6")
-    if isinstance(init, str):
-        name = ("time-uniform" if hasattr(proc, "model_time") else "edm") if init == "auto" else init
-        if name not in grids.names():
-            raise ValueError(f"init={init!r} must be 'auto', a grid name or a list of times")
-        ts = grids.get(name, proc, n, t_start, t_end)
-    else:
-        ts = tuple(float(t) for t in init)
-        if len(ts) != n + 1:
-            raise ValueError(f"init has {len(ts)} times; n={n} steps need {n + 1}")
-        for i, t in enumerate(ts):
-            proc.check_time(t, f"init[{i}]")
+    ts = _initial_grid(proc, n, init, t_start, t_end)
     sig = tuple(proc.sigma_ve(t) for t in ts)
     objective = cost if cost is not None else KLUBObjective(denoiser, proc, data_sampler, n_samples, n_times, c)
     opts = dict(seed=seed, candidates=candidates, window=window, min_window=min_window, decay=decay,

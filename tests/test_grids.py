@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from s3search import grids, processes
-from s3search.processes import VPDiscrete
 
 PROCESSES = ["edm", "vp-linear", "vp-cosine", "vp-discrete", "flow"]
 
