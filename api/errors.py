@@ -15,7 +15,8 @@ __all__ = ["field_errors", "validation_error", "install_error_handlers"]
 log = logging.getLogger("s3search.api")
 _SOURCES = {"body", "query", "path", "header", "cookie"}
 # Union branches in pydantic locations ("nfe" -> "int" / "list[int]" / "NfeRange") are type tags, not fields.
-_TYPE_TAGS = ("int", "list[", "NfeRange", "str", "float", "bool", "none", "function-")
+_TYPE_TAGS = ("list[", "dict[", "NfeRange", "function-", "constrained-")
+_EXACT_TAGS = {"int", "str", "float", "bool", "none", "list", "dict"}
 
 
 def _field(loc: tuple[Any, ...], kind: str = "") -> str:
@@ -32,7 +33,7 @@ def _field(loc: tuple[Any, ...], kind: str = "") -> str:
     for p in parts:
         if isinstance(p, int):
             out.append(f"[{p}]")
-        elif any(str(p).startswith(t) for t in _TYPE_TAGS) and out:
+        elif out and (str(p) in _EXACT_TAGS or any(str(p).startswith(t) for t in _TYPE_TAGS)):
             continue
         else:
             out.append(("." if out else "") + str(p))
@@ -64,6 +65,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and str(exc.detail).startswith("There was an error parsing the body"):
+            # FastAPI's answer to a body the JSON parser gave up on (e.g. nested too deep): a body error.
+            return validation_error([{"field": "body", "message": "the body could not be parsed as JSON",
+                                      "loc": ["body"]}])
         body = exc.detail if isinstance(exc.detail, dict) else {"detail": exc.detail}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 

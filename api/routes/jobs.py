@@ -57,12 +57,14 @@ def limit_errors(body: JobCreate, settings: Settings) -> list[dict[str, Any]]:
     errors = []
     if isinstance(body.nfe, NfeRange) and body.nfe.min > body.nfe.max:
         errors.append(_err("nfe.max", f"max={body.nfe.max} is below min={body.nfe.min}"))
-    values = body.nfe_values()
-    if len(values) > settings.max_nfe_values:
-        errors.append(_err("nfe", f"{len(values)} NFE values; at most {settings.max_nfe_values} per job"))
-    bad = [n for n in values if not settings.min_nfe <= n <= settings.max_nfe]
+    # Bounds first, from the ends of a range: {"min": 1, "max": 10**12} must not be expanded into a list.
+    ends = [body.nfe.min, body.nfe.max] if isinstance(body.nfe, NfeRange) else (
+        [body.nfe] if isinstance(body.nfe, int) else list(body.nfe))
+    bad = [n for n in ends if not settings.min_nfe <= n <= settings.max_nfe]
     if bad:
         errors.append(_err("nfe", f"NFE {bad[0]} is outside {settings.min_nfe}..{settings.max_nfe}"))
+    elif len(body.nfe_values()) > settings.max_nfe_values:
+        errors.append(_err("nfe", f"{len(body.nfe_values())} NFE values; at most {settings.max_nfe_values} per job"))
     for field, cap in (("n_samples", settings.max_samples), ("n_test_samples", settings.max_test_samples),
                        ("budget", settings.max_budget)):
         if getattr(body, field) > cap:
