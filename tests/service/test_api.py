@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -126,8 +128,15 @@ def test_trials_and_schedule_after_a_run(app, client, keys, db_url):
     sched = client.get(f"/v1/jobs/{job_id}/schedule", headers=h(keys["alice"]))
     assert sched.status_code == 200 and sched.json() == candidate(5, 6).to_dict()
     assert sched.headers["x-job-status"] == "succeeded"
-    other = client.get(f"/v1/jobs/{job_id}/schedule?format=comfyui", headers=h(keys["alice"]))
-    assert other.status_code in (200, 501)           # 501 until s3search.exports is installed
+    from s3search import exports
+    for fmt in ("diffusers", "k-diffusion", "comfyui"):
+        other = client.get(f"/v1/jobs/{job_id}/schedule?format={fmt}", headers=h(keys["alice"]))
+        assert other.status_code == 200, other.text
+        assert other.json() == json.loads(json.dumps(exports.export(candidate(5, 6), fmt)))
+    with app.state.sessions() as s:       # each export is recorded once per (job, format, schedule)
+        from sqlalchemy import func, select
+        from studies.models import Export
+        assert s.scalar(select(func.count()).select_from(Export).where(Export.job_id == job_id)) == 3
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=h(keys["alice"])).status_code == 409
 
 

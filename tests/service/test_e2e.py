@@ -21,7 +21,7 @@ JOB = {"model": "gmm-64d", "nfe": 4, "budget": 6, "n_samples": 64, "n_test_sampl
 @pytest.fixture()
 def service(db_url, tmp_path):
     """serve + runner + dashboard on one database; yields (api client, key, dashboard url, env)."""
-    env = cli_env(db_url)
+    env = cli_env(db_url, S3S_MAX_BUDGET="100")
     made = cli_run(["keys", "create", "e2e-user", "--label", "e2e"], env)
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip().splitlines()[-1]
@@ -89,6 +89,20 @@ def test_submit_poll_fetch_sample_and_dashboard(service):
     else:
         x0 = sample(spec.denoiser, x_T, schedule, generator=g)
     assert x0.shape == x_T.shape and torch.isfinite(x0).all()
+
+    # The client commands against the same server.
+    status = cli_run(["status", job_id, "--json", "--server", str(client.base_url), "--key", key], env)
+    assert status.returncode == 0 and json.loads(status.stdout)["status"] == "succeeded", status.stderr
+    sub = cli_run(["submit", "--model", "gmm-64d", "--nfe", "4,5", "--budget", "1000", "--samples", "8",
+                   "--predictor", "ridge", "--server", str(client.base_url), "--key", key], env)
+    assert sub.returncode == 2 and "budget" in sub.stderr        # over the budget limit: 422 naming the field
+    sub = cli_run(["submit", "--model", "gmm-64d", "--nfe", "4-5", "--budget", "4", "--samples", "8",
+                   "--test-samples", "8", "--predictor", "ridge", "--option", "batch_size=2",
+                   "--server", str(client.base_url), "--key", key], env)
+    assert sub.returncode == 0, sub.stderr
+    second = client.get(f"/v1/jobs/{sub.stdout.strip()}").json()
+    assert second["spec"]["nfe"] == [4, 5] and second["spec"]["options"] == {"batch_size": 2}
+    client.post(f"/v1/jobs/{second['id']}/cancel")
 
     # The dashboard reads the same database: the job's study is there with its trials and note.
     studies = httpx.get(f"{dashboard}/api/studies", timeout=30).json()["study_summaries"]
