@@ -22,8 +22,9 @@ candidates of one update share their random numbers, so their comparison is not 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence, TextIO
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "IntervalCost",
     "KLUBObjective",
     "SearchEvent",
+    "progress_printer",
     "StageResult",
     "AYSResult",
     "coordinate_search",
@@ -182,6 +184,20 @@ class SearchEvent:
 
 
 ProgressCallback = Callable[[SearchEvent], Optional[bool]]  # return True to stop early
+
+
+def progress_printer(stream: Optional[TextIO] = None, every: int = 1) -> ProgressCallback:
+    """A callback that writes one line per `every` updates: stage, sweep, update, point, sigma move, cost."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every={every!r} must be an integer >= 1")
+
+    def show(ev: SearchEvent) -> None:
+        if ev.iteration % every == 0:
+            print(f"ays stage {ev.stage} sweep {ev.sweep} update {ev.iteration}: sigma[{ev.index}] "
+                  f"{ev.sigma_before:.5g} -> {ev.sigma_after:.5g}  klub {ev.cost:.6g}  window {ev.window:.3g}",
+                  file=stream if stream is not None else sys.stderr, flush=True)
+
+    return show
 
 
 def _seed(*parts: int) -> int:

@@ -223,6 +223,19 @@ def test_seeded_and_stoppable():
     assert stop.stopped_early and stop.iterations == 2
 
 
+def test_progress_printer_writes_every_nth_update():
+    import io
+
+    out = io.StringIO()
+    res = ays.optimise(None, None, 4, process=EDM, cost=ddim_kl_cost(1.0), max_iterations=9,
+                       callback=ays.progress_printer(out, every=3))
+    lines = out.getvalue().splitlines()
+    assert res.iterations == 9 and len(lines) == 3
+    assert lines[0].startswith("ays stage 0 sweep 0 update 3: sigma[")
+    with pytest.raises(ValueError, match="every="):
+        ays.progress_printer(every=0)
+
+
 def test_discrete_process_starts_time_uniform():
     proc = processes.get("vp-discrete")
     res = ays.optimise(None, None, 4, process=proc, cost=ddim_kl_cost(1.0), max_iterations=0)
