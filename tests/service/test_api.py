@@ -161,3 +161,26 @@ def test_revoked_key_stops_working_once_the_cache_expires(db_url):
         with nocache.state.sessions() as s:
             revoke_key(s, row2.id)
         assert client.get("/v1/jobs", headers=h(key2)).status_code == 401
+
+
+def test_trial_pages_agree_with_optunas_public_api(db_url):
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from api.routes.jobs import page_of_trials
+    from studies.optuna_storage import optuna_storage
+
+    storage = optuna_storage(db_url)
+    study = optuna.create_study(study_name="paging", storage=storage)
+    states = [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED] * 4
+    study.add_trials([create_trial(state=st, value=float(i) if st == TrialState.COMPLETE else None,
+                                   user_attrs={"i": i}) for i, st in enumerate(states)])
+    sid = storage.get_study_id_from_name("paging")
+    for state in (None, "COMPLETE", "FAIL"):
+        every = storage.get_all_trials(sid, states=(TrialState[state],) if state else None)
+        for offset in (0, 3, 7, 15, 40):
+            total, page = page_of_trials(storage, sid, state, 4, offset)
+            assert total == len(every)
+            assert [t.number for t in page] == [t.number for t in every[offset:offset + 4]]
+            assert [t.user_attrs for t in page] == [t.user_attrs for t in every[offset:offset + 4]]
+    storage.engine.dispose()
