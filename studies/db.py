@@ -11,9 +11,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["DEFAULT_DATABASE_URL", "normalize_url", "database_url", "make_engine", "make_session_factory",
-           "is_sqlite", "is_postgres", "utcnow", "sqlite_immediate_transactions"]
+           "is_sqlite", "is_postgres", "utcnow", "sqlite_immediate_transactions", "read_only", "READ_ONLY"]
 
 DEFAULT_DATABASE_URL = "sqlite:///s3search.db"
+READ_ONLY = "s3s_read_only"     # execution option: this transaction will not write
 
 
 def utcnow() -> datetime:
@@ -72,7 +73,9 @@ def sqlite_immediate_transactions(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A transaction that only reads (marked by `read_only`) never upgrades, so it may start deferred and
+        # then does not queue behind writers.
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
 
 def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
@@ -87,6 +90,14 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
     return create_engine(url, **kwargs)
+
+
+def read_only(session: Session) -> Session:
+    """Mark the session's next transaction as read-only (SQLite: a deferred BEGIN). No effect on PostgreSQL,
+    nor when a transaction is already open."""
+    if not session.in_transaction():
+        session.connection(execution_options={READ_ONLY: True})
+    return session
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -17,7 +17,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .db import utcnow
+from .db import read_only, utcnow
 from .models import FINAL_STATUSES, JOB_STATUSES, Job
 
 __all__ = ["IdempotencyConflict", "HeartbeatState", "study_name_for", "create_job", "get_job", "list_jobs",
@@ -80,7 +80,7 @@ def _same_or_conflict(job: Job, request_hash: Optional[str]) -> Job:
 
 
 def get_job(session: Session, job_id: str, owner: Optional[str] = None) -> Optional[Job]:
-    job = session.get(Job, job_id, populate_existing=True)
+    job = read_only(session).get(Job, job_id, populate_existing=True)
     session.commit()     # end the read: on SQLite every transaction holds the write lock
     if job is None or (owner is not None and job.owner != owner):
         return None
@@ -102,13 +102,13 @@ def list_jobs(session: Session, *, owner: Optional[str] = None, status: Optional
               limit: int = 50, offset: int = 0) -> Sequence[Job]:
     q = (select(Job).where(*_list_filter(owner, status)).order_by(Job.created_at.desc(), Job.id)
          .limit(limit).offset(offset))
-    rows = session.scalars(q).all()
+    rows = read_only(session).scalars(q).all()
     session.commit()
     return rows
 
 
 def count_jobs(session: Session, *, owner: Optional[str] = None, status: Optional[str] = None) -> int:
-    n = int(session.scalar(select(func.count()).select_from(Job).where(*_list_filter(owner, status))) or 0)
+    n = int(read_only(session).scalar(select(func.count()).select_from(Job).where(*_list_filter(owner, status))) or 0)
     session.commit()
     return n
 

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from .db import utcnow
+from .db import read_only, utcnow
 from .models import ApiKey
 
 __all__ = ["OWNER_PATTERN", "validate_owner", "create_key", "verify_key", "revoke_key", "list_keys"]
@@ -49,7 +49,7 @@ def verify_key(session: Session, plaintext: Optional[str]) -> Optional[ApiKey]:
     m = _KEY_PATTERN.match(plaintext or "")
     if not m:
         return None
-    row = session.get(ApiKey, m.group(1), populate_existing=True)
+    row = read_only(session).get(ApiKey, m.group(1), populate_existing=True)
     session.commit()     # end the read (SQLite transactions hold the write lock)
     if row is None or row.revoked_at is not None:
         return None

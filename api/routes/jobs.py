@@ -193,7 +193,10 @@ def list_jobs(owner: OwnerDep, session: SessionDep, settings: SettingsDep, limit
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS)
 def get_job(job_id: JobId, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> Any:
     job = repo.get_job(session, job_id, owner)
-    return _not_found(job_id) if job is None else to_public(job, settings)
+    if job is None:
+        return _not_found(job_id)
+    # The hot read path: serialise once here instead of FastAPI re-validating the model against response_model.
+    return Response(to_public(job, settings).model_dump_json(), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses={**_ERRORS, 409: {"model": ErrorBody}})

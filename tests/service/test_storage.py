@@ -212,3 +212,36 @@ def test_cached_evaluator_pays_each_evaluation_once(sessions):
     with sessions() as s:
         assert len(s.scalars(select(EvalCacheEntry)).all()) == 4
     assert math.isfinite(r2[0].seconds)
+
+
+def test_sqlite_reads_start_deferred_and_writes_immediate(tmp_path):
+    from sqlalchemy import event
+
+    from studies.db import read_only
+
+    url = f"sqlite:///{tmp_path / 'modes.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    begins: list[str] = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda conn, cur, stmt, *a: begins.append(stmt) if stmt.startswith("BEGIN") else None)
+    sessions = make_session_factory(engine)
+    with sessions() as s:
+        job, _ = repo.create_job(s, owner="o", spec=_spec(), budget=4)
+    assert begins and all(b == "BEGIN IMMEDIATE" for b in begins)
+    begins.clear()
+    with sessions() as s:
+        assert repo.get_job(s, job.id).id == job.id
+        repo.list_jobs(s, owner="o")
+    assert begins == ["BEGIN", "BEGIN"]
+    begins.clear()
+    with sessions() as s:                      # a read does not leave its mark on the session's next write
+        repo.get_job(s, job.id)
+        repo.request_cancel(s, job.id, "o")
+    assert begins[0] == "BEGIN" and begins[1] == "BEGIN IMMEDIATE"
+    # A session that already holds a transaction keeps it (the mark cannot change a running transaction).
+    with sessions() as s:
+        s.execute(select(Job.id)).all()
+        read_only(s)
+        assert s.in_transaction()
+    engine.dispose()
