@@ -1,7 +1,7 @@
 PY ?= .venv/bin/python
 PIP ?= .venv/bin/pip
 
-.PHONY: install test test-all bench schema
+.PHONY: install test test-all schema demo
 install:
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
@@ -20,3 +20,7 @@ test-all:
 
 schema:
 	$(PY) -m s3search.schema_export
+
+# The README's quick start: install, then an S³ search on the built-in 64-D mixture at NFE 5.
+demo: install
+	.venv/bin/s3search search --model gmm-64d --nfe 5 --budget 60

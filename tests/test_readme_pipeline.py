@@ -19,10 +19,20 @@ def section_text() -> tuple[str, str]:
         if match:
             level = len(match.group(1))
             rest = text[match.end():]
-            # The section ends at the next heading of the same or a higher level.
-            end = re.search(rf"^#{{1,{level}}} ", rest, flags=re.M)
-            return "README.md", rest[:end.start()] if end else rest
+            return "README.md", _until_next_heading(rest, level)
     return "docs/use-in-pipeline.md", (ROOT / "docs" / "use-in-pipeline.md").read_text()
+
+
+def _until_next_heading(text: str, level: int) -> str:
+    """Text up to the next heading of the same or a higher level; '#' lines inside code fences are code."""
+    in_fence, offset = False, 0
+    for line in text.splitlines(keepends=True):
+        if line.startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence and re.match(rf"#{{1,{level}}} ", line):
+            return text[:offset]
+        offset += len(line)
+    return text
 
 
 def python_blocks(text: str) -> list[str]:
