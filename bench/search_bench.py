@@ -134,13 +134,15 @@ def cmd_efficiency(args) -> None:
     for method, budget in plan:
         if args.methods and method not in args.methods:
             continue
-        label = method if args.seed == 0 else f"{method}-seed{args.seed}"
+        label = (method if args.seed == 0 else f"{method}-seed{args.seed}") + ("+baselines" if args.seeded else "")
         if label in doc["curves"] and not args.force:
             continue
         t = time.perf_counter()
         study = optuna.create_study(direction="minimize")
-        # Pure search ability: no method is seeded with the baselines here.
-        res = run_search(_config(args, nfe, method, budget, seed_baselines=False, test_baselines=False), study)
+        # Pure search ability by default; --seeded spends the first evaluations of every method on the baselines
+        # (only S³ can learn from and mutate them: they have no flat encoding for TPE / CMA-ES).
+        res = run_search(_config(args, nfe, method, budget, seed_baselines=args.seeded, test_baselines=False),
+                         study)
         doc = {**_load(key), **{k: v for k, v in doc.items() if k != "curves"}}   # other runs may have saved
         doc.setdefault("curves", {})[label] = {"budget": budget, "curve": _curve(study),
                                                "test_value": res.test_value, "seconds": time.perf_counter() - t}
@@ -184,14 +186,23 @@ def cmd_plot(args) -> None:
     nfe = args.nfe[0]
     doc = _load(f"search_efficiency_{args.model}_nfe{nfe}.json")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method, entry in doc.get("curves", {}).items():
+    colours = {"s3": "C3", "tpe": "C0", "cmaes": "C2", "random": "C7"}
+    labelled = set()
+    for label, entry in doc.get("curves", {}).items():
+        method = label.split("-seed")[0].split("+")[0]
         c = entry["curve"]
-        ax.plot(np.arange(1, len(c) + 1), c, label=f"{method} ({len(c)} evals)")
+        seeded = label.endswith("+baselines")
+        ax.plot(np.arange(1, len(c) + 1), c, color=colours.get(method, "k"),
+                lw=1.6 if label in (method, method + "+baselines") else 0.9, ls="--" if seeded else "-",
+                label=None if (method, seeded) in labelled else method + (" + baselines" if seeded else ""))
+        labelled.add((method, seeded))
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_ylim(0.1, 10)
     ax.set_xlabel("true evaluations")
     ax.set_ylabel("best so far (search split, lower is better)")
-    ax.set_title(f"{args.model}, NFE {nfe}: best-so-far vs evaluations")
+    ax.set_title(f"{args.model}, NFE {nfe}: best so far\n(thick: seed 0, thin: seeds 1-2, dashed: baselines first)",
+                 fontsize=10)
     ax.legend()
     fig.tight_layout()
     path = OUT / f"search_efficiency_{args.model}_nfe{nfe}.png"
@@ -251,6 +262,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rerun what is already stored")
+    ap.add_argument("--seeded", action="store_true", help="efficiency: every method starts with the baselines")
     ap.add_argument("--tag", default="", help="quality: suffix of the result file (e.g. -b200)")
     ap.add_argument("--recompute-reference", action="store_true",
                     help="recompute cached metric reference statistics (stale after new weights)")
