@@ -33,11 +33,25 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.state.sessions = make_session_factory(engine)
     app.state.optuna_storage = None
     app.state.key_cache = KeyCache(settings.key_cache_ttl_s)
+    _warm_up()
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(catalog.router)
     return app
+
+
+def _warm_up() -> None:
+    """Import what a submission validates against now, not on the first request: with several workers, each
+    worker's first submission would otherwise wait seconds for torch and the search package to import."""
+    from . import catalog
+    from .routes.jobs import search_errors  # noqa: F401
+
+    catalog.model_names(), catalog.metric_names(), catalog.predictor_names(), catalog.baseline_names()
+    try:
+        import s3search.search.run  # noqa: F401
+    except ImportError:
+        pass
 
 
 def app_from_env() -> FastAPI:

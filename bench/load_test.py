@@ -6,7 +6,9 @@
 
 It starts `s3search serve` (one uvicorn worker) unless --server is given, creates an API key, then runs
 `--clients` concurrent clients, each making `--requests` calls, first of GET /v1/jobs/{id}, then of POST
-/v1/jobs. Latencies are measured on the client, per request, and printed as a Markdown table.
+/v1/jobs. Latencies are measured on the client, per request, and printed as a Markdown table with the
+server's CPU time per request (server process and its worker processes, from /proc), which says what one core
+can serve when the client does not compete with the server for the same cores.
 """
 
 from __future__ import annotations
@@ -37,6 +39,61 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+class RawClient:
+    """A keep-alive HTTP/1.1 client on asyncio streams, one connection per simulated client.
+
+    httpx costs a few ms of CPU per request, more than the server's own work; on a small machine the client then
+    takes the cores the server needs. This one does little more than write the request and read Content-Length
+    bytes, so the figures describe the server."""
+
+    def __init__(self, base: str, key: str):
+        u = httpx.URL(base)
+        self.host, self.port, self.key = u.host, u.port or 80, key
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> int:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nX-API-Key: {self.key}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        self.writer.write(head + body)
+        await self.writer.drain()
+        assert self.reader is not None
+        status_line = await self.reader.readline()
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        await self.reader.readexactly(length)
+        return int(status_line.split()[1])
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def raw_phase(base: str, key: str, clients: int, requests: int, make) -> tuple[list[float], dict[int, int]]:
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+
+    async def one_client(i: int) -> None:
+        c = RawClient(base, key)
+        try:
+            for j in range(requests):
+                method, path, body = make(i, j)
+                t0 = time.perf_counter()
+                status = await c.request(method, path, body)
+                latencies.append(time.perf_counter() - t0)
+                statuses[status] = statuses.get(status, 0) + 1
+        finally:
+            await c.close()
+
+    await asyncio.gather(*(one_client(i) for i in range(clients)))
+    return latencies, statuses
+
+
 async def phase(base: str, key: str, clients: int, requests: int, make) -> tuple[list[float], dict[int, int]]:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
@@ -53,10 +110,34 @@ async def phase(base: str, key: str, clients: int, requests: int, make) -> tuple
     return latencies, statuses
 
 
-def row(name: str, lat: list[float], statuses: dict[int, int], wall: float) -> str:
+def row(name: str, lat: list[float], statuses: dict[int, int], wall: float, cpu_s: float | None) -> str:
     ms = [x * 1000 for x in lat]
+    cpu = f"{cpu_s * 1000 / len(ms):.2f}" if cpu_s is not None else "n/a"
     return (f"| {name} | {len(ms)} | {percentile(ms, 0.5):.1f} | {percentile(ms, 0.99):.1f} | {max(ms):.1f} | "
-            f"{statistics.fmean(ms):.1f} | {len(ms) / wall:.0f} | {json.dumps(statuses)} |")
+            f"{statistics.fmean(ms):.1f} | {len(ms) / wall:.0f} | {cpu} | {json.dumps(statuses)} |")
+
+
+def _proc_stat(pid: int) -> tuple[int, float]:
+    """(parent pid, user + system CPU seconds) of a live process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds used so far by the server process and its children (uvicorn workers); Linux only."""
+    if pid is None or not Path("/proc").is_dir():
+        return None
+    total, parents = 0.0, {pid}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid, cpu = _proc_stat(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(entry.name) == pid or ppid in parents:
+            total += cpu
+    return total
 
 
 def start_server(db_url: str, port: int, workers: int) -> subprocess.Popen:
@@ -76,6 +157,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=50, help="requests per client per phase")
     ap.add_argument("--workers", type=int, default=1, help="uvicorn workers of the started server")
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                    help="raw: a minimal keep-alive client (little CPU); httpx: httpx.AsyncClient")
     args = ap.parse_args()
 
     proc = None
@@ -110,21 +193,32 @@ def main() -> None:
         first.raise_for_status()
         job_id = first.json()["id"]
 
-        async def read(c: httpx.AsyncClient, i: int, j: int) -> httpx.Response:
-            return await c.get(f"/v1/jobs/{job_id}")
+        def read_req(i: int, j: int) -> tuple[str, str, bytes]:
+            return "GET", f"/v1/jobs/{job_id}", b""
 
-        async def submit(c: httpx.AsyncClient, i: int, j: int) -> httpx.Response:
-            return await c.post("/v1/jobs", json={**JOB, "seed": 1 + i * args.requests + j})
+        def submit_req(i: int, j: int) -> tuple[str, str, bytes]:
+            return "POST", "/v1/jobs", json.dumps({**JOB, "seed": 1 + i * args.requests + j}).encode()
 
-        asyncio.run(phase(base, key, args.clients, 5, read))     # warm-up, not counted
+        def via_httpx(req):
+            async def call(c: httpx.AsyncClient, i: int, j: int) -> httpx.Response:
+                method, path, body = req(i, j)
+                return await c.request(method, path, content=body, headers={"Content-Type": "application/json"})
+            return call
+
+        run_phase = raw_phase if args.client == "raw" else phase
+        wrap = (lambda r: r) if args.client == "raw" else via_httpx
+        read, submit = wrap(read_req), wrap(submit_req)
+        asyncio.run(run_phase(base, key, args.clients, 5, read))     # warm-up, not counted
         print(f"backend: {backend}; {args.clients} concurrent clients x {args.requests} requests; "
-              f"uvicorn workers: {args.workers}; loopback\n")
-        print("| request | n | p50 ms | p99 ms | max ms | mean ms | req/s | statuses |")
-        print("|---|---|---|---|---|---|---|---|")
+              f"uvicorn workers: {args.workers}; client: {args.client}; loopback\n")
+        print("| request | n | p50 ms | p99 ms | max ms | mean ms | req/s | server CPU ms/req | statuses |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        pid = proc.pid if proc is not None else None
         for name, make in (("GET /v1/jobs/{id}", read), ("POST /v1/jobs", submit)):
-            t0 = time.perf_counter()
-            lat, statuses = asyncio.run(phase(base, key, args.clients, args.requests, make))
-            print(row(name, lat, statuses, time.perf_counter() - t0))
+            t0, c0 = time.perf_counter(), server_cpu_s(pid)
+            lat, statuses = asyncio.run(run_phase(base, key, args.clients, args.requests, make))
+            c1 = server_cpu_s(pid)
+            print(row(name, lat, statuses, time.perf_counter() - t0, None if c0 is None else c1 - c0))
     finally:
         if proc is not None:
             proc.terminate()

@@ -185,18 +185,25 @@ class Runner:
         def should_stop() -> bool:
             if lost.is_set() or cancelled.is_set() or self.shutdown.is_set():
                 return True
-            with self.sessions() as s:
-                if repo.cancel_requested(s, job.id, token):
-                    # Either a cancel, or the claim was lost; finish() below tells which by its fencing.
-                    cancelled.set()
+            try:
+                with self.sessions() as s:
+                    if repo.cancel_requested(s, job.id, token):
+                        # Either a cancel, or the claim was lost; finish() below tells which by its fencing.
+                        cancelled.set()
+            except Exception:  # noqa: BLE001 - a database hiccup must not end the search; ask again next time
+                log.exception("could not read the cancel flag")
             return cancelled.is_set()
 
         def progress(p: Progress) -> None:
             best = p.best_schedule.to_dict() if p.best_schedule is not None else None
-            with self.sessions() as s:
-                ok = repo.record_progress(s, job.id, token, evaluations=p.evaluations, best_value=_finite(p.best_value),
-                                          best_schedule=best, message=p.message or "running",
-                                          predictor_tau=_finite(p.predictor_tau))
+            try:
+                with self.sessions() as s:
+                    ok = repo.record_progress(s, job.id, token, evaluations=p.evaluations,
+                                              best_value=_finite(p.best_value), best_schedule=best,
+                                              message=p.message or "running", predictor_tau=_finite(p.predictor_tau))
+            except Exception:  # noqa: BLE001 - progress is advisory; the trials are in the study already
+                log.exception("could not store progress")
+                return
             if not ok:
                 lost.set()
 
@@ -215,9 +222,7 @@ class Runner:
             status = "cancelled" if cancelled.is_set() else "failed"
             log.warning("job %s %s: %s", job.id, status, e)
             with self.sessions() as s:
-                repo.finish(s, job.id, token, status, error=f"{type(e).__name__}: {e}",
-                            message=status if status == "cancelled" else "failed",
-                            )
+                repo.finish(s, job.id, token, status, error=f"{type(e).__name__}: {e}", message=status)
             if status == "failed":
                 log.debug("%s", traceback.format_exc())
             return

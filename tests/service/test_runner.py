@@ -152,3 +152,25 @@ def test_shutdown_gives_the_job_back_and_another_runner_finishes_it(db_url, sess
         second.close()
     job = _job(sessions, job_id)
     assert job.status == "succeeded" and sorted(_complete_ks(db_url, job)) == list(range(30))
+
+
+def test_database_hiccups_in_callbacks_do_not_fail_the_job(db_url, sessions, monkeypatch):
+    job_id = _submit(sessions, budget=4)
+    calls = {"n": 0}
+    real = repo.cancel_requested
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] % 2:
+            raise RuntimeError("connection reset")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(repo, "cancel_requested", flaky)
+    monkeypatch.setattr(repo, "record_progress", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("timeout")))
+    runner = Runner(db_url, options=FAST, search_fn=fake_search)
+    try:
+        runner.run_once()
+    finally:
+        runner.close()
+    job = _job(sessions, job_id)
+    assert job.status == "succeeded" and calls["n"] >= 4
