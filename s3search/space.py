@@ -182,6 +182,19 @@ class SearchSpace:
             g = self._mutate_once(g, rng)
         return self._build(self._finish(g, nfe, rng))
 
+    def jitter(self, schedule: SolverSchedule, rng: np.random.Generator | int | None = None,
+               scale: float = 0.1) -> SolverSchedule:
+        """The same steps on a slightly perturbed grid: every log lambda-increment moves by N(0, scale^2) and
+        the end by N(0, scale^2) nats. Fine-tunes the grid of a good schedule."""
+        rng = _rng(rng)
+        nfe = self._nfe_of(schedule)
+        g = self._genome(schedule)
+        w = np.asarray(g.weights) * np.exp(scale * rng.standard_normal(len(g.weights)))
+        lam_end = g.lam_end
+        if self.lam_max_end < self.lam_min_end:
+            lam_end = float(np.clip(lam_end + scale * rng.standard_normal(), self.lam_max_end, self.lam_min_end))
+        return self._build(self._finish(replace(g, weights=tuple(w.tolist()), lam_end=lam_end), nfe, rng))
+
     def crossover(self, a: SolverSchedule, b: SolverSchedule,
                   rng: np.random.Generator | int | None = None) -> SolverSchedule:
         """A child with a's NFE: steps drawn from either parent (aligned by relative position), grid blended."""

@@ -62,6 +62,9 @@ def test_random_mutate_crossover_stay_in_space(spec, seed):
         assert_member(space, x, a.nfe)
         y = space.crossover(a, c, rng)
         assert_member(space, y, a.nfe)
+        j = space.jitter(a, rng, scale=0.15)
+        assert_member(space, j, a.nfe)
+        assert j.steps == a.steps and j.first_step == a.first_step and j.final == a.final
         a = m
 
 

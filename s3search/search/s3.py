@@ -121,8 +121,9 @@ def evolve(space: SearchSpace, predictor: predictors.Predictor, elites: Sequence
 
 def local_pool(space: SearchSpace, predictor: predictors.Predictor, elites: Sequence[SolverSchedule],
                rng: np.random.Generator, size: int, exclude: set[str]) -> list[tuple[SolverSchedule, float]]:
-    """One- and two-change neighbours of the best evaluated schedules (rank-weighted), and crossovers between
-    them, scored by the predictor: the predictor is most reliable next to points it was trained on."""
+    """Neighbours of the best evaluated schedules (rank-weighted): one- and two-change mutants, grid-only
+    jitters and crossovers between them, scored by the predictor, which is most reliable next to points it
+    was trained on."""
     if not elites:
         return []
     w = 1.0 / (1.0 + np.arange(len(elites)))
@@ -130,8 +131,11 @@ def local_pool(space: SearchSpace, predictor: predictors.Predictor, elites: Sequ
     pool: dict[str, SolverSchedule] = {}
     for _ in range(size):
         a = elites[int(rng.choice(len(elites), p=w))]
-        if len(elites) > 1 and rng.random() < 0.25:
+        u = rng.random()
+        if len(elites) > 1 and u < 0.25:
             child = space.crossover(a, elites[int(rng.choice(len(elites), p=w))], rng)
+        elif u < 0.5:    # fine-tune the grid alone: small continuous moves a global mutation rarely makes
+            child = space.jitter(a, rng, scale=float(rng.choice([0.05, 0.15])))
         else:
             child = space.mutate(a, rng, n_changes=1 if rng.random() < 0.6 else 2)
         h = chash(child)
