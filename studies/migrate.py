@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from alembic import command
@@ -42,7 +43,9 @@ def upgrade(url_or_engine: str | Engine | None = None, revision: str = "head") -
             engine.dispose()
 
 
+@functools.lru_cache(maxsize=1)
 def head_revision() -> str:
+    """The newest revision in this package (fixed for the life of the process; readiness asks often)."""
     from alembic.script import ScriptDirectory
 
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()

@@ -98,7 +98,9 @@ def test_unknown_model_is_404_listing_known_models(client, keys):
 def test_catalog(client, keys):
     models = client.get("/v1/models", headers=h(keys["alice"])).json()["models"]
     assert "gmm-64d" in models
-    assert isinstance(client.get("/v1/baselines", headers=h(keys["alice"])).json()["baselines"], list)
+    from s3search import baselines
+    assert client.get("/v1/baselines", headers=h(keys["alice"])).json()["baselines"] == sorted(baselines.names())
+    assert baselines.names()
     opts = client.get("/v1/options", headers=h(keys["alice"])).json()
     assert opts["limits"]["max_budget"] == 100 and "s3" in opts["methods"]
 
