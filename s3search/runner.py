@@ -12,7 +12,6 @@ import math
 import os
 import socket
 import threading
-import time
 import traceback
 import uuid
 from dataclasses import dataclass

@@ -22,7 +22,7 @@ from studies.models import Export, Job
 from ..catalog import metric_names, model_names, predictor_names
 from ..deps import OwnerDep, SessionDep, SettingsDep, StorageDep
 from ..errors import validation_error
-from ..schemas import (EXPORT_FORMATS, ErrorBody, JobBest, JobCreate, JobLinks, JobList, JobProgress, JobPublic,
+from ..schemas import (ErrorBody, JobBest, JobCreate, JobLinks, JobList, JobProgress, JobPublic,
                        NfeRange, TrialPage, TrialPublic)
 from ..settings import Settings
 
