@@ -26,9 +26,9 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "max_seed_fraction": 0.5,       # at most this share of the budget goes to baselines
     "init_random": None,            # random schedules after the baselines (default: max(8, budget / 10))
     "batch_size": 10,               # true evaluations per S³ generation (k)
-    "population": 256,              # candidates kept by the predictor-scored evolution
-    "children": 256,                # children per evolution generation
-    "generations": 12,              # predictor-scored generations per true-evaluation round
+    "population": 128,              # candidates kept by the predictor-scored evolution
+    "children": 128,                # children per evolution generation (the neighbour pool is twice this)
+    "generations": 4,               # predictor-scored generations per true-evaluation round
     "explore": 0.3,                 # share of each batch from the freely evolved population (the rest: the
                                     # predicted best neighbours of the best evaluated schedules)
     "predictor_params": {},         # passed to predictors.get
