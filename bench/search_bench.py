@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import predictors  # noqa: E402
-from s3search import baselines, processes  # noqa: E402
+from s3search import baselines  # noqa: E402
 from s3search.evaluation.base import EvalRequest  # noqa: E402
 from s3search.evaluation.local import LocalEvaluator  # noqa: E402
 from s3search.models import registry  # noqa: E402
@@ -217,7 +217,8 @@ def cmd_report(args) -> None:
         if q.get("runs"):
             print(f"\n### {f.stem}: searched vs best baseline (test split, {q['metric']}; 1000-step value "
                   f"{q['reference']:.5g})\n")
-            print("| NFE | evaluations | searched | best baseline | its value | beats it | excess ratio | target | met |")
+            print("| NFE | evaluations | searched | best baseline | its value | beats it | excess ratio | target "
+                  "| met |")
             print("|---|---|---|---|---|---|---|---|---|")
             for nfe, r in sorted(q["runs"].items(), key=lambda kv: int(kv[0])):
                 target = 0.3 if int(nfe) <= 6 else 0.6

@@ -15,8 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from s3search import processes
-from s3search.schedule import (CORRECTORS, DERIVATIVES, FINALS, FIRST_STEPS, MAX_ORDER, PREDICTIONS,
-                               SolverSchedule, evaluation_plan)
+from s3search.schedule import CORRECTORS, DERIVATIVES, FINALS, FIRST_STEPS, MAX_ORDER, SolverSchedule, evaluation_plan
 
 __all__ = ["FeatureSpec", "step_features", "global_features", "vector", "sequence", "matrix", "sequences",
            "STEP_NAMES", "GLOBAL_NAMES"]

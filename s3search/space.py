@@ -14,8 +14,7 @@ keeps the space and the integrator from ever disagreeing about NFE.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from statistics import NormalDist
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Iterable, Sequence
 

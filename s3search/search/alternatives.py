@@ -12,11 +12,10 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import numpy as np
 import optuna
 
 from .context import SearchContext
-from .study import ATTR, Candidate, chash, schedule_from_json
+from .study import ATTR, Candidate, chash
 
 __all__ = ["run_random", "run_optuna", "SAMPLERS"]
 
@@ -90,6 +89,3 @@ def run_optuna(ctx: SearchContext, nfe: int, method: str) -> None:
             else:
                 shadow.tell(trial, ev.value if ev.ok and math.isfinite(ev.value) else _worst(ctx, nfe))
 
-
-# Re-exported for the benchmark: decode a stored trial's schedule.
-decode = schedule_from_json

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import optuna
@@ -25,7 +25,7 @@ from .alternatives import run_optuna, run_random
 from .config import ProgressFn, SearchConfig, SearchResult, StopFn
 from .context import SearchContext, check_options
 from .s3 import run_s3
-from .study import AnySchedule, Ledger, chash, schedule_from_json
+from .study import AnySchedule, Ledger, chash
 
 __all__ = ["run_search", "METHODS", "MultiNFEResult", "check_config", "build_space", "default_evaluator"]
 
@@ -209,6 +209,3 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
     return MultiNFEResult(best=first.best, best_value=first.best_value, test_value=first.test_value,
                           baselines=first.baselines, evaluations=ledger.count, per_nfe=per_nfe, stopped=stopped)
 
-
-# For callers that read stored test results back.
-parse_schedule = schedule_from_json
