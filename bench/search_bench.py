@@ -146,7 +146,7 @@ def cmd_efficiency(args) -> None:
         doc = {**_load(key), **{k: v for k, v in doc.items() if k != "curves"}}   # other runs may have saved
         doc.setdefault("curves", {})[label] = {"budget": budget, "curve": _curve(study),
                                                "test_value": res.test_value, "seconds": time.perf_counter() - t}
-        if method == "random" and args.seed == 0:
+        if method == "random" and args.seed == 0 and not args.seeded:   # the predictor benchmark's pairs
             pairs = [(t.user_attrs[ATTR.SCHEDULE], t.value) for t in study.get_trials(deepcopy=False)
                      if t.state == optuna.trial.TrialState.COMPLETE]
             doc["random_pairs"] = pairs
