@@ -7,6 +7,7 @@ exact denoiser; metric: the Frechet distance of the samples to N(0, c^2 I)), che
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -172,8 +173,6 @@ def test_several_nfe_and_stop(tmp_path):
     ({"nfe": ()}, "nfe"), ({"n_samples": 1}, "n_samples"), ({"options": {"bogus": 1}}, "options.bogus"),
 ])
 def test_bad_configs_raise_value_errors(tmp_path, change, field):
-    import dataclasses
-
     cfg = dataclasses.replace(config(10), **change)
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         run_search(cfg, new_study(tmp_path), evaluator=GaussianEvaluator())
@@ -216,3 +215,16 @@ def test_warm_start_feeds_earlier_studies_to_the_predictor(tmp_path):
     n_old = len(old.get_trials(states=(TrialState.COMPLETE,)))
     assert new.user_attrs["warm_start_pairs"] == n_old > 0
     assert result.evaluations == 20 and len(new.get_trials(states=(TrialState.COMPLETE, TrialState.FAIL))) == 20
+
+
+@pytest.mark.parametrize("method", ["s3", "tpe"])
+def test_same_seed_same_search(tmp_path, method):
+    def hashes(seed: int) -> list[str]:
+        study = optuna.create_study()
+        cfg = dataclasses.replace(config(18, method, seed_baselines=method == "s3"), seed=seed)
+        run_search(cfg, study, evaluator=GaussianEvaluator())
+        return [t.user_attrs[ATTR.HASH] for t in sorted(study.trials, key=lambda t: t.number)]
+
+    first = hashes(0)
+    assert hashes(0) == first and len(first) == 18
+    assert hashes(1) != first
