@@ -13,7 +13,8 @@ from s3search.integrator import sample
 from s3search.processes import get as get_process
 from s3search.schedule import SolverSchedule, StepSpec
 
-from test_k_diffusion_integration import _x, kd_model, kdiff_sampling, our_denoiser
+from reference_libs import k_diffusion_sampling
+from test_k_diffusion_integration import _x, kd_model, our_denoiser
 
 
 def S(order: int, derivative: str = "taylor", **kw) -> StepSpec:
@@ -158,7 +159,7 @@ def test_baselines_export_as_one_exact_segment(name, sampler):
 
 
 def test_exact_segments_chained_through_k_diffusion_reproduce_sample():
-    ks = kdiff_sampling()
+    ks = k_diffusion_sampling()
     steps = (S(1), S(2, "dpmpp"), S(2, "dpmpp"), S(1), S(1), S(1), S(2), S(2), S(1), S(2), S(3, "dpmpp"),
              S(3, "dpmpp"))
     sched = SolverSchedule("edm", grids.edm(get_process("edm"), len(steps)), steps)

@@ -3,10 +3,8 @@ diffusers' published AYS tables and timesteps)."""
 
 from __future__ import annotations
 
-import importlib.util
+
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -15,40 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from s3search import grids, processes
+from reference_libs import k_diffusion_sampling
 
 PROCESSES = ["edm", "vp-linear", "vp-cosine", "vp-discrete", "flow"]
-
-
-def _k_diffusion_sampling():
-    """k_diffusion.sampling without its package __init__ (which needs torchvision, not installable here).
-
-    k_diffusion.utils imports torchvision.transforms at module level for image helpers the sampling functions
-    never call; an empty stand-in module is registered for the duration of this test module only.
-    """
-    if "k_diffusion.sampling" in sys.modules:
-        return sys.modules["k_diffusion.sampling"]
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or spec.submodule_search_locations is None:
-        pytest.skip("k-diffusion is not installed")
-    saved = {k: sys.modules.get(k) for k in ("k_diffusion", "torchvision", "torchvision.transforms")}
-    try:
-        if "torchvision" not in sys.modules:
-            tv = types.ModuleType("torchvision")
-            tv.transforms = types.ModuleType("torchvision.transforms")
-            tv.transforms.functional = types.ModuleType("torchvision.transforms.functional")
-            sys.modules["torchvision"], sys.modules["torchvision.transforms"] = tv, tv.transforms
-        pkg = types.ModuleType("k_diffusion")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules["k_diffusion"] = pkg
-        import k_diffusion.sampling as sampling
-        return sampling
-    finally:
-        for k, v in saved.items():
-            if k.startswith("torchvision"):
-                if v is None:
-                    sys.modules.pop(k, None)
-                else:
-                    sys.modules[k] = v
 
 
 def _sigmas(proc, ts):
@@ -96,7 +63,7 @@ def test_logsnr_is_uniform_in_lambda(process):
 
 @pytest.mark.parametrize("rho", [1.0, 3.0, 7.0])
 def test_edm_matches_k_diffusion_karras(rho):
-    sampling = _k_diffusion_sampling()
+    sampling = k_diffusion_sampling()
     proc = processes.get("edm")
     # k-diffusion builds its ramp in torch's default dtype; float64 makes it a reference to 1e-12.
     old = torch.get_default_dtype()

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -18,6 +15,7 @@ from s3search.integrations.k_diffusion import retime, sample_schedule
 from s3search.integrator import sample
 from s3search.processes import get as get_process
 from s3search.schedule import SolverSchedule, StepSpec
+from reference_libs import k_diffusion_sampling
 
 # A two-component isotropic Gaussian mixture in VE form: an exact, nonlinear denoiser.
 MEANS = torch.tensor([[1.5, -0.5, 0.25], [-1.0, 0.75, -0.5]], dtype=torch.float64)
@@ -48,28 +46,6 @@ def our_denoiser(process: str):
         a, s = proc.alpha(t), proc.sigma(t)
         return denoise_ve(x / a, s / a)
     return D
-
-
-def kdiff_sampling():
-    """k_diffusion.sampling without the package __init__ (it imports torchvision, which this CPU build lacks)."""
-    if "k_diffusion.sampling" in sys.modules:
-        return sys.modules["k_diffusion.sampling"]
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None:
-        pytest.skip("k-diffusion is not installed")
-    pkg = types.ModuleType("k_diffusion")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules.setdefault("k_diffusion", pkg)
-    if "torchvision" not in sys.modules:
-        # Test-only stub: k_diffusion.utils imports torchvision.transforms.functional for image helpers that
-        # sampling never calls; torchvision itself would replace the CPU torch.
-        tv = types.ModuleType("torchvision")
-        tr = types.ModuleType("torchvision.transforms")
-        tr.functional = types.ModuleType("torchvision.transforms.functional")
-        tv.transforms = tr
-        sys.modules.update({"torchvision": tv, "torchvision.transforms": tr,
-                            "torchvision.transforms.functional": tr.functional})
-    return importlib.import_module("k_diffusion.sampling")
 
 
 def _x(n: int = 5, seed: int = 0) -> torch.Tensor:
@@ -116,7 +92,7 @@ def test_stochastic_schedule_uses_the_generator():
 @pytest.mark.parametrize("name,kd_fn", [("ddim", "sample_euler"), ("dpmpp_2m", "sample_dpmpp_2m"),
                                         ("dpmpp_3m", "sample_dpmpp_3m_sde")])
 def test_baselines_agree_with_k_diffusion_samplers(name, kd_fn):
-    ks = kdiff_sampling()
+    ks = k_diffusion_sampling()
     ts = grids.edm(get_process("edm"), 8)
     sched = baselines.get(name, timesteps=ts, process="edm")
     sigmas = torch.tensor(list(ts) + [0.0], dtype=torch.float64)

@@ -9,11 +9,6 @@ relative as the issue asks and is in fact at rounding level (asserted at 1e-9).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import math
-import sys
-import types
 
 import pytest
 import torch
@@ -22,41 +17,10 @@ from s3search import baselines, grids, processes, sample
 from s3search.models.mixtures import grid_mixture
 from s3search.named import NamedSchedule
 from s3search.noise import randn_rows
+from reference_libs import k_diffusion_sampling
 
 
-def _k_sampling():
-    """k_diffusion.sampling without its package __init__ (which imports torchvision, absent here).
-
-    k_diffusion.utils imports torchvision.transforms.functional and PIL at import time, for image helpers the
-    samplers never call; empty stand-ins are placed in sys.modules only while it is imported, then removed, so
-    nothing else in the test session sees a fake torchvision or PIL.
-    """
-    if "k_diffusion.sampling" in sys.modules:
-        return sys.modules["k_diffusion.sampling"]
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None:
-        pytest.skip("k-diffusion is not installed")
-    pkg = types.ModuleType("k_diffusion")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules["k_diffusion"] = pkg
-    missing = {top for top in ("torchvision", "PIL") if top not in sys.modules and importlib.util.find_spec(top) is None}
-    stubs = {}
-    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "PIL", "PIL.Image"):
-        if name.split(".")[0] in missing:
-            stubs[name] = sys.modules.setdefault(name, types.ModuleType(name))
-    if "torchvision.transforms" in stubs:
-        stubs["torchvision"].transforms = stubs["torchvision.transforms"]
-        stubs["torchvision.transforms"].functional = stubs["torchvision.transforms.functional"]
-    if "PIL.Image" in stubs:
-        stubs["PIL"].Image = stubs["PIL.Image"]
-    try:
-        return importlib.import_module("k_diffusion.sampling")
-    finally:
-        for name in stubs:
-            sys.modules.pop(name, None)
-
-
-K = _k_sampling()
+K = k_diffusion_sampling()
 GM = grid_mixture(3, 2, spacing=1.0, std=(0.2, 0.3))
 D = GM.denoiser("edm")
 M = 8  # model timesteps; k-diffusion's grid has M + 1 values ending in 0
