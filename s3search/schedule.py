@@ -252,11 +252,15 @@ class SolverSchedule:
 
     @classmethod
     def from_json(cls, text: str) -> "SolverSchedule":
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"not valid JSON: {e}") from None
-        return cls.from_dict(doc)
+        return cls.from_dict(parse_json(text))
+
+
+def parse_json(text: str) -> Any:
+    """json.loads with the ValueError every schedule parser raises."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON: {e}") from None
 
 
 def evaluation_plan(schedule: SolverSchedule) -> list[int]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from .. import processes
+from ..schedule import parse_json
 from .registry import get_sampler
 
 __all__ = ["NamedSchedule", "NAMED_SCHEMA_VERSION"]
@@ -156,8 +157,4 @@ class NamedSchedule:
 
     @classmethod
     def from_json(cls, text: str) -> "NamedSchedule":
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"not valid JSON: {e}") from None
-        return cls.from_dict(doc)
+        return cls.from_dict(parse_json(text))
