@@ -249,13 +249,22 @@ def plot_best_so_far(res: Results, out: str | Path) -> Path:
     return _save(fig, out)
 
 
+DEFAULT_GRID = "logsnr"
+
+
+def _row_label(entry: BaselineEntry) -> str:
+    # A baseline without its grid in the name is drawn on DEFAULT_GRID: the label says so.
+    return entry.name if entry.schedule is not None or "@" in entry.name else f"{entry.name}@{DEFAULT_GRID}"
+
+
 def _baseline_schedule(entry: BaselineEntry, process: Optional[str]) -> Optional[dict[str, Any]]:
-    """The entry's schedule, or for a "<name>@<grid>" label the baseline rebuilt on that grid (default range)."""
-    if entry.schedule is not None or process is None or "@" not in entry.name:
+    """The entry's schedule, or the baseline rebuilt on the grid its "<name>@<grid>" label names (default range;
+    DEFAULT_GRID when the label names none)."""
+    if entry.schedule is not None or process is None:
         return entry.schedule
     from . import baselines
 
-    name, _, grid = entry.name.partition("@")
+    name, _, grid = _row_label(entry).partition("@")
     try:
         sched = baselines.for_nfe(name, entry.nfe, process, grid=grid)
     except (ValueError, KeyError):
@@ -272,7 +281,7 @@ def _grid_rows(res: Results, nfe: int, process: Optional[str] = None,
     for b in sorted((b for b in res.baselines if b.nfe == nfe), key=lambda b: b.value):
         doc = _baseline_schedule(b, process) if len(rows) < max_baselines + 1 else None
         if doc is not None:
-            rows.append((b.name, doc))
+            rows.append((_row_label(b), doc))
     return rows
 
 

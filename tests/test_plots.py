@@ -89,8 +89,10 @@ def test_sample_grid_rows_are_searched_then_baselines_by_value(tmp_path):
     res = plots.load_results(_results(tmp_path))
     rows = plots._grid_rows(res, 4)
     assert [label for label, _ in rows] == ["searched (s3)", "ddim"]  # unipc has no schedule in the file
-    with pytest.raises(ValueError, match="nfe=6"):
-        plots.plot_sample_grid(res, 6, _toy_model("t"), tmp_path / "x.png")
+    # A baseline named without its grid is rebuilt on the default grid, and its row label says which.
+    assert [label for label, _ in plots._grid_rows(res, 6, process="edm")] == ["ddim@logsnr"]
+    with pytest.raises(ValueError, match="nfe=8"):
+        plots.plot_sample_grid(res, 8, _toy_model("t"), tmp_path / "x.png")
     with pytest.raises(ValueError, match="image"):
         plots.plot_sample_grid(res, 4, ModelSpec(name="v", denoiser=_toy_model("t").denoiser, shape=(2,)),
                                tmp_path / "x.png")
