@@ -188,11 +188,7 @@ class SolverSchedule:
 
     def canonical_hash(self) -> str:
         """Identical schedules (up to choices that cannot change the output) share this hash."""
-        doc = self.canonical().to_dict()
-        doc.pop("name", None)
-        doc["timesteps"] = [float(f"{t:.12g}") for t in doc["timesteps"]]
-        blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return document_hash(self.canonical().to_dict())
 
     # ----- serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -253,6 +249,14 @@ class SolverSchedule:
     @classmethod
     def from_json(cls, text: str) -> "SolverSchedule":
         return cls.from_dict(parse_json(text))
+
+
+def document_hash(doc: dict[str, Any]) -> str:
+    """Hash of a canonical schedule document (either schedule type): name ignored, times to 12 digits."""
+    doc = {k: v for k, v in doc.items() if k != "name"}
+    doc["timesteps"] = [float(f"{t:.12g}") for t in doc["timesteps"]]
+    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def parse_json(text: str) -> Any:

@@ -11,6 +11,15 @@ import typer
 __all__ = ["register", "export_command", "plots_command"]
 
 
+
+def emit(text: str, out: Optional[Path]) -> None:
+    """Print `text`, or write it to `out` and say so on stderr (the export commands' one output rule)."""
+    if out is None:
+        typer.echo(text)
+    else:
+        out.write_text(text + "\n")
+        typer.echo(f"wrote {out}", err=True)
+
 def export_command(
     schedule: Path = typer.Option(..., "--schedule", "-s", help="schedule JSON file (SolverSchedule or named)"),
     format: str = typer.Option("json", "--format", "-f", help="json | diffusers | k-diffusion | comfyui"),
@@ -37,11 +46,7 @@ def export_command(
         result = value if isinstance(value, str) else json.dumps(value)
     else:
         result = json.dumps(doc, indent=2)
-    if out is None:
-        typer.echo(result)
-    else:
-        out.write_text(result + "\n")
-        typer.echo(f"wrote {out}", err=True)
+    emit(result, out)
 
 
 def plots_command(

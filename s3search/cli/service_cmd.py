@@ -304,12 +304,9 @@ def export(job_id: Optional[str] = typer.Argument(None, help="a job id: fetch it
                                  param_hint="JOB_ID")
     with _client(server, key) as c:
         doc = _check(c.get(f"/v1/jobs/{job_id}/schedule", params={"format": format}))
-    text = json.dumps(doc, indent=2)
-    if out is None:
-        typer.echo(text)
-    else:
-        out.write_text(text + "\n")
-        typer.echo(f"wrote {out}", err=True)
+    from .export_cmd import emit
+
+    emit(json.dumps(doc, indent=2), out)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from .. import processes
-from ..schedule import parse_json
+from ..schedule import document_hash, parse_json
 from .registry import get_sampler
 
 __all__ = ["NamedSchedule", "NAMED_SCHEMA_VERSION"]
@@ -118,11 +117,7 @@ class NamedSchedule:
 
     def canonical_hash(self) -> str:
         """Schedules that run identically (defaults spelled out or not) share this hash."""
-        doc = self.canonical().to_dict()
-        doc.pop("name", None)
-        doc["timesteps"] = [float(f"{t:.12g}") for t in doc["timesteps"]]
-        blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return document_hash(self.canonical().to_dict())
 
     # ----- serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
