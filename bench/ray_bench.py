@@ -7,18 +7,30 @@
 Overhead of one worker = (driver wall time - time inside the evaluator) / time inside the evaluator: everything
 Ray adds (task submission, JSON transfer, scheduling, result fetch). With w workers the same sum is taken over
 worker-time (w x wall), so it also counts idle workers at the end of a round. Batches are timed after a warm-up
-round, so actor start-up and the model load (paid once per worker) are reported separately.
+round on other candidates, so actor start-up and the model load (paid once per worker) are reported separately
+and no measured candidate is a memoised repeat.
+
+The overhead is split with the per-task trace (s3search/distributed/trace.py) into: tail (a worker idle while
+the other finishes), dispatch + fetch (Ray moving the task and its result) and driver (the dispatch loop).
+Alongside, the CPU that Ray's daemons (GCS, raylet, log monitor, dashboard and agents) and the driver used
+during the measured call, in % of one core.
+
+"no Ray" rows: the same evaluator in w plain processes (concurrent.futures), fed the same batches, timed the
+same way, in the same run. Their overhead is what the definition counts on this machine without Ray at all
+(the tail, and process start-up excluded); the difference to the Ray row of the same w is Ray's own share.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import json
 import math
+import multiprocessing
 import os
 import random
 import time
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import ray
 import torch
@@ -27,6 +39,7 @@ from s3search import processes
 from s3search.distributed import RayEvaluator, RaySettings
 from s3search.evaluation.base import EvalRequest
 from s3search.distributed.ray_evaluator import load_factory
+from s3search.distributed.trace import breakdown, next_batch_size
 from s3search.schedule import SolverSchedule, StepSpec
 
 
@@ -58,29 +71,142 @@ def calibrate_toy(target_s: float) -> int:
     return max(1, round(target_s / per))
 
 
-def run_ray(factory: str, kwargs: dict[str, Any], cands: list[SolverSchedule], request: EvalRequest,
-            workers: int, batch_size: int) -> dict[str, float]:
+# ----- CPU per process (Linux /proc), to see whether Ray's daemons or the driver take CPU from the workers ---
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _ray_processes() -> dict[int, str]:
+    """This driver's descendants (Ray's daemons and workers), by pid, with the start of their command line."""
+    parent: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+                parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                names[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+        except (OSError, IndexError, ValueError):
+            continue
+    me, out = os.getpid(), {}
+    for pid in parent:
+        p, seen = pid, 0
+        while p > 1 and seen < 64:
+            p, seen = parent.get(p, 0), seen + 1
+            if p == me:
+                out[pid] = names.get(pid, "")
+                break
+    return out
+
+
+def cpu_snapshot() -> Optional[dict[str, float]]:
+    """CPU seconds so far of the driver, of Ray's evaluation workers, and of the rest (the daemons)."""
+    if not os.path.isdir("/proc"):
+        return None
+    snap = {"driver": _cpu_seconds(os.getpid()), "workers": 0.0, "daemons": 0.0}
+    for pid, cmd in _ray_processes().items():
+        try:
+            key = "workers" if cmd.startswith("ray::") and "Agent" not in cmd else "daemons"
+            snap[key] += _cpu_seconds(pid)
+        except OSError:
+            continue
+    return snap
+
+
+def _cpu_share(before: Optional[dict[str, float]], after: Optional[dict[str, float]], wall: float) -> dict:
+    if before is None or after is None:
+        return {}
+    return {f"{k}_cpu_frac": (after[k] - before[k]) / wall for k in before}
+
+
+# ----- the measured runs ------------------------------------------------------------------------------------
+
+def _summary(workers: int, batch: int, n: int, wall: float, inside: float) -> dict[str, float]:
+    return {"workers": workers, "batch": batch, "wall_s": wall, "evals_per_min": 60 * n / wall,
+            "eval_s_mean": inside / n, "overhead_frac": (workers * wall - inside) / inside,
+            "overhead_ms_per_eval": 1e3 * (workers * wall - inside) / n}
+
+
+def run_ray(factory: str, kwargs: dict[str, Any], warm_cands: Sequence[SolverSchedule],
+            cands: list[SolverSchedule], request: EvalRequest, workers: int, batch_size: int) -> dict[str, Any]:
     ev = RayEvaluator(RaySettings(max_in_flight=workers, batch_size=batch_size), factory=factory,
                       factory_kwargs=kwargs)
     t0 = time.perf_counter()
     ev.start()
     ray.get([a.ping.remote() for a in ev._actors])
     startup = time.perf_counter() - t0
-    # Warm-up: one candidate per worker loads the model in each actor.
-    ev.evaluate(cands[:workers], request)
+    threads = ray.get([a.torch_threads.remote() for a in ev._actors])
+    # Warm-up on other candidates: one per worker loads the model in each actor and times an evaluation.
+    ev.evaluate(list(warm_cands[:workers]), request)
     warm = time.perf_counter() - t0 - startup
     ev.stats.wall_seconds = 0.0
     inside0 = ev.stats.eval_seconds
     batch = ev.batch_size_for(len(cands))
+    cpu0, w0 = cpu_snapshot(), time.time()
     res = ev.evaluate(cands, request)
+    w1, cpu1 = time.time(), cpu_snapshot()
     wall, inside = ev.stats.wall_seconds, ev.stats.eval_seconds - inside0
+    parts = breakdown(ev.stats.trace, w0, w1, workers)
+    sizes = [t.size for t in ev.stats.trace if t.submitted >= w0]
     ev.close()
-    failed = sum(not r.ok for r in res)
-    return {"workers": workers, "batch": batch, "wall_s": wall,
-            "evals_per_min": 60 * len(cands) / wall, "eval_s_mean": inside / len(cands),
-            "overhead_frac": (workers * wall - inside) / inside,
-            "overhead_ms_per_eval": 1e3 * (workers * wall - inside) / len(cands),
-            "startup_s": startup, "warmup_s": warm, "failed": failed}
+    row = _summary(workers, batch, len(cands), wall, inside)
+    row.update({"kind": "ray", "startup_s": startup, "warmup_s": warm, "failed": sum(not r.ok for r in res),
+                "tasks": len(sizes), "torch_threads": max(threads),
+                **{f"{k}_frac": getattr(parts, k) / inside for k in ("tail", "dispatch", "fetch", "driver")},
+                **_cpu_share(cpu0, cpu1, w1 - w0)})
+    return row
+
+
+_POOL_EVALUATOR: Any = None
+
+
+def _pool_init(factory: str, kwargs: dict[str, Any]) -> None:
+    global _POOL_EVALUATOR
+    torch.set_num_threads(1)
+    _POOL_EVALUATOR = load_factory(factory)(**kwargs)
+
+
+def _pool_eval(texts: list[str], request: EvalRequest) -> tuple[float, int]:
+    from s3search.distributed.ray_evaluator import schedule_from_json
+
+    t0 = time.perf_counter()
+    res = _POOL_EVALUATOR.evaluate([schedule_from_json(t) for t in texts], request)
+    return time.perf_counter() - t0, sum(not r.ok for r in res)
+
+
+def batch_sizes(n: int, cap: int, workers: int) -> list[int]:
+    """The task sizes RayEvaluator sends for n candidates (a queue drained by next_batch_size)."""
+    sizes = []
+    while n:
+        sizes.append(next_batch_size(n, cap, workers))
+        n -= sizes[-1]
+    return sizes
+
+
+def run_pool(factory: str, kwargs: dict[str, Any], warm_cands: Sequence[SolverSchedule],
+             cands: list[SolverSchedule], request: EvalRequest, workers: int, batch: int) -> dict[str, Any]:
+    """The same batches on `workers` plain processes: what the overhead definition gives without Ray."""
+    texts = [c.to_json() for c in cands]
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init,
+                                initargs=(factory, kwargs)) as pool:
+        # Warm-up: each process evaluates one other candidate (the barrier-free way: enough tasks to reach all).
+        list(pool.map(_pool_eval, [[c.to_json()] for c in warm_cands[:workers]], [request] * workers))
+        t0 = time.perf_counter()
+        futures, start = [], 0
+        for size in batch_sizes(len(texts), batch, workers):
+            futures.append(pool.submit(_pool_eval, texts[start:start + size], request))
+            start += size
+        done = [f.result() for f in futures]
+        wall = time.perf_counter() - t0
+    row = _summary(workers, batch, len(cands), wall, sum(d[0] for d in done))
+    row.update({"kind": "no Ray", "failed": sum(d[1] for d in done), "tasks": len(futures)})
+    return row
 
 
 def main() -> None:
@@ -94,6 +220,9 @@ def main() -> None:
     p.add_argument("--process", default="", help="process of the candidates (default: the model's, or edm)")
     p.add_argument("--nfe", type=int, default=6)
     p.add_argument("--candidates", type=int, default=24)
+    p.add_argument("--configs", default="1:1,1:0,2:1,2:0",
+                   help="workers:batch pairs to run on Ray (batch 0 = adaptive)")
+    p.add_argument("--no-pool", action="store_true", help="skip the no-Ray process-pool rows")
     p.add_argument("--json", default="", help="also write the measurements here")
     args = p.parse_args()
 
@@ -104,17 +233,24 @@ def main() -> None:
         kwargs["work"] = calibrate_toy(args.eval_s)
     process = args.process or ("edm" if toy else _model_process(args.model))
     cands = candidates(process, args.nfe, args.candidates, seed=1)
+    warm_cands = candidates(process, args.nfe, 4, seed=2)
+    configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
     request = EvalRequest(model=args.model, metric=args.metric, n_samples=args.n_samples, seed=0)
 
     # In-process baseline: the same evaluator, no Ray (after one warm-up evaluation).
     local = load_factory(args.factory)(**kwargs)
-    local.evaluate(cands[:1], request)
+    local.evaluate(warm_cands[:1], request)
     t0 = time.perf_counter()
     local_res = local.evaluate(cands, request)
     local_wall = time.perf_counter() - t0
 
     ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    rows = [run_ray(args.factory, kwargs, cands, request, w, b) for w, b in ((1, 1), (1, 0), (2, 1), (2, 0))]
+    rows = []
+    for w, b in configs:
+        rows.append(run_ray(args.factory, kwargs, warm_cands, cands, request, w, b))
+        if b == 0 and w > 1 and not args.no_pool:
+            # Side by side with the Ray row just run: the same batches, no Ray.
+            rows.append(run_pool(args.factory, kwargs, warm_cands, cands, request, w, rows[-1]["batch"]))
     ray.shutdown()
 
     print(f"# ray_bench: factory={args.factory} kwargs={json.dumps(kwargs)} model={args.model} "
@@ -122,15 +258,26 @@ def main() -> None:
     print(f"# host: {os.cpu_count()} CPUs, load average at end {os.getloadavg()[0]:.2f}; ray {ray.__version__}")
     print(f"local (no Ray): {60 * len(cands) / local_wall:.1f} evals/min, {local_wall / len(cands):.3f} s/eval, "
           f"{sum(not r.ok for r in local_res)} failed")
-    print("| workers | batch | evals/min | s/eval inside | Ray overhead | ms/eval | actor start s | warm-up s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | workers | batch (tasks) | evals/min | s/eval inside | overhead | ms/eval | tail | "
+          "dispatch+fetch | driver loop | daemons CPU | driver CPU | actor start s | warm-up s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['workers']} | {r['batch']} | {r['evals_per_min']:.1f} | {r['eval_s_mean']:.3f} | "
-              f"{100 * r['overhead_frac']:.1f}% | {r['overhead_ms_per_eval']:.1f} | {r['startup_s']:.2f} | "
-              f"{r['warmup_s']:.2f} |")
+        def pct(key: str) -> str:
+            return f"{100 * r[key]:.1f}%" if key in r else "-"
+        df = f"{100 * (r['dispatch_frac'] + r['fetch_frac']):.1f}%" if "dispatch_frac" in r else "-"
+        start = f"{r['startup_s']:.2f} | {r['warmup_s']:.2f}" if "startup_s" in r else "- | -"
+        print(f"| {r['kind']} | {r['workers']} | {r['batch']} ({r['tasks']}) | {r['evals_per_min']:.1f} | "
+              f"{r['eval_s_mean']:.3f} | {100 * r['overhead_frac']:.1f}% | {r['overhead_ms_per_eval']:.1f} | "
+              f"{pct('tail_frac')} | {df} | {pct('driver_frac')} | {pct('daemons_cpu_frac')} | "
+              f"{pct('driver_cpu_frac')} | {start} |")
+    threads = sorted({r["torch_threads"] for r in rows if "torch_threads" in r})
+    print(f"# torch intra-op threads per actor: {threads}; failed evaluations: {sum(r['failed'] for r in rows)}")
+    print("# tail, dispatch+fetch and driver loop are % of the time inside the evaluators, like the overhead; "
+          "daemons and driver CPU are % of one core during the measured call")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"local_wall_s": local_wall, "rows": rows, "kwargs": kwargs}, f, indent=1)
+            json.dump({"local_wall_s": local_wall, "rows": rows, "kwargs": kwargs,
+                       "loadavg_end": os.getloadavg()}, f, indent=1)
 
 
 def _model_process(model: str) -> str:

@@ -28,6 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 from ..evaluation.base import EvalRequest, EvalResult
 from ..schedule import SolverSchedule
 from .settings import ENV_PREFIX, RaySettings
+from .trace import TaskTrace, next_batch_size
 
 __all__ = ["RayEvaluator", "EvalActorCore", "DEFAULT_FACTORY", "load_factory", "ensure_ray"]
 
@@ -130,6 +131,7 @@ class EvalActorCore:
         return [_result_to_dict(r) for r in results]
 
     def evaluate_json(self, schedules_json: list[str], request_json: str) -> str:
+        started = time.time()    # wall clock, to line up with the driver's stamps (trace.py)
         t0 = time.perf_counter()
         request = _request_from_json(request_json)
         schedules = [schedule_from_json(s) for s in schedules_json]
@@ -149,10 +151,17 @@ class EvalActorCore:
                         out.append(_error_dict(s, f"{type(e).__name__}: {e}", time.perf_counter() - t1))
         if any(r["error"] for r in out):
             _release_gpu_memory()      # after a CUDA out-of-memory, the next batch should start from a clean cache
-        return json.dumps({"pid": self.pid, "seconds": time.perf_counter() - t0, "results": out})
+        return json.dumps({"pid": self.pid, "seconds": time.perf_counter() - t0, "results": out,
+                           "started": started, "finished": time.time()})
 
     def ping(self) -> int:
         return self.pid
+
+    def torch_threads(self) -> int:
+        """Intra-op threads: more than the CPUs reserved would contend with the other actors."""
+        import torch
+
+        return torch.get_num_threads()
 
 
 # ----- the driver side ------------------------------------------------------------------------------------
@@ -191,6 +200,7 @@ class RayStats:
     wall_seconds: float = 0.0    # time in evaluate() on the driver
     pids: set[int] = field(default_factory=set)
     recent_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=32))   # per candidate
+    trace: deque[TaskTrace] = field(default_factory=lambda: deque(maxlen=4096))      # recent tasks (trace.py)
 
 
 class RayEvaluator:
@@ -270,10 +280,11 @@ class RayEvaluator:
 
     # -- evaluation --
     def batch_size_for(self, n: int) -> int:
-        """Candidates per task: the setting, else enough for about TASK_TARGET_S of work per task.
+        """The most candidates per task: the setting, else enough for about TASK_TARGET_S of work per task.
 
         Ray costs a few milliseconds per task, so a ~1 s task keeps it under 1%; smaller batches keep the
-        workers evenly loaded. Until an evaluation has been timed, one candidate per task.
+        workers evenly loaded. Until an evaluation has been timed, one candidate per task. evaluate() sends
+        smaller tasks as the queue drains (trace.next_batch_size) so the actors finish together.
         """
         if self.settings.batch_size:
             return self.settings.batch_size
@@ -284,10 +295,6 @@ class RayEvaluator:
         mean = max(recent[len(recent) // 2], 1e-6)
         per_actor = math.ceil(n / max(1, len(self._actors)))
         return max(1, min(per_actor, math.ceil(TASK_TARGET_S / mean)))
-
-    def _batches(self, n: int) -> list[list[int]]:
-        size = self.batch_size_for(n)
-        return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
 
     def evaluate(self, schedules: Sequence[Any], request: EvalRequest) -> list[EvalResult]:
         """Score SolverSchedules and NamedSchedules (anything with to_json / canonical_hash / nfe)."""
@@ -308,18 +315,28 @@ class RayEvaluator:
                 texts.append("")
                 results[i] = {"schedule_hash": _safe_hash(s), "value": math.inf, "nfe": -1, "seconds": 0.0,
                               "error": f"schedule cannot be serialised: {type(e).__name__}: {e}", "extras": {}}
-        todo = [i for i in range(len(schedules)) if results[i] is None]
-        queue: deque[tuple[list[int], bool]] = deque(
-            ([todo[j] for j in b], False) for b in self._batches(len(todo)))
+        todo: deque[int] = deque(i for i in range(len(schedules)) if results[i] is None)
+        cap = self.batch_size_for(len(todo))
+        # Candidates re-run one by one after their batch kept killing workers; they go before the rest.
+        queue: deque[tuple[list[int], bool]] = deque()
         idle = list(range(len(self._actors)))
         pending: dict[Any, _Job] = {}
+        submitted: dict[Any, float] = {}
         timeout = self.settings.timeout_s
+
+        def next_job() -> tuple[list[int], bool]:
+            if queue:
+                return queue.popleft()
+            size = next_batch_size(len(todo), cap, len(self._actors))
+            return [todo.popleft() for _ in range(size)], False
 
         def submit(indices: list[int], isolated: bool) -> None:
             a = idle.pop()
+            submitted_at = time.time()
             ref = self._actors[a].evaluate_json.remote([texts[i] for i in indices], request_json)
             deadline = time.monotonic() + timeout * len(indices) if timeout else math.inf
             pending[ref] = _Job(indices, a, isolated, deadline)
+            submitted[ref] = submitted_at
             self.stats.batches += 1
 
         def give_up(job: _Job, why: str) -> None:
@@ -332,15 +349,17 @@ class RayEvaluator:
                 for i in job.indices:
                     results[i] = _error_dict(schedules[i], why)
 
-        while queue or pending:
-            while queue and idle:
-                submit(*queue.popleft())
+        while queue or todo or pending:
+            while (queue or todo) and idle:
+                submit(*next_job())
             wait_s = None
             if timeout:
                 wait_s = max(0.0, min(j.deadline for j in pending.values()) - time.monotonic())
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
             for ref in ready:
+                received_at = time.time()
                 job = pending.pop(ref)
+                submitted_at = submitted.pop(ref)
                 try:
                     doc = json.loads(ray.get(ref))
                 except RayTaskError as e:
@@ -358,6 +377,8 @@ class RayEvaluator:
                 self.stats.evaluations += len(job.indices)
                 self.stats.recent_seconds.extend(float(r["seconds"]) for r in doc["results"])
                 self.stats.pids.add(int(doc["pid"]))
+                self.stats.trace.append(TaskTrace(job.actor, len(job.indices), submitted_at, float(doc["started"]),
+                                                  float(doc["finished"]), received_at))
                 for i, r in zip(job.indices, doc["results"]):
                     results[i] = r
                 idle.append(job.actor)
@@ -370,6 +391,7 @@ class RayEvaluator:
                     job.kills += 1
                     if job.kills > self.settings.max_retries:
                         pending.pop(ref)
+                        submitted.pop(ref)
                         give_up(job, f"timed out ({timeout:g} s per candidate), {job.kills} attempt(s)")
                         idle.append(job.actor)
                     else:

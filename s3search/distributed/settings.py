@@ -7,8 +7,9 @@
     S3SEARCH_RAY_MAX_IN_FLIGHT       evaluation actors, i.e. batches evaluated at once (default 0 = as many
                                      as the cluster's CPUs / GPUs allow)
     S3SEARCH_RAY_MAX_RETRIES         times a batch is retried after its worker process died (default 2)
-    S3SEARCH_RAY_BATCH_SIZE          candidates per Ray task (default 0 = about 1 s of work per task, from
-                                     the evaluation times seen so far; 1 before the first)
+    S3SEARCH_RAY_BATCH_SIZE          most candidates per Ray task (default 0 = about 1 s of work per task,
+                                     from the evaluation times seen so far; 1 before the first); the last
+                                     tasks of a call are smaller, so the workers finish together
     S3SEARCH_RAY_EMBEDDED_CPUS       CPUs an embedded Ray may use (default 0 = all of this machine's)
     S3SEARCH_RAY_TIMEOUT_S           seconds per candidate a batch may take before its actor is killed and
                                      the batch retried (default 0 = no limit)
