@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import optuna
@@ -12,8 +13,10 @@ import pytest
 import predictors
 from predictors import features
 from predictors.base import prepare_targets
+from predictors.probe import probe_errors
 from predictors.warm_start import load_pairs
 from s3search import processes
+from s3search.schedule import SolverSchedule, StepSpec
 from s3search.space import SearchSpace
 
 FAST = {"torch-lstm": {"epochs": 60, "hidden": 24}, "torch-mlp": {"epochs": 60, "hidden": 24},
@@ -141,3 +144,70 @@ def test_warm_start_reads_pairs_of_earlier_studies(tmp_path, data):
     assert len(load_pairs(url, ["old-a", "old-b"])) == 12
     with pytest.raises(ValueError, match="old-c"):
         load_pairs(url, ["old-c"])
+
+
+# ----- the error-analysis features ------------------------------------------------------------------------------
+def _logsnr_schedule(n: int, order: int = 1, **step) -> SolverSchedule:
+    proc = processes.get("edm")
+    lam = np.linspace(proc.lambda_(proc.t_max), proc.lambda_(proc.t_min), n + 1)
+    ts = [proc.t_of_lambda(float(x)) for x in lam]
+    ts[0], ts[-1] = proc.t_max, proc.t_min
+    steps = [StepSpec(order=min(order, i + 1), **step) for i in range(n)]
+    return SolverSchedule("edm", tuple(ts), tuple(steps))
+
+
+def _global(s, name: str) -> float:
+    return float(features.global_features(s)[features.GLOBAL_NAMES.index(name)])
+
+
+def _step(s, i: int, name: str) -> float:
+    return float(features.step_features(s)[i, features.STEP_NAMES.index(name)])
+
+
+def test_error_features_follow_the_choice_they_describe():
+    base = _logsnr_schedule(6, order=3)
+    stoch = replace(base, steps=base.steps[:4] + (replace(base.steps[4], eta=0.5),) + base.steps[5:])
+    assert _step(base, 4, "eta_x_h") == 0.0 and _step(stoch, 4, "eta_x_h") > 0.0
+    assert _step(stoch, 4, "noise_injected") > 0.0
+    assert _global(stoch, "sum_eta_x_h") > _global(base, "sum_eta_x_h")
+    # a corrector adds the new point: one order more, and a corrector-weighted h
+    corr = replace(base, steps=base.steps[:2] + (replace(base.steps[2], corrector="unic"),) + base.steps[3:])
+    assert _step(corr, 2, "effective_order") == _step(base, 2, "effective_order") + 1
+    assert _step(base, 2, "corrector_x_h") == 0.0 < _step(corr, 2, "corrector_x_h")
+    # reaching further back for a multistep node: a farther node, another extrapolation constant (on a uniform
+    # grid, sum |l_j(1)| over the nodes 0, -1, -2 is 3 + 3 + 1; over 0, -1, -3 it is 8/3 + 2 + 1/3)
+    far = replace(base, steps=base.steps[:4] + (replace(base.steps[4], lags=(1, 3)),) + base.steps[5:])
+    assert _step(base, 4, "log_far_node") == pytest.approx(math.log(2))
+    assert _step(far, 4, "log_far_node") == pytest.approx(math.log(3))
+    assert _step(base, 4, "log_extrapolation") == pytest.approx(math.log(7))
+    assert _step(far, 4, "log_extrapolation") == pytest.approx(math.log(5))
+    # high order on long steps: stretching the grid's first step raises the order-3 maximum of h
+    assert _global(base, "max_h_order3") > 0.0 == _global(_logsnr_schedule(6, order=2), "max_h_order3")
+    # final='none' keeps the last noise level; 'denoise' removes it
+    assert _global(replace(base, final="none"), "last_residual_sigma") == pytest.approx(math.log(0.002))
+    assert _global(base, "last_residual_sigma") == 0.0
+    assert _global(replace(base, first_step="zero-x0"), "first_step_skip_x_h") > 0.0
+    assert _global(base, "first_step_skip_x_h") == 0.0
+
+
+def test_probe_error_falls_with_order_and_steps_and_is_deterministic():
+    total = features.GLOBAL_NAMES.index("probe_log_err_total")
+    err = {(n, p): features.global_features(_logsnr_schedule(n, order=p))[total] for n in (8, 16) for p in (1, 2)}
+    # On Gaussian data a convergent method's error must drop with more steps and with higher order.
+    assert err[(16, 1)] < err[(8, 1)] and err[(16, 2)] < err[(8, 2)]
+    assert err[(8, 2)] < err[(8, 1)] and err[(16, 2)] < err[(16, 1)]
+    # second order: halving h cuts the error (squared, so ~h^4) by well over the first-order factor
+    assert err[(8, 2)] - err[(16, 2)] > err[(8, 1)] - err[(16, 1)]
+    stoch = _logsnr_schedule(8, order=1, eta=1.0)
+    np.testing.assert_array_equal(probe_errors(stoch), probe_errors(stoch))
+    assert np.isfinite(probe_errors(stoch)).all()
+
+
+def test_a_predictor_saved_with_older_feature_columns_is_refused(tmp_path, data):
+    scheds, values = data
+    folder = predictors.get("ridge").fit(scheds[:20], values[:20]).save(tmp_path / "p")
+    doc = json.loads((folder / "predictor.json").read_text())
+    doc["feature_spec"].pop("version")                   # as written before the columns were versioned
+    (folder / "predictor.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="feature_spec.version"):
+        predictors.load(folder)
