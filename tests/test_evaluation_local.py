@@ -36,6 +36,13 @@ def test_seeds_are_distinct_disjoint_and_stable():
     assert seeds.sample_seeds(3, "search", 5, start=10) == search[10:15]
     assert seeds.reference_seed(3, "search") not in set(search) | set(test)
     assert seeds.reference_seed(3, "search") != seeds.reference_seed(3, "test")
+    # The validation split (where the winner is chosen) shares no seed with the others, nor a reference draw.
+    validation = seeds.sample_seeds(3, "validation", 50_000)
+    assert len(set(validation)) == 50_000 and not set(validation) & (set(search) | set(test))
+    refs = {seeds.reference_seed(3, s) for s in ("search", "test", "validation")}
+    assert len(refs) == 3 and not refs & (set(search) | set(test) | set(validation))
+    with pytest.raises(ValueError, match="split='reference'"):
+        seeds.reference_seed(3, "reference")
     # Pinned: changing the scheme silently would invalidate every recorded evaluation.
     assert seeds.sample_seed(0, "search", 0) == 391467087
 

@@ -35,6 +35,7 @@ class GaussianEvaluator:
         self.c, self.d, self.fail_implicit = c, d, fail_implicit
         self.proc = processes.get("edm")
         self.calls: list[str] = []
+        self.splits: list[str] = []
         self.denoiser = Denoiser(self._exact, self.proc, data_mean=torch.zeros(d, dtype=torch.float64))
 
     def _exact(self, x: torch.Tensor, t: float) -> torch.Tensor:
@@ -45,12 +46,14 @@ class GaussianEvaluator:
         out = []
         for sch in schedules:
             self.calls.append(sch.canonical_hash())
+            self.splits.append(request.split)
             start = time.perf_counter()
             if self.fail_implicit and any(getattr(st, "corrector", "") == "implicit" for st in
                                           getattr(sch, "steps", ())):
                 out.append(EvalResult(sch.canonical_hash(), math.inf, sch.nfe, 0.0, error="refused"))
                 continue
-            g = torch.Generator().manual_seed(request.seed * 7919 + (0 if request.split == "search" else 1))
+            split_index = ("search", "test", "validation").index(request.split)
+            g = torch.Generator().manual_seed(request.seed * 7919 + split_index)
             t0 = sch.timesteps[0]
             scale = math.sqrt(self.proc.alpha(t0) ** 2 * self.c**2 + self.proc.sigma(t0) ** 2)
             x = torch.randn(request.n_samples, self.d, generator=g, dtype=torch.float64) * scale
@@ -86,7 +89,7 @@ def test_short_search_beats_a_bad_baseline_and_fills_the_study(tmp_path):
     assert set(result.baselines) == {"ddim"}
     assert result.test_value < 0.5 * result.baselines["ddim"], (result.test_value, result.baselines)
     assert result.best.nfe == 4 and result.evaluations == 40
-    assert seen and seen[-1].evaluations == 40 and seen[-1].best_value == result.best_value
+    assert seen and seen[-1].evaluations == 40
 
     trials = study.get_trials()
     assert len(trials) == 40 and all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
@@ -100,12 +103,29 @@ def test_short_search_beats_a_bad_baseline_and_fills_the_study(tmp_path):
     assert [t.user_attrs[ATTR.BASELINE] for t in labelled] == ["ddim@time-uniform"]
     s3 = [t for t in trials if t.user_attrs[ATTR.SOURCE] == "s3"]
     assert s3 and all(ATTR.PREDICTED in t.user_attrs for t in s3)
-    # The reported best is the best trial of the study, and the test figures are stored with it.
-    assert result.best_value == min(t.value for t in trials if t.state == TrialState.COMPLETE)
+    # The winner is the best of the search split's top 5 on the validation split; the test figures are stored
+    # with it.
+    complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    top5 = {t.user_attrs[ATTR.HASH]: t.value for t in complete[:5]}
+    validation = study.user_attrs["validation"]["4"]
+    assert set(validation) == set(top5)
+    assert result.best.canonical_hash() == min(validation, key=lambda h: validation[h])
+    assert result.validation_value == min(validation.values())
+    assert result.best_value == top5[result.best.canonical_hash()]
     assert set(study.user_attrs["test"]["4"]["values"]) == {"searched:" + result.best.canonical_hash(),
                                                              "baseline:ddim"}
-    # 40 search evaluations + 2 test evaluations, nothing evaluated twice on the search split.
-    assert len(ev.calls) == 42
+    # 40 search, 5 validation and 2 test evaluations, nothing evaluated twice on one split.
+    assert ev.splits == ["search"] * 40 + ["validation"] * 5 + ["test"] * 2
+    assert len(set(zip(ev.calls, ev.splits))) == 47
+
+
+def test_validate_top_zero_keeps_the_search_splits_best(tmp_path):
+    ev = GaussianEvaluator()
+    study = new_study(tmp_path)
+    result = run_search(config(20, validate_top=0), study, evaluator=ev)
+    trials = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    assert result.best_value == min(t.value for t in trials)
+    assert "validation" not in ev.splits and math.isnan(result.validation_value)
 
 
 def test_rerun_resumes_without_re_evaluating(tmp_path):

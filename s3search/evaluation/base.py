@@ -14,7 +14,7 @@ from ..schedule import SolverSchedule
 __all__ = ["EvalRequest", "EvalResult", "Evaluator", "Split"]
 
 # "search": the seeds a search optimises on; "test": fresh seeds and more samples, for the reported figure.
-Split = Literal["search", "test"]
+Split = Literal["search", "validation", "test"]
 
 
 @dataclass(frozen=True)

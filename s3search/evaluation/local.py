@@ -23,7 +23,7 @@ from ..models.base import ModelSpec
 from ..noise import generators_for, randn_rows
 from .base import EvalRequest, EvalResult
 from .reference import load_or_compute
-from .seeds import sample_seeds
+from .seeds import EVAL_SPLITS, sample_seeds
 
 __all__ = ["LocalEvaluator", "schedule_hash", "trajectory_reference_schedule"]
 
@@ -173,8 +173,8 @@ class LocalEvaluator:
         try:
             if isinstance(request.n_samples, bool) or not isinstance(request.n_samples, int) or request.n_samples < 2:
                 raise ValueError(f"n_samples={request.n_samples!r} must be an integer >= 2")
-            if request.split not in ("search", "test"):
-                raise ValueError(f"split={request.split!r} must be search or test")
+            if request.split not in EVAL_SPLITS:
+                raise ValueError(f"split={request.split!r} must be one of {', '.join(EVAL_SPLITS)}")
             model = self._model(request.model)
             metric = metrics.get(request.metric)
             metric.check_model(model)

@@ -5,16 +5,19 @@ differ only above bit 31 give the same stream. Every seed here is therefore belo
 the split and the low 30 bits are a bijective scramble of (offset(base) + index) mod 2**30. Hence
 
 - within one (base, split), indices 0 .. 2**30 - 1 get distinct seeds;
-- the "search", "test" and "reference" splits can never share a seed, whatever the base seeds.
+- the "search", "test", "validation" and "reference" splits can never share a seed, whatever the base seeds.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-__all__ = ["SPLITS", "MAX_INDEX", "sample_seed", "sample_seeds", "reference_seed"]
+__all__ = ["SPLITS", "EVAL_SPLITS", "MAX_INDEX", "sample_seed", "sample_seeds", "reference_seed"]
 
-SPLITS = {"search": 0, "test": 1, "reference": 2}
+SPLITS = {"search": 0, "test": 1, "reference": 2, "validation": 3}
+# The splits a schedule is evaluated on; the position is the index of its reference draw (kept stable so that
+# reference caches made before "validation" existed stay valid).
+EVAL_SPLITS = ("search", "test", "validation")
 _BITS = 30
 _MASK = (1 << _BITS) - 1
 MAX_INDEX = 1 << _BITS
@@ -53,6 +56,6 @@ def sample_seeds(base: int, split: str, n: int, start: int = 0) -> list[int]:
 
 def reference_seed(base: int, split: str = "search") -> int:
     """The seed of the single generator that draws the reference samples used with `split`."""
-    if split not in ("search", "test"):
-        raise ValueError(f"split={split!r} must be search or test")
-    return sample_seed(base, "reference", 0 if split == "search" else 1)
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"split={split!r} must be one of {', '.join(EVAL_SPLITS)}")
+    return sample_seed(base, "reference", EVAL_SPLITS.index(split))

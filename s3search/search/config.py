@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -41,6 +42,7 @@ class SearchResult:
     test_value: float                   # on the test split
     baselines: dict[str, float]         # baseline name -> test value, at the same NFE
     evaluations: int
+    validation_value: float = math.nan  # on the validation split, where the winner was chosen (nan: not run)
 
 
 ProgressFn = Callable[[Progress], None]

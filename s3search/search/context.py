@@ -35,6 +35,9 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "warm_start": None,             # {"storage": url (default: the study's), "studies": [names]}
     "evaluator": {},                # LocalEvaluator keyword arguments when run_search builds one
     "test_baselines": True,         # test-score every baseline's best grid for the final table
+    "validate_top": 5,              # the winner is the best of the top k (search split) on fresh validation
+                                    # seeds; 0 = the search split's best
+    "validation_samples": None,     # samples per validation evaluation (default: n_test_samples)
 }
 
 

@@ -1,9 +1,11 @@
 """`run_search`: the one entry point the CLI and the runner call.
 
 Order of work, per NFE: baselines (stage 1: each on its conventional grid; stage 2: the best few on more grids),
-then the configured method until that NFE's share of the budget is spent, then the test evaluation of the
-winner and of every baseline's best grid (fresh seeds, `n_test_samples`). Test scores are not trials (they
-would spend budget); they are stored in the study's user attributes under "test" and reused on resume.
+then the configured method until that NFE's share of the budget is spent, then the choice of the winner among
+the search split's top `validate_top` on the validation split (fresh seeds), then the test evaluation of the
+winner and of every baseline's best grid (other fresh seeds, `n_test_samples`). Validation and test scores are
+not trials (they would spend budget); they are stored in the study's user attributes under "validation" and
+"test" and reused on resume.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .alternatives import run_optuna, run_random
 from .config import ProgressFn, SearchConfig, SearchResult, StopFn
 from .context import SearchContext, check_options
 from .s3 import run_s3
-from .study import AnySchedule, Ledger, chash
+from .study import AnySchedule, Evaluated, Ledger, chash
 
 __all__ = ["run_search", "METHODS", "MultiNFEResult", "check_config", "build_space", "default_evaluator"]
 
@@ -152,6 +154,37 @@ def _test_scores(ctx: SearchContext, study: optuna.Study, nfe: int, best: AnySch
     return val("searched:" + chash(best)), {name: val("baseline:" + name) for name in baselines}
 
 
+def _validated_best(ctx: SearchContext, study: optuna.Study, nfe: int) -> tuple[Evaluated, float]:
+    """The best of the search split's top k on the validation split (fresh seeds): the winner.
+
+    With n samples per search evaluation, the search split's minimum over hundreds of candidates is biased
+    towards schedules that suit those particular seeds; re-scoring the few best on seeds no trial used removes
+    most of that selection noise, and the test split stays untouched for the final report. Scores are stored in
+    the study's user attributes ("validation") and reused on resume; like test scores they are not trials.
+    """
+    cfg, k = ctx.config, int(ctx.options["validate_top"])
+    ranked = sorted((e for e in ctx.ledger.done.values() if e.nfe == nfe and e.ok), key=lambda e: e.value)
+    if k <= 0 or len(ranked) < 2:
+        return ranked[0], math.nan
+    top = ranked[:k]
+    n = int(ctx.options["validation_samples"] or cfg.n_test_samples)
+    stored = dict(study.user_attrs.get("validation", {}))
+    cached: dict[str, float | None] = dict(stored.get(str(nfe), {}))
+    todo = [e for e in top if chash(e.schedule) not in cached]
+    if todo:
+        req = EvalRequest(cfg.model, cfg.metric, n, cfg.seed, "validation")
+        for e, res in zip(todo, ctx.ledger.evaluator.evaluate([e.schedule for e in todo], req)):
+            cached[chash(e.schedule)] = float(res.value) if res.ok and math.isfinite(res.value) else None
+        stored[str(nfe)] = cached
+        study.set_user_attr("validation", stored)
+    scored = [(cached[chash(e.schedule)], e) for e in top if cached.get(chash(e.schedule)) is not None]
+    if not scored:
+        return ranked[0], math.nan
+    value, winner = min(scored, key=lambda ve: (ve[0], ve[1].value))
+    ctx.report(f"nfe={nfe}: winner chosen on the validation split among the top {len(top)} ({value:.5g})")
+    return winner, value
+
+
 def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluator | None = None,
                progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> SearchResult:
     options = check_config(config)
@@ -191,9 +224,9 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
     stopped = ctx.stopped()
     per_nfe: dict[int, SearchResult] = {}
     for nfe in sorted(set(config.nfe)):
-        best = ledger.best(nfe)
-        if best is None:
+        if ledger.best(nfe) is None:
             continue
+        best, validation = (ledger.best(nfe), math.nan) if stopped else _validated_best(ctx, study, nfe)
         chosen = {name: e.schedule for name, e in baselines_seed.best_per_baseline(ledger.done.values(), nfe).items()}
         if stopped:
             test, base = math.nan, {}
@@ -201,11 +234,13 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
             test, base = _test_scores(ctx, study, nfe, best.schedule,
                                       chosen if options["test_baselines"] else {})
         per_nfe[nfe] = SearchResult(best=best.schedule, best_value=best.value, test_value=test, baselines=base,
-                                    evaluations=sum(1 for e in ledger.done.values() if e.nfe == nfe))
+                                    evaluations=sum(1 for e in ledger.done.values() if e.nfe == nfe),
+                                    validation_value=validation)
     if not per_nfe:
         raise RuntimeError("no schedule was evaluated successfully; see the trials' error attributes")
     first = per_nfe.get(config.nfe[0]) or next(iter(per_nfe.values()))
     ctx.report("stopped" if stopped else "done")
     return MultiNFEResult(best=first.best, best_value=first.best_value, test_value=first.test_value,
-                          baselines=first.baselines, evaluations=ledger.count, per_nfe=per_nfe, stopped=stopped)
+                          baselines=first.baselines, evaluations=ledger.count, per_nfe=per_nfe, stopped=stopped,
+                          validation_value=first.validation_value)
 
