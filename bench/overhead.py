@@ -32,7 +32,7 @@ import torch
 from s3search import grids, processes
 from s3search.denoisers import from_eps
 from s3search.integrator import sample
-from s3search.noise import generators_for
+from s3search.noise import generators_for, randn_rows
 from s3search.schedule import SolverSchedule, StepSpec
 
 PROCESS = "vp-linear"
@@ -96,11 +96,17 @@ class Row:
     ratio_best: float        # best sample / best model loop
     ratio_median: float      # median of the per-repeat (interleaved) ratios
     free_us_per_step: float  # sample() with a model that costs nothing: pure integrator time per step
+    noise_us_per_step: float  # of which: drawing the stochastic steps' noise (torch's generator itself)
 
     @property
     def ratio_free(self) -> float:
         """1 + integrator-only time / model time: the ratio with load noise on the overhead side removed."""
         return 1.0 + self.free_us_per_step * self.steps / (1e3 * self.model_ms * self.nfe)
+
+    @property
+    def ratio_free_ex_noise(self) -> float:
+        """The same without the noise draw: what the integrator adds beyond the model and the generator."""
+        return 1.0 + (self.free_us_per_step - self.noise_us_per_step) * self.steps / (1e3 * self.model_ms * self.nfe)
 
 
 class CountingDenoiser:
@@ -127,6 +133,18 @@ def _generator(noise: str, batch: int):
     return torch.Generator().manual_seed(0)
 
 
+def noise_draw_seconds(schedule: SolverSchedule, x_T: torch.Tensor, noise: str) -> float:
+    """One sample's worth of noise, drawn the way the integrator draws it (one call per row and sample with
+    per-row generators, one call per stochastic step with a single generator)."""
+    k = sum(1 for s in schedule.steps if s.eta > 0)
+    if k == 0:
+        return 0.0
+    gen = _generator(noise, x_T.shape[0])
+    if noise == "per-row":
+        return _time(lambda: randn_rows(x_T.new_empty((x_T.shape[0], k) + tuple(x_T.shape[1:])), gen))
+    return _time(lambda: [randn_rows(x_T, gen) for _ in range(k)])
+
+
 def measure(name: str, schedule: SolverSchedule, denoiser, x_T: torch.Tensor, noise: str, repeats: int) -> Row:
     """Interleaved repeats of (sample, the same NFE model calls, sample with a free model); see the docstring."""
     times = evaluation_times(schedule)
@@ -141,15 +159,17 @@ def measure(name: str, schedule: SolverSchedule, denoiser, x_T: torch.Tensor, no
         sample(counting, x_T, schedule, _generator(noise, x_T.shape[0]))  # warm-up, and the NFE check
         if counting.calls != schedule.nfe:
             raise RuntimeError(f"{name}: sample made {counting.calls} calls, schedule.nfe={schedule.nfe}")
-        samples, models, frees = [], [], []
+        samples, models, frees, noises = [], [], [], []
         for _ in range(repeats):
             gens = [_generator(noise, x_T.shape[0]) for _ in range(2)]  # built outside the timed region
             samples.append(_time(lambda: sample(denoiser, x_T, schedule, gens[0])))
             models.append(_time(model_loop))
             frees.append(_time(lambda: sample(lambda x, t: free_out, x_T, schedule, gens[1])))
+            noises.append(noise_draw_seconds(schedule, x_T, noise))
     ratios = [s / m for s, m in zip(samples, models)]
     return Row(name, noise, schedule.nfe, schedule.num_steps, 1e3 * min(models) / schedule.nfe, 1e3 * min(samples),
-               min(samples) / min(models), statistics.median(ratios), 1e6 * min(frees) / schedule.num_steps)
+               min(samples) / min(models), statistics.median(ratios), 1e6 * min(frees) / schedule.num_steps,
+               1e6 * min(noises) / schedule.num_steps)
 
 
 def profile(schedule: SolverSchedule, x_T: torch.Tensor, noise: str, top: int = 18) -> str:
@@ -205,11 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     print("best = best sample / best model loop; median = median of per-repeat ratios; free = 1 + "
           "(sample() with a zero-cost model) / (NFE x best model call).\n")
     print("| schedule | noise | NFE | model ms/call | sample ms | ratio best | ratio median | ratio free | "
-          "integrator us/step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "integrator us/step | of which noise draw | ratio free without the draw |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.name} | {r.noise} | {r.nfe} | {r.model_ms:.3f} | {r.sample_ms:.2f} | {r.ratio_best:.3f} | "
-              f"{r.ratio_median:.3f} | {r.ratio_free:.3f} | {r.free_us_per_step:.0f} |")
+              f"{r.ratio_median:.3f} | {r.ratio_free:.3f} | {r.free_us_per_step:.0f} | {r.noise_us_per_step:.0f} | "
+              f"{r.ratio_free_ex_noise:.3f} |")
     worst = max(r.ratio_best for r in rows)
     print(f"\nworst best-of ratio {worst:.3f} (target <= 1.05)")
     return 0

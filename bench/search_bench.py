@@ -115,7 +115,8 @@ def cmd_quality(args) -> None:
         ratio = (res.test_value - ref) / (best_base - ref) if best_base > ref else math.nan
         doc["runs"][str(nfe)] = {
             "nfe": nfe, "budget": args.budget, "evaluations": res.evaluations, "seconds": time.perf_counter() - t,
-            "search_value": res.best_value, "test_value": res.test_value, "best_baseline": best_name,
+            "search_value": res.best_value, "validation_value": res.validation_value,
+            "test_value": res.test_value, "best_baseline": best_name,
             "best_baseline_test": best_base, "excess_ratio": ratio, "baselines_test": res.baselines,
             "schedule": json.loads(res.best.to_json()), "n_samples": args.n_samples, "n_test": args.n_test,
             "predictor": args.predictor, "curve": _curve(study), "rounds": study.user_attrs.get("rounds", []),
