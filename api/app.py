@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Optional
 
 from fastapi import FastAPI
 
 from studies.db import make_engine, make_session_factory
+from studies.job_reader import JobReader
 from studies.migrate import upgrade
 
 from .deps import KeyCache
@@ -26,11 +29,19 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     engine = make_engine(settings.database_url)
     if settings.migrate_on_start:
         upgrade(engine)
-    app = FastAPI(title="s3search", version="1", max_body_size=settings.max_request_bytes,
+    reader = JobReader(engine)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await reader.aclose()
+
+    app = FastAPI(title="s3search", version="1", max_body_size=settings.max_request_bytes, lifespan=lifespan,
                   description="Search few-step diffusion solver schedules (S³) as jobs; read trials and schedules.")
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = make_session_factory(engine)
+    app.state.job_reader = reader
     app.state.optuna_storage = None
     app.state.key_cache = KeyCache(settings.key_cache_ttl_s)
     _warm_up()

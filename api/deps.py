@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 from fastapi import Depends, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from optuna.storages import RDBStorage
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from studies.keys import verify_key
 from studies.optuna_storage import optuna_storage
@@ -85,26 +85,33 @@ class KeyCache:
             self._entries[self._id(key)] = (owner, time.monotonic() + self.ttl_s)
 
 
-async def get_owner(request: Request, session: SessionDep,
-              x_api_key: Annotated[Optional[str], Header(alias=API_KEY_HEADER, include_in_schema=True)] = None,
-              authorization: Annotated[Optional[str], Header(include_in_schema=False)] = None) -> str:
+def _verify_owner(sessions: sessionmaker[Session], key: str) -> Optional[str]:
+    with sessions() as session:
+        row = verify_key(session, key)
+        return None if row is None else row.owner
+
+
+async def get_owner(request: Request,
+                    x_api_key: Annotated[Optional[str], Header(alias=API_KEY_HEADER, include_in_schema=True)] = None,
+                    authorization: Annotated[Optional[str], Header(include_in_schema=False)] = None) -> str:
+    # No SessionDep here: a cached key needs no database, and a generator dependency costs a thread-pool hop
+    # (its close) on every request. A cache miss opens its own session inside its one hop.
     key = x_api_key
     if key is None and authorization and authorization.lower().startswith("bearer "):
         key = authorization[7:].strip()
-    if not key:
-        row = None
-    else:
+    owner = None
+    if key:
         cache: KeyCache = request.app.state.key_cache
         owner = cache.get(key)
         if owner is not None:
             return owner
-        row = await run_in_threadpool(verify_key, session, key)
-        if row is not None:
-            cache.put(key, row.owner)
-    if row is None:
+        owner = await run_in_threadpool(_verify_owner, request.app.state.sessions, key)
+        if owner is not None:
+            cache.put(key, owner)
+    if owner is None:
         raise HTTPException(401, detail=f"a valid API key is required in the {API_KEY_HEADER} header",
                             headers={"WWW-Authenticate": f'ApiKey header="{API_KEY_HEADER}"'})
-    return row.owner
+    return owner
 
 
 OwnerDep = Annotated[str, Depends(get_owner)]

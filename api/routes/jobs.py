@@ -9,10 +9,10 @@ import math
 import re
 from typing import Annotated, Any, Literal, Optional
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from optuna.trial import TrialState
-from sqlalchemy import text
+from sqlalchemy import Row, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from s3search.schedule import SolverSchedule
@@ -117,7 +117,8 @@ def spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def to_public(job: Job, settings: Settings) -> JobPublic:
+def to_public(job: Job | Row[Any], settings: Settings) -> JobPublic:
+    """The public document of a job: an ORM row, or a Core row of studies.jobs.PUBLIC_COLUMNS."""
     base = f"/v1/jobs/{job.id}"
     dashboard = None
     if job.optuna_study_id is not None and settings.dashboard_url:
@@ -191,12 +192,15 @@ def list_jobs(owner: OwnerDep, session: SessionDep, settings: SettingsDep, limit
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS)
-def get_job(job_id: JobId, owner: OwnerDep, session: SessionDep, settings: SettingsDep) -> Any:
-    job = repo.get_job(session, job_id, owner)
+async def get_job(job_id: JobId, owner: OwnerDep, request: Request) -> Any:
+    # The hot read path, with no thread-pool hop when the key is cached: an async endpoint (a sync one is a hop
+    # of its own), no SessionDep (its close is another), the public columns read on the event loop
+    # (studies.job_reader), and the document serialised once here instead of FastAPI re-validating it.
+    state = request.app.state
+    job = await state.job_reader.read(job_id, owner)
     if job is None:
         return _not_found(job_id)
-    # The hot read path: serialise once here instead of FastAPI re-validating the model against response_model.
-    return Response(to_public(job, settings).model_dump_json(), media_type="application/json")
+    return Response(to_public(job, state.settings).model_dump_json(), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses={**_ERRORS, 409: {"model": ErrorBody}})
