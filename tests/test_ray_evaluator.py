@@ -101,6 +101,20 @@ def test_same_results_as_local_and_model_loaded_once_per_actor(ray_session, tmp_
     assert len(starts) == 10 and set(starts) == set(loads)
 
 
+def test_batches_shrink_at_the_end_and_the_trace_covers_every_task(ray_session):
+    cands = [schedule(k) for k in range(20)]
+    with RayEvaluator(RaySettings(max_in_flight=2, batch_size=6), factory=TOY,
+                      factory_kwargs={"sleep_s": 0.01}) as ev:
+        res = ev.evaluate(cands, REQUEST)
+        assert ray.get([a.torch_threads.remote() for a in ev._actors]) == [1, 1]
+    assert [r.value for r in res] == [toy_score(c, REQUEST.seed) for c in cands]
+    trace = list(ev.stats.trace)
+    assert sorted(t.size for t in trace) == sorted([6, 6, 4, 2, 1, 1])
+    assert {t.actor for t in trace} == {0, 1}
+    for t in trace:   # one host: the four stamps are in order
+        assert t.submitted <= t.started <= t.finished <= t.received
+
+
 def test_failing_candidate_becomes_an_error_result_and_others_survive(ray_session):
     cands = [schedule(k) for k in range(5)]
     with RayEvaluator(RaySettings(max_in_flight=1, batch_size=3), factory=TOY,
