@@ -114,10 +114,14 @@ class StepSpec:
         """The same step with choices that cannot change its result reset to defaults."""
         lags = tuple(sorted(self.used_lags))
         lags = () if lags == tuple(range(1, self.order)) else lags
-        derivative = self.derivative
+        derivative, prediction = self.derivative, self.prediction
         if self.order == 1 and self.corrector == "none":
             derivative = "taylor"
-        return replace(self, derivative=derivative, lags=lags, eta=float(self.eta))
+            if self.eta == 0:
+                # A deterministic first-order step is DDIM in either form: the data and noise updates are the
+                # same map (sigma_t e^h / sigma_s = alpha_t / alpha_s), so they share a hash.
+                prediction = "data"
+        return replace(self, prediction=prediction, derivative=derivative, lags=lags, eta=float(self.eta))
 
 
 @dataclass(frozen=True)

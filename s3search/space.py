@@ -474,7 +474,13 @@ class SearchSpace:
         lam = self.lam_start + (g.lam_end - self.lam_start) * np.concatenate([[0.0], np.cumsum(w)])
         ts = [self.t_max] + [self.process.t_of_lambda(float(x)) for x in lam[1:-1]]
         ts.append(self.t_min if g.lam_end >= self.lam_min_end else self.process.t_of_lambda(float(g.lam_end)))
+        # Seven significant digits: crossing a schedule with itself, or re-deriving a grid through lambda, leaves
+        # round-off of ~1e-10 that would make the same sampler a "new" schedule (a distinct canonical hash),
+        # and a search would spend true evaluations on copies of its best.
+        ts = [ts[0]] + [float(f"{t:.7g}") for t in ts[1:]]
         ts = [float(min(max(t, self.t_min), self.t_max)) for t in ts]
+        if g.lam_end < self.lam_min_end:   # the end may not move past the range the space allows
+            ts[-1] = min(ts[-1], self.process.t_of_lambda(float(self.lam_max_end)))
         # Inversion round-off can tie two neighbouring times on very short increments: nudge apart.
         for i in range(1, len(ts)):
             if not ts[i] < ts[i - 1]:

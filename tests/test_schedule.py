@@ -96,3 +96,25 @@ def test_canonical_hash_ignores_choices_without_effect():
     assert a.canonical_hash() == b.canonical_hash()
     c = make(steps=(StepSpec(), StepSpec(), StepSpec(order=2, eta=0.1), StepSpec()))
     assert c.canonical_hash() != b.canonical_hash()
+
+
+def test_deterministic_first_order_steps_hash_alike_in_both_forms():
+    # DDIM in data form and in noise form is one map; the canonical hash must not tell them apart, while a
+    # stochastic or higher-order step keeps its prediction type.
+    import torch
+
+    from s3search import grids, processes
+    from s3search.integrator import sample
+
+    proc = processes.get("edm")
+    ts = grids.logsnr(proc, 4)
+
+    def sched(**kw):
+        return SolverSchedule(process="edm", timesteps=ts, steps=tuple(StepSpec(**kw) for _ in range(4)))
+
+    data, noise = sched(prediction="data"), sched(prediction="noise")
+    assert data.canonical_hash() == noise.canonical_hash()
+    assert sched(prediction="data", eta=0.5).canonical_hash() != sched(prediction="noise", eta=0.5).canonical_hash()
+    denoiser = lambda x, t: 0.5 * x / (1.0 + t * t) ** 0.5  # noqa: E731 - any smooth data predictor
+    x = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 80.0
+    assert torch.allclose(sample(denoiser, x, data), sample(denoiser, x, noise), rtol=1e-10, atol=1e-12)
