@@ -29,6 +29,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "population": 128,              # candidates kept by the predictor-scored evolution
     "children": 128,                # children per evolution generation (the neighbour pool is twice this)
     "generations": 4,               # predictor-scored generations per true-evaluation round
+    "direct": 0.3,                  # share of each batch drawn next to the two best without the predictor
     "explore": 0.3,                 # share of each batch from the freely evolved population (the rest: the
                                     # predicted best neighbours of the best evaluated schedules)
     "predictor_params": {},         # passed to predictors.get

@@ -147,6 +147,29 @@ def local_pool(space: SearchSpace, predictor: predictors.Predictor, elites: Sequ
     return [(scheds[i], float(scores[i])) for i in order]
 
 
+def direct_neighbours(space: SearchSpace, elites: Sequence[SolverSchedule], rng: np.random.Generator, n: int,
+                      exclude: set[str]) -> list[tuple[SolverSchedule, float]]:
+    """n unseen neighbours of the best schedules drawn without the predictor (no predicted score).
+
+    Next to the best schedules the predictor often cannot order small moves (its tau on a batch there is
+    near zero or negative), so a share of each batch is a plain local random search: grid jitters and
+    single-choice mutants of the two best, evaluated as drawn.
+    """
+    out: dict[str, SolverSchedule] = {}
+    for _ in range(50 * max(n, 1)):
+        if len(out) >= n or not elites:
+            break
+        a = elites[0] if len(elites) == 1 or rng.random() < 0.7 else elites[1]
+        if rng.random() < 0.6:
+            child = space.jitter(a, rng, scale=float(rng.choice([0.03, 0.1, 0.3])))
+        else:
+            child = space.mutate(a, rng, n_changes=1)
+        h = chash(child)
+        if h not in exclude:
+            out.setdefault(h, child)
+    return [(s, math.nan) for s in out.values()]
+
+
 def _choose(local: list[tuple[SolverSchedule, float]], ranked: list[tuple[SolverSchedule, float]], k: int,
             explore: float) -> list[tuple[SolverSchedule, float]]:
     """The predicted best (k - e) neighbours of the elites plus the e best of the freely evolved population."""
@@ -188,9 +211,12 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
                         children=int(o["children"]), generations=int(o["generations"]), exclude=exclude)
         local = local_pool(ctx.space, predictor, elites[:8], ctx.rng, 2 * int(o["children"]), exclude)
         k = min(int(o["batch_size"]), ctx.remaining(nfe))
-        picks = _choose(local, ranked, k, float(o["explore"]))
+        n_direct = min(k - 1, int(round(float(o["direct"]) * k))) if k > 1 else 0
+        picks = _choose(local, ranked, k - n_direct, float(o["explore"]))
+        picks += direct_neighbours(ctx.space, elites[:2], ctx.rng, n_direct, exclude | {chash(s) for s, _ in picks})
         generation += 1
-        cands = [Candidate(s, source="s3", predicted=p, generation=generation) for s, p in picks]
+        cands = [Candidate(s, source="s3" if math.isfinite(p) else "s3-local", predicted=p, generation=generation)
+                 for s, p in picks]
         done = ctx.evaluate(cands, nfe)
         if not done:   # everything proposed was already evaluated: widen the search with random schedules
             ctx.evaluate([Candidate(ctx.space.random(ctx.rng, nfe), source="random") for _ in range(k)], nfe)
