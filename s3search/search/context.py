@@ -38,6 +38,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "test_baselines": True,         # test-score every baseline's best grid for the final table
     "validate_top": 5,              # the winner is the best of the top k (search split) on fresh validation
                                     # seeds; 0 = the search split's best
+    "validate_baselines": 3,        # ... and the best k baselines (each on its best grid) compete with them
     "validation_samples": None,     # samples per validation evaluation (default: n_test_samples)
 }
 

@@ -166,7 +166,10 @@ def _validated_best(ctx: SearchContext, study: optuna.Study, nfe: int) -> tuple[
     ranked = sorted((e for e in ctx.ledger.done.values() if e.nfe == nfe and e.ok), key=lambda e: e.value)
     if k <= 0 or len(ranked) < 2:
         return ranked[0], math.nan
-    top = ranked[:k]
+    # The strongest baselines compete too: a schedule that beat them only on the search seeds must beat them
+    # again on fresh ones to be named the winner.
+    strong = sorted(baselines_seed.best_per_baseline(ranked, nfe).values(), key=lambda e: e.value)
+    top = list({chash(e.schedule): e for e in ranked[:k] + strong[: int(ctx.options["validate_baselines"])]}.values())
     n = int(ctx.options["validation_samples"] or cfg.n_test_samples)
     stored = dict(study.user_attrs.get("validation", {}))
     cached: dict[str, float | None] = dict(stored.get(str(nfe), {}))
