@@ -15,15 +15,14 @@ the other finishes), dispatch + fetch (Ray moving the task and its result) and d
 Alongside, the CPU that Ray's daemons (GCS, raylet, log monitor, dashboard and agents) and the driver used
 during the measured call, in % of one core.
 
-"no Ray" rows: the same evaluator in w plain processes (concurrent.futures), fed the same batches, timed the
-same way, in the same run. Their overhead is what the definition counts on this machine without Ray at all
+"no Ray" rows: the same evaluator in w plain processes (multiprocessing pipes), fed by the same dispatch rule,
+timed the same way, right after the Ray row of the same w in the same run. Their overhead is what the definition counts on this machine without Ray at all
 (the tail, and process start-up excluded); the difference to the Ray row of the same w is Ray's own share.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import math
 import multiprocessing
@@ -162,50 +161,59 @@ def run_ray(factory: str, kwargs: dict[str, Any], warm_cands: Sequence[SolverSch
     return row
 
 
-_POOL_EVALUATOR: Any = None
-
-
-def _pool_init(factory: str, kwargs: dict[str, Any]) -> None:
-    global _POOL_EVALUATOR
-    torch.set_num_threads(1)
-    _POOL_EVALUATOR = load_factory(factory)(**kwargs)
-
-
-def _pool_eval(texts: list[str], request: EvalRequest) -> tuple[float, int]:
+def _plain_worker(conn: Any, factory: str, kwargs: dict[str, Any], warm_json: str, request: EvalRequest) -> None:
+    """A process like an actor, minus Ray: load, warm up on another candidate, then evaluate batches sent."""
     from s3search.distributed.ray_evaluator import schedule_from_json
 
-    t0 = time.perf_counter()
-    res = _POOL_EVALUATOR.evaluate([schedule_from_json(t) for t in texts], request)
-    return time.perf_counter() - t0, sum(not r.ok for r in res)
+    torch.set_num_threads(1)
+    evaluator = load_factory(factory)(**kwargs)
+    evaluator.evaluate([schedule_from_json(warm_json)], request)
+    conn.send("ready")
+    while (texts := conn.recv()) is not None:
+        t0 = time.perf_counter()
+        res = evaluator.evaluate([schedule_from_json(t) for t in texts], request)
+        conn.send((time.perf_counter() - t0, sum(not r.ok for r in res)))
 
 
-def batch_sizes(n: int, cap: int, workers: int) -> list[int]:
-    """The task sizes RayEvaluator sends for n candidates (a queue drained by next_batch_size)."""
-    sizes = []
-    while n:
-        sizes.append(next_batch_size(n, cap, workers))
-        n -= sizes[-1]
-    return sizes
+def run_plain(factory: str, kwargs: dict[str, Any], warm_cands: Sequence[SolverSchedule],
+              cands: list[SolverSchedule], request: EvalRequest, workers: int, batch: int) -> dict[str, Any]:
+    """The same candidates on `workers` plain processes with the same dispatch (an idle worker gets the next
+    next_batch_size batch): what the overhead definition gives on this machine without Ray."""
+    from multiprocessing.connection import wait
 
-
-def run_pool(factory: str, kwargs: dict[str, Any], warm_cands: Sequence[SolverSchedule],
-             cands: list[SolverSchedule], request: EvalRequest, workers: int, batch: int) -> dict[str, Any]:
-    """The same batches on `workers` plain processes: what the overhead definition gives without Ray."""
     texts = [c.to_json() for c in cands]
     ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init,
-                                initargs=(factory, kwargs)) as pool:
-        # Warm-up: each process evaluates one other candidate (the barrier-free way: enough tasks to reach all).
-        list(pool.map(_pool_eval, [[c.to_json()] for c in warm_cands[:workers]], [request] * workers))
-        t0 = time.perf_counter()
-        futures, start = [], 0
-        for size in batch_sizes(len(texts), batch, workers):
-            futures.append(pool.submit(_pool_eval, texts[start:start + size], request))
-            start += size
-        done = [f.result() for f in futures]
-        wall = time.perf_counter() - t0
-    row = _summary(workers, batch, len(cands), wall, sum(d[0] for d in done))
-    row.update({"kind": "no Ray", "failed": sum(d[1] for d in done), "tasks": len(futures)})
+    conns, procs = [], []
+    for i in range(workers):
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=_plain_worker, args=(there, factory, kwargs, warm_cands[i].to_json(), request))
+        proc.start()
+        conns.append(here)
+        procs.append(proc)
+    for c in conns:            # all loaded and warm before the clock starts
+        assert c.recv() == "ready"
+    t0 = time.perf_counter()
+    todo, idle, busy = list(range(len(texts))), list(conns), set()
+    inside, failed, tasks = 0.0, 0, 0
+    while todo or busy:
+        while todo and idle:
+            size = next_batch_size(len(todo), batch, workers)
+            c = idle.pop()
+            c.send([texts[i] for i in todo[:size]])
+            del todo[:size]
+            busy.add(c)
+            tasks += 1
+        for c in wait(list(busy)):
+            seconds, bad = c.recv()
+            inside, failed = inside + seconds, failed + bad
+            busy.discard(c)
+            idle.append(c)
+    wall = time.perf_counter() - t0
+    for c, proc in zip(conns, procs):
+        c.send(None)
+        proc.join(30)
+    row = _summary(workers, batch, len(cands), wall, inside)
+    row.update({"kind": "no Ray", "failed": failed, "tasks": tasks})
     return row
 
 
@@ -250,7 +258,7 @@ def main() -> None:
         rows.append(run_ray(args.factory, kwargs, warm_cands, cands, request, w, b))
         if b == 0 and w > 1 and not args.no_pool:
             # Side by side with the Ray row just run: the same batches, no Ray.
-            rows.append(run_pool(args.factory, kwargs, warm_cands, cands, request, w, rows[-1]["batch"]))
+            rows.append(run_plain(args.factory, kwargs, warm_cands, cands, request, w, rows[-1]["batch"]))
     ray.shutdown()
 
     print(f"# ray_bench: factory={args.factory} kwargs={json.dumps(kwargs)} model={args.model} "
