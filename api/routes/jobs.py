@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Optional
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from optuna.trial import TrialState
-from sqlalchemy import Row, text
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from s3search.schedule import SolverSchedule
@@ -117,8 +117,9 @@ def spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def to_public(job: Job | Row[Any], settings: Settings) -> JobPublic:
-    """The public document of a job: an ORM row, or a Core row of studies.jobs.PUBLIC_COLUMNS."""
+def to_public(job: Any, settings: Settings) -> JobPublic:
+    """The public document of a job: an ORM `Job`, or any row with the columns of studies.jobs.PUBLIC_COLUMNS
+    as attributes (what studies.job_reader returns on either backend)."""
     base = f"/v1/jobs/{job.id}"
     dashboard = None
     if job.optuna_study_id is not None and settings.dashboard_url:
