@@ -30,7 +30,7 @@ from s3search.evaluation.base import EvalRequest
 from s3search.evaluation.local import LocalEvaluator
 from s3search.evaluation.reference import load_or_compute
 from s3search.models import registry
-from s3search.search.baselines_seed import SEED_GRIDS
+from s3search.search.baselines_seed import SEED_GRIDS, on_grids, parse_label
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "bench" / "baseline_table"
 NFES = (3, 4, 5, 6, 8, 10)
@@ -46,14 +46,6 @@ def floor_value(model_name: str, metric_name: str, n: int, ev: LocalEvaluator) -
     return float(metric.compute(target, metrics.MetricContext(model, ref)))
 
 
-def _build(name: str, nfe: int, process: str, grid: str):
-    try:
-        sched = baselines.for_nfe(name, nfe, process, grid=grid)
-    except ValueError:   # this baseline cannot make exactly `nfe` evaluations on this grid
-        return None
-    return sched if sched.nfe == nfe else None
-
-
 def run_model(model_name: str, n: int, fine_steps: int, ev: LocalEvaluator) -> dict:
     model = registry.get(model_name)
     metric = model.default_metric
@@ -62,12 +54,10 @@ def run_model(model_name: str, n: int, fine_steps: int, ev: LocalEvaluator) -> d
     rows, started = [], time.perf_counter()
     for name in baselines.names():
         for nfe in NFES:
-            for grid in SEED_GRIDS:
-                sched = _build(name, nfe, process, grid)
-                if sched is None:
-                    continue
-                (res,) = ev.evaluate([sched], req)
-                rows.append({"baseline": name, "nfe": nfe, "grid": grid, "ok": res.ok,
+            # The grids on which this baseline makes exactly `nfe` evaluations, as the search seeds them.
+            cands = on_grids([name], nfe, process, grid_names=SEED_GRIDS)
+            for c, res in zip(cands, ev.evaluate([c.schedule for c in cands], req)):
+                rows.append({"baseline": name, "nfe": nfe, "grid": parse_label(c.label)[1], "ok": res.ok,
                              "value": res.value if res.ok else None, "seconds": res.seconds,
                              "error": None if res.ok else res.error})
         print(f"  {model_name}: {name} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)

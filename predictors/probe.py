@@ -14,6 +14,7 @@ affine); for stochastic ones they carry the Monte Carlo error of the fixed noise
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -58,6 +59,13 @@ def _gaussian_denoiser(process: processes.NoiseProcess):
 def probe_errors(s: SolverSchedule) -> np.ndarray:
     """[len(PROBE_NAMES)]: log of the squared moment error (mean and std, relative to the scale) per scale, and
     of their sum."""
+    return np.array(_probe_errors(s))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _probe_errors(s: SolverSchedule) -> tuple[float, ...]:
+    # Memoised: the S3 loop refits its predictor every round on every evaluated schedule and re-scores its
+    # elites, and a probe (one sample() run) is most of a schedule's feature cost.
     proc = processes.get(s.process)
     t0 = s.timesteps[0]
     a, sigma_ve = proc.alpha(t0), proc.sigma_ve(t0)
@@ -67,4 +75,4 @@ def probe_errors(s: SolverSchedule) -> np.ndarray:
     err = ((mean - _C) / _C) ** 2 + (std / _C - 1.0) ** 2
     err = torch.nan_to_num(err, nan=_LOG_CAP, posinf=_LOG_CAP).clamp(max=_LOG_CAP).numpy()
     total = min(float(err.sum()), _LOG_CAP)
-    return np.log(np.append(err, total) + _LOG_FLOOR)
+    return tuple(np.log(np.append(err, total) + _LOG_FLOOR).tolist())

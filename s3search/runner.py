@@ -282,7 +282,7 @@ class Runner:
 def _one_result(result: SearchResult) -> dict[str, Any]:
     return {"best": result.best.to_dict(), "best_value": _finite(result.best_value),
             "test_value": _finite(result.test_value),
-            "validation_value": _finite(getattr(result, "validation_value", math.nan)),
+            "validation_value": _finite(result.validation_value),
             "baselines": {str(k): _finite(v) for k, v in result.baselines.items()},
             "evaluations": int(result.evaluations)}
 

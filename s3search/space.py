@@ -147,6 +147,7 @@ class SearchSpace:
         # The end may move towards noise by t_end_span nats, but never past the middle of the range.
         span = min(options.t_end_span, 0.5 * (self.lam_min_end - self.lam_start))
         self.lam_max_end = self.lam_min_end - span
+        self.t_max_end = self.process.t_of_lambda(self.lam_max_end)  # the noisiest end allowed
         for n in self.nfes:
             if not self._nfe_reachable(n):
                 raise ValueError(f"nfe={n} cannot be reached with first_steps={list(options.first_steps)} "
@@ -480,7 +481,7 @@ class SearchSpace:
         ts = [ts[0]] + [float(f"{t:.7g}") for t in ts[1:]]
         ts = [float(min(max(t, self.t_min), self.t_max)) for t in ts]
         if g.lam_end < self.lam_min_end:   # the end may not move past the range the space allows
-            ts[-1] = min(ts[-1], self.process.t_of_lambda(float(self.lam_max_end)))
+            ts[-1] = min(ts[-1], self.t_max_end)
         # Inversion round-off can tie two neighbouring times on very short increments: nudge apart.
         for i in range(1, len(ts)):
             if not ts[i] < ts[i - 1]:

@@ -330,7 +330,9 @@ def test_interrupted_search_resumes_without_re_evaluating(ray_session, tmp_path)
     study = new_study("resume")
     kwargs = {"log_path": str(log)}
     with RayEvaluator(RaySettings(max_in_flight=1), factory=TOY, factory_kwargs=kwargs) as ev:
-        run_search(cfg, study, evaluator=ev, should_stop=lambda: len(study.trials) >= 6)
+        # Stop once 6 trials have ended (the baselines' queued WAITING trials are not evaluations).
+        run_search(cfg, study, evaluator=ev, should_stop=lambda: sum(
+            t.state.name in ("COMPLETE", "FAIL") for t in study.get_trials(deepcopy=False)) >= 6)
     first = started_hashes(log)
     assert 0 < len(first) < cfg.budget
     # A new evaluator (new actors), as after a restart of the whole runner.

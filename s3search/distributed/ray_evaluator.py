@@ -181,12 +181,16 @@ def ensure_ray(settings: RaySettings) -> None:
                  num_gpus=None if settings.gpus_per_eval else 0, **kwargs)
 
 
+_MAX_WAIT_S = 1.0
+
+
 @dataclass
 class _Job:
     indices: list[int]
     actor: int
     isolated: bool               # a single candidate re-run on its own after its batch kept killing workers
     deadline: float
+    submitted_at: float          # wall clock, for the trace (trace.py)
     kills: int = 0
 
 
@@ -321,7 +325,6 @@ class RayEvaluator:
         queue: deque[tuple[list[int], bool]] = deque()
         idle = list(range(len(self._actors)))
         pending: dict[Any, _Job] = {}
-        submitted: dict[Any, float] = {}
         timeout = self.settings.timeout_s
 
         def next_job() -> tuple[list[int], bool]:
@@ -335,8 +338,7 @@ class RayEvaluator:
             submitted_at = time.time()
             ref = self._actors[a].evaluate_json.remote([texts[i] for i in indices], request_json)
             deadline = time.monotonic() + timeout * len(indices) if timeout else math.inf
-            pending[ref] = _Job(indices, a, isolated, deadline)
-            submitted[ref] = submitted_at
+            pending[ref] = _Job(indices, a, isolated, deadline, submitted_at)
             self.stats.batches += 1
 
         def give_up(job: _Job, why: str) -> None:
@@ -352,14 +354,15 @@ class RayEvaluator:
         while queue or todo or pending:
             while (queue or todo) and idle:
                 submit(*next_job())
-            wait_s = None
+            # Never an unbounded wait: ray.wait blocks in C, where neither Ctrl-C nor a test timeout can reach the
+            # driver; waking once a second costs nothing and returns at once when a result is ready.
+            wait_s = _MAX_WAIT_S
             if timeout:
-                wait_s = max(0.0, min(j.deadline for j in pending.values()) - time.monotonic())
+                wait_s = min(wait_s, max(0.0, min(j.deadline for j in pending.values()) - time.monotonic()))
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
             for ref in ready:
                 received_at = time.time()
                 job = pending.pop(ref)
-                submitted_at = submitted.pop(ref)
                 try:
                     doc = json.loads(ray.get(ref))
                 except RayTaskError as e:
@@ -377,7 +380,7 @@ class RayEvaluator:
                 self.stats.evaluations += len(job.indices)
                 self.stats.recent_seconds.extend(float(r["seconds"]) for r in doc["results"])
                 self.stats.pids.add(int(doc["pid"]))
-                self.stats.trace.append(TaskTrace(job.actor, len(job.indices), submitted_at, float(doc["started"]),
+                self.stats.trace.append(TaskTrace(job.actor, len(job.indices), job.submitted_at, float(doc["started"]),
                                                   float(doc["finished"]), received_at))
                 for i, r in zip(job.indices, doc["results"]):
                     results[i] = r
@@ -391,7 +394,6 @@ class RayEvaluator:
                     job.kills += 1
                     if job.kills > self.settings.max_retries:
                         pending.pop(ref)
-                        submitted.pop(ref)
                         give_up(job, f"timed out ({timeout:g} s per candidate), {job.kills} attempt(s)")
                         idle.append(job.actor)
                     else:

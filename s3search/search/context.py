@@ -74,7 +74,9 @@ class SearchContext:
         return bool(self.should_stop and self.should_stop())
 
     def evaluate(self, candidates: Sequence[Candidate], nfe: int) -> list[Evaluated]:
-        """Evaluate new candidates, never beyond this NFE's budget; reports progress afterwards."""
+        """Evaluate new candidates, never beyond this NFE's budget nor after a stop; reports progress afterwards."""
+        if self.stopped():   # the one gate every method spends through, so a cancel holds for all of them
+            return []
         fresh, seen = [], set()
         for c in candidates:
             h = chash(c.schedule)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import optuna
@@ -127,21 +127,27 @@ def _load_warm(ctx: SearchContext, study: optuna.Study) -> None:
     study.set_user_attr("warm_start_pairs", len(ctx.warm_pairs))
 
 
+def _score_missing(ctx: SearchContext, cached: dict[str, Optional[float]], want: dict[str, AnySchedule],
+                   req: EvalRequest) -> dict[str, Optional[float]]:
+    """`cached` with every key of `want` it lacked scored on `req`'s split; None marks a failed or non-finite
+    score (the form the study's user attributes store)."""
+    todo = {k: s for k, s in want.items() if k not in cached}
+    if todo:
+        for key, res in zip(todo, ctx.ledger.evaluator.evaluate(list(todo.values()), req)):
+            cached[key] = float(res.value) if res.ok and math.isfinite(res.value) else None
+    return cached
+
+
 def _test_scores(ctx: SearchContext, study: optuna.Study, nfe: int, best: AnySchedule,
                  baselines: dict[str, AnySchedule]) -> tuple[float, dict[str, float]]:
     cfg = ctx.config
     stored = dict(study.user_attrs.get("test", {}))
     entry = dict(stored.get(str(nfe), {}))
-    cached: dict[str, float] = dict(entry.get("values", {}))
     req = EvalRequest(cfg.model, cfg.metric, cfg.n_test_samples, cfg.seed, "test")
     want = {"searched:" + chash(best): best}
     want.update({"baseline:" + name: s for name, s in baselines.items()})
-    todo = {k: s for k, s in want.items() if k not in cached}
-    if todo:
-        results = ctx.ledger.evaluator.evaluate(list(todo.values()), req)
-        for key, res in zip(todo, results):
-            cached[key] = float(res.value) if res.ok else math.inf
-    entry["values"] = {k: (v if math.isfinite(v) else None) for k, v in cached.items()}
+    cached = _score_missing(ctx, dict(entry.get("values", {})), want, req)
+    entry["values"] = cached
     entry["best_schedule"] = best.to_json()
     entry["baseline_schedules"] = {name: s.to_json() for name, s in baselines.items()}
     stored[str(nfe)] = entry
@@ -172,12 +178,10 @@ def _validated_best(ctx: SearchContext, study: optuna.Study, nfe: int) -> tuple[
     top = list({chash(e.schedule): e for e in ranked[:k] + strong[: int(ctx.options["validate_baselines"])]}.values())
     n = int(ctx.options["validation_samples"] or cfg.n_test_samples)
     stored = dict(study.user_attrs.get("validation", {}))
-    cached: dict[str, float | None] = dict(stored.get(str(nfe), {}))
-    todo = [e for e in top if chash(e.schedule) not in cached]
-    if todo:
-        req = EvalRequest(cfg.model, cfg.metric, n, cfg.seed, "validation")
-        for e, res in zip(todo, ctx.ledger.evaluator.evaluate([e.schedule for e in todo], req)):
-            cached[chash(e.schedule)] = float(res.value) if res.ok and math.isfinite(res.value) else None
+    before = dict(stored.get(str(nfe), {}))
+    req = EvalRequest(cfg.model, cfg.metric, n, cfg.seed, "validation")
+    cached = _score_missing(ctx, dict(before), {chash(e.schedule): e.schedule for e in top}, req)
+    if cached != before:
         stored[str(nfe)] = cached
         study.set_user_attr("validation", stored)
     scored = [(cached[chash(e.schedule)], e) for e in top if cached.get(chash(e.schedule)) is not None]
@@ -227,9 +231,11 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
     stopped = ctx.stopped()
     per_nfe: dict[int, SearchResult] = {}
     for nfe in sorted(set(config.nfe)):
-        if ledger.best(nfe) is None:
+        best, validation = ledger.best(nfe), math.nan
+        if best is None:
             continue
-        best, validation = (ledger.best(nfe), math.nan) if stopped else _validated_best(ctx, study, nfe)
+        if not stopped:
+            best, validation = _validated_best(ctx, study, nfe)
         chosen = {name: e.schedule for name, e in baselines_seed.best_per_baseline(ledger.done.values(), nfe).items()}
         if stopped:
             test, base = math.nan, {}
