@@ -119,3 +119,16 @@ def test_vp_view_is_the_same_model_at_equal_logsnr(spec) -> None:
 def test_dtype_follows_the_input(spec) -> None:
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     assert spec.denoiser(x, 1.0).dtype == torch.float64
+
+
+def test_the_reference_is_the_whole_data_set_for_every_split(spec, real, tmp_path) -> None:
+    from s3search import metrics
+    from s3search.evaluation import reference
+
+    whole = spec.reference_set()
+    assert torch.equal(whole, real) and whole.shape == (1797, 1, 8, 8)
+    fd = metrics.get("fd-features")
+    search = reference.load_or_compute(spec, fd, 500, seed=0, split="search", root=tmp_path)
+    test = reference.load_or_compute(spec, fd, 2000, seed=3, split="test", root=tmp_path)
+    torch.testing.assert_close(search["mean"], test["mean"])
+    torch.testing.assert_close(search["cov"], test["cov"])

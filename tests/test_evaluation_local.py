@@ -97,6 +97,27 @@ def test_models_without_a_weights_hash_are_not_cached(tmp_path):
     assert not any(tmp_path.rglob("*.safetensors"))
 
 
+def test_a_finite_data_set_is_its_own_reference_for_every_split(tmp_path):
+    gm = mixture("gmm-8x8")
+    data = gm.sample(300, torch.Generator().manual_seed(3))
+    spec = model_spec(gm, "finite", "edm")
+    spec.reference_set = lambda: data.clone()
+    sw2 = metrics.get("sw2")
+    stats = {(n, seed, split): reference.load_or_compute(spec, sw2, n, seed=seed, split=split, root=tmp_path)
+             for n, seed, split in [(64, 0, "search"), (2000, 1, "test"), (10, 7, "validation")]}
+    for got in stats.values():
+        torch.testing.assert_close(got["samples"], data.to(torch.float64))
+    # One cached file, named and labelled as the whole set.
+    (meta,) = (tmp_path / "reference" / "finite").glob("*.json")
+    doc = json.loads(meta.read_text())
+    assert (doc["n"], doc["seed"], doc["split"]) == ("all", "all", "all") and "nall" in meta.name
+    # Without a finite set, the splits draw different references.
+    spec.reference_set = None
+    a = reference.load_or_compute(spec, sw2, 64, split="search", root=tmp_path)["samples"]
+    b = reference.load_or_compute(spec, sw2, 64, split="test", root=tmp_path)["samples"]
+    assert a.shape == (64, 2) and not torch.equal(a, b)
+
+
 # ----- LocalEvaluator ------------------------------------------------------------------------------------------------
 @pytest.fixture()
 def evaluator(tmp_path):

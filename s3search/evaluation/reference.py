@@ -1,11 +1,15 @@
-"""Reference statistics, computed once per (model, metric, sample count, seed) and cached on disk.
+"""Reference statistics, computed once per (model, metric, sample count, seed, split) and cached on disk.
 
 Layout under $S3SEARCH_CACHE_DIR (default ~/.cache/s3search):
 
-    reference/<model>/<metric>-n<n>-seed<seed>.safetensors   the named float64 tensors of Metric.reference_stats
-    reference/<model>/<metric>-n<n>-seed<seed>.json          provenance: model, weights hash, metric and its
-                                                             version, n, seed, feature-network hash, library
-                                                             versions, sha256 of the tensor file
+    reference/<model>/<metric>-n<n>-seed<seed>-<split>.safetensors   the named float64 tensors of
+                                                                     Metric.reference_stats
+    reference/<model>/<metric>-n<n>-seed<seed>-<split>.json          provenance: model, weights hash, metric and
+                                                                     its version, n, seed, split, feature-network
+                                                                     hash, library versions, sha256 of the tensors
+
+A model backed by a finite data set (`ModelSpec.reference_set`: real digits, a local model's reference file) has
+a single reference, its whole set: n, seed and split all read "all" there.
 
 The file name holds only the request; everything that could make the stats stale (weights, feature network,
 metric version, libraries) lives in the provenance. A cached file whose provenance differs from the current one,
@@ -32,7 +36,7 @@ from ..models.base import ModelSpec
 from .seeds import reference_seed
 
 __all__ = ["StaleReferenceError", "cache_dir", "provenance", "reference_paths", "load_or_compute",
-           "FORMAT_VERSION", "ENV_CACHE_DIR"]
+           "FORMAT_VERSION", "ENV_CACHE_DIR", "WHOLE_SET"]
 
 ENV_CACHE_DIR = "S3SEARCH_CACHE_DIR"
 FORMAT_VERSION = "1"
@@ -58,7 +62,7 @@ def _version(lib: str) -> str:
         return "absent"
 
 
-def provenance(model: ModelSpec, metric: metrics.Metric, n: int, seed: int, split: str = "search"
+def provenance(model: ModelSpec, metric: metrics.Metric, n: int | str, seed: int | str, split: str = "search"
                ) -> dict[str, str]:
     """Everything the cached stats depend on, as strings."""
     doc = {
@@ -80,7 +84,7 @@ def _safe(part: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", part)
 
 
-def reference_paths(root: Path, model: str, metric: str, n: int, seed: int, split: str = "search"
+def reference_paths(root: Path, model: str, metric: str, n: int | str, seed: int | str, split: str = "search"
                     ) -> tuple[Path, Path]:
     stem = root / "reference" / _safe(model) / f"{_safe(metric)}-n{n}-seed{seed}-{_safe(split)}"
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
@@ -118,7 +122,20 @@ def _save(tensor_path: Path, meta_path: Path, stats: dict[str, torch.Tensor], pr
     os.replace(meta_tmp, meta_path)
 
 
+# How a model backed by a finite data set names its one reference (the whole set) in provenance and file names.
+WHOLE_SET = "all"
+
+
+def _request(model: ModelSpec, n: int, seed: int, split: str) -> tuple[int | str, int | str, str]:
+    if model.reference_set is not None:
+        return WHOLE_SET, WHOLE_SET, WHOLE_SET
+    return n, seed, split
+
+
 def _compute(model: ModelSpec, metric: metrics.Metric, n: int, seed: int, split: str) -> dict[str, torch.Tensor]:
+    if model.reference_set is not None:
+        return metric.reference_stats(model, model.reference_set)
+
     def draw() -> torch.Tensor:
         g = torch.Generator().manual_seed(reference_seed(seed, split))
         if model.reference_sampler is not None:
@@ -133,15 +150,17 @@ def load_or_compute(model: ModelSpec, metric: metrics.Metric, n: int, seed: int 
     """The metric's reference stats for `model` from n reference samples drawn with `reference_seed(seed, split)`.
 
     The test split gets its own reference draw, so a search cannot fit the particular reference samples either.
+    A model with a finite data set (`reference_set`) has one reference, the whole set, for every n, seed and split.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n={n!r} must be an integer >= 2")
     if not metric.needs_reference:
         return {}
-    prov = provenance(model, metric, n, seed, split)
+    key = _request(model, n, seed, split)
+    prov = provenance(model, metric, *key)
     if not prov["weights_sha256"] or (metric.needs_features and not prov["features_sha256"]):
         return _compute(model, metric, n, seed, split)
-    tensor_path, meta_path = reference_paths(cache_dir(root), model.name, metric.name, n, seed, split)
+    tensor_path, meta_path = reference_paths(cache_dir(root), model.name, metric.name, *key)
     if not recompute and (tensor_path.exists() or meta_path.exists()):
         return _load(tensor_path, meta_path, {k: v for k, v in prov.items() if k not in _UNCHECKED})
     stats = _compute(model, metric, n, seed, split)

@@ -214,6 +214,7 @@ def make_digits_spec() -> ModelSpec:
                     "Frechet distance in the digits classifier's 64-d penultimate-layer features",
         default_metric="fd-features",
         reference_sampler=reference_sampler,
+        reference_set=lambda: real.clone(),
         features=load_feature_fn(),
         provenance=provenance,
     )

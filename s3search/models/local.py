@@ -575,12 +575,16 @@ def build_model(entry: LocalModelEntry) -> ModelSpec:
         raise ValueError(entry.err("shape", "is required: the factory returned no ModelSpec with a shape"))
     denoiser, process_note = _registered(denoiser, entry)
     reference_sampler = spec.reference_sampler if spec else None
+    reference_set = spec.reference_set if spec else None
     if entry.reference is not None:
         real = _load_reference(entry, shape)
         denoiser.data_mean = real.mean(dim=0)
 
         def reference_sampler(n: int, generator: torch.Generator) -> torch.Tensor:
             return real[torch.randint(real.shape[0], (n,), generator=generator)].clone()
+
+        def reference_set() -> torch.Tensor:
+            return real.clone()
 
     features = _features(entry) if entry.features is not None else (spec.features if spec else None)
     metric = entry.metric or ("fd-features" if features is not None and reference_sampler is not None else "fd")
@@ -591,6 +595,7 @@ def build_model(entry: LocalModelEntry) -> ModelSpec:
         provenance.update(guidance_scale=str(entry.guidance_scale), class_label=str(entry.class_label))
     return ModelSpec(name=entry.name, denoiser=denoiser, shape=tuple(shape),
                      description=entry.description or (spec.description if spec else f"{entry.kind} {entry.path}"),
-                     default_metric=metric, reference_sampler=reference_sampler, features=features,
+                     default_metric=metric, reference_sampler=reference_sampler, reference_set=reference_set,
+                     features=features,
                      exact=spec.exact if spec else None,
                      provenance={**(spec.provenance if spec else {}), **provenance})
