@@ -24,7 +24,7 @@ import torch
 from . import processes
 from .coefficients import step_weights
 from .denoisers import DenoiserFn
-from .noise import GeneratorArg, randn_rows
+from .noise import GeneratorArg, NoiseStream
 from .processes import NoiseProcess
 from .schedule import SolverSchedule, StepSpec
 
@@ -125,19 +125,6 @@ def _combine(x: torch.Tensor, plan: _StepPlan, coeffs: tuple[float, ...], points
     return out
 
 
-def _noise_bank(x: torch.Tensor, schedule: SolverSchedule, generator: GeneratorArg):
-    """With one generator per row, draw each row's noise for every stochastic step in one call per row.
-
-    Drawing per step costs batch x steps generator calls (about 5 us each on CPU); this costs batch calls. Row i
-    still depends on generator i alone, so samples stay batch-invariant. None for a single generator.
-    """
-    k = sum(1 for step in schedule.steps if step.eta > 0)
-    if k == 0 or generator is None or isinstance(generator, torch.Generator):
-        return None
-    bank = randn_rows(x.new_empty((x.shape[0], k) + tuple(x.shape[1:])), generator)
-    return iter(bank.transpose(0, 1).contiguous())
-
-
 def _run_schedule(denoiser: DenoiserFn, x: torch.Tensor, schedule: SolverSchedule,
                   generator: GeneratorArg) -> torch.Tensor:
     proc = processes.get(schedule.process)
@@ -147,7 +134,14 @@ def _run_schedule(denoiser: DenoiserFn, x: torch.Tensor, schedule: SolverSchedul
     keep = 1 + max((max(step.used_lags, default=0) for step in schedule.steps), default=0)
     history: deque[ModelOutput] = deque(maxlen=keep)
     current = _analytic_first(schedule, denoiser, x, proc) if schedule.first_step != "model" else None
-    noise = _noise_bank(x, schedule, generator)
+    stochastic = sum(1 for step in schedule.steps if step.eta > 0)
+    with NoiseStream(x, stochastic, generator) as noise:
+        return _integrate(denoiser, x, schedule, proc, history, current, noise)
+
+
+def _integrate(denoiser: DenoiserFn, x: torch.Tensor, schedule: SolverSchedule, proc: NoiseProcess,
+               history: deque, current: Optional[ModelOutput], noise: NoiseStream) -> torch.Tensor:
+    ts = schedule.timesteps
     plans = _schedule_plan(schedule)
     for i, step in enumerate(schedule.steps):
         s, t = ts[i], ts[i + 1]
@@ -157,7 +151,7 @@ def _run_schedule(denoiser: DenoiserFn, x: torch.Tensor, schedule: SolverSchedul
         history.append(current)
         plan = plans[i]
         points = [history[-1]] + [history[-1 - lag] for lag in plan.lags]
-        z = (next(noise) if noise is not None else randn_rows(x, generator)) if step.eta > 0 else None
+        z = noise.next() if step.eta > 0 else None
         # Phase 2: predict x_t.
         x_next = _combine(x, plan, plan.coeffs, points, z)
         current = None

@@ -2,15 +2,23 @@
 
 Pass one generator per sample row (`generators_for(seeds)`) for batch-invariant results; a single generator
 is accepted for convenience and then draws the whole batch at once.
+
+`NoiseStream` hands the integrator its noise in step order. On CPU it draws ahead on a helper thread while the
+model runs: torch's normal generator costs about 3.4 ns a number, 5% of a small MLP's evaluation for 64-d data,
+and the draw does not depend on the model's output. The numbers and their order are exactly those of drawing in
+the loop: each generator is used by one thread at a time, in the same sequence.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["GeneratorArg", "generators_for", "randn_rows"]
+__all__ = ["GeneratorArg", "generators_for", "randn_rows", "NoiseStream"]
 
 GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
 
@@ -29,3 +37,78 @@ def randn_rows(like: torch.Tensor, generator: GeneratorArg) -> torch.Tensor:
     row_shape = like.shape[1:]
     return torch.stack([torch.randn(row_shape, generator=g, dtype=like.dtype, device=like.device)
                         for g in generator])
+
+
+_POOL: Optional[tuple[int, ThreadPoolExecutor]] = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    # One pool per process: a pool inherited through fork (Ray, multiprocessing) has no live threads.
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid():
+            _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="s3search-noise"))
+        return _POOL[1]
+
+
+class NoiseStream:
+    """The noise of a sample's `steps` stochastic steps, one tensor shaped like `like` per `next()` call.
+
+    One generator per row: every row's noise for all steps is drawn in one call per row (drawing per step
+    costs batch x steps generator calls, about 5 us each), on the helper thread when `ahead`. One generator:
+    step j + 1's noise is drawn while step j runs. No generator (torch's global one) or a device other than the
+    CPU: drawn when asked, since the model may use the global generator and devices queue their own work.
+    Call `close()` (or use it as a context manager) so no draw is left using a generator after the sample.
+    """
+
+    def __init__(self, like: torch.Tensor, steps: int, generator: GeneratorArg, ahead: bool = True) -> None:
+        self._like, self._left, self._generator = like, steps, generator
+        self._ahead = ahead and generator is not None and like.device.type == "cpu" and steps > 0
+        self._bank: Optional[list[torch.Tensor]] = None
+        self._pending: Optional[Future] = None
+        if steps > 0 and not isinstance(generator, (torch.Generator, type(None))):
+            self._pending = self._start(lambda: self._draw_bank(steps))
+        elif self._ahead:
+            self._pending = self._start(self._draw_one)
+
+    def _start(self, fn: Callable[[], object]) -> Future:
+        if self._ahead:
+            return _pool().submit(fn)
+        done: Future = Future()
+        done.set_result(fn())
+        return done
+
+    def _draw_one(self) -> torch.Tensor:
+        return randn_rows(self._like, self._generator)
+
+    def _draw_bank(self, steps: int) -> list[torch.Tensor]:
+        like = self._like
+        bank = randn_rows(like.new_empty((like.shape[0], steps) + tuple(like.shape[1:])), self._generator)
+        return list(bank.transpose(0, 1).contiguous().unbind(0))
+
+    def next(self) -> torch.Tensor:
+        if self._left <= 0:
+            raise RuntimeError("the schedule asked for more noise than its stochastic steps")
+        self._left -= 1
+        if isinstance(self._generator, (torch.Generator, type(None))):
+            if self._pending is None:
+                return self._draw_one()
+            z, self._pending = self._pending.result(), None
+            if self._left > 0:
+                self._pending = self._start(self._draw_one)
+            return z
+        if self._bank is None:
+            self._bank, self._pending = self._pending.result(), None
+        return self._bank.pop(0)
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.exception()   # waits; a failed draw past the sample's end is of no use to anyone
+            self._pending = None
+
+    def __enter__(self) -> "NoiseStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -108,15 +108,15 @@ class _UnitNoise:
 
 def affine_parts(monkeypatch, make, process: str, ts: tuple[float, ...]):
     """(offset, gain on x_T, summed squared gains on the noise draws), per coordinate."""
-    import s3search.integrator as integ
     import s3search.named.edm as m_edm
+    import s3search.noise as m_noise
     import s3search.named.er_sde as m_er
     import s3search.named.li_accelerated as m_li
     import s3search.named.seeds as m_seeds
 
     rows = 2 + 4 * len(ts)
     fake = _UnitNoise(rows)
-    for module in (integ, m_edm, m_er, m_li, m_seeds):
+    for module in (m_noise, m_edm, m_er, m_li, m_seeds):   # m_noise: the integrator's NoiseStream
         monkeypatch.setattr(module, "randn_rows", fake)
     x = torch.zeros(rows, 4, dtype=torch.float64)
     x[1] = 1.0

@@ -1,0 +1,95 @@
+"""NoiseStream: the integrator's noise, drawn ahead on a helper thread, is the noise of drawing in the loop."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from s3search import baselines, grids, processes
+from s3search import noise as noise_mod
+from s3search.integrator import sample
+from s3search.noise import NoiseStream, generators_for, randn_rows
+
+
+def _drawn(stream: NoiseStream, k: int) -> list[torch.Tensor]:
+    with stream:
+        return [stream.next() for _ in range(k)]
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_one_generator_gives_the_loops_numbers_in_order(ahead):
+    like = torch.empty(50, 7)
+    want = [randn_rows(like, g) for g in [torch.Generator().manual_seed(3)] for _ in range(4)]
+    got = _drawn(NoiseStream(like, 4, torch.Generator().manual_seed(3), ahead=ahead), 4)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_per_row_generators_draw_each_rows_steps_from_its_own_generator(ahead):
+    like = torch.empty(6, 3, 2)
+    got = _drawn(NoiseStream(like, 3, generators_for(range(6)), ahead=ahead), 3)
+    for row, g in enumerate(generators_for(range(6))):
+        steps = torch.randn((3, 3, 2), generator=g)
+        for j in range(3):
+            assert torch.equal(got[j][row], steps[j])
+
+
+def test_asking_for_more_noise_than_steps_is_an_error_and_none_is_left_drawing():
+    gen = torch.Generator().manual_seed(0)
+    stream = NoiseStream(torch.empty(4, 2), 1, gen)
+    stream.next()
+    with pytest.raises(RuntimeError, match="more noise"):
+        stream.next()
+    stream.close()
+    # Exactly one draw was made from the generator: the stream never draws past its steps.
+    ref = torch.Generator().manual_seed(0)
+    torch.randn((4, 2), generator=ref)
+    assert torch.equal(gen.get_state(), ref.get_state())
+
+
+def test_the_global_generator_is_drawn_in_the_callers_thread():
+    threads = []
+    real = noise_mod.randn_rows
+
+    def spy(like, generator):
+        threads.append(threading.current_thread())
+        return real(like, generator)
+
+    noise_mod.randn_rows = spy
+    try:
+        _drawn(NoiseStream(torch.empty(3, 2), 2, None), 2)
+        _drawn(NoiseStream(torch.empty(3, 2), 2, torch.Generator().manual_seed(1)), 2)
+    finally:
+        noise_mod.randn_rows = real
+    assert threads[:2] == [threading.current_thread()] * 2
+    assert all(t is not threading.current_thread() for t in threads[2:]) and len(threads) == 4
+
+
+def test_a_forked_process_gets_its_own_pool(monkeypatch):
+    first = noise_mod._pool()
+    assert noise_mod._pool() is first
+    monkeypatch.setattr(noise_mod.os, "getpid", lambda: -1)
+    assert noise_mod._pool() is not first
+
+
+def test_sde_sample_is_the_same_with_and_without_drawing_ahead(monkeypatch):
+    proc = processes.get("edm")
+    sched = baselines.get("dpmpp_2m_sde", timesteps=list(grids.edm(proc, 6)), process="edm")
+    den = lambda x, t: x / (1.0 + t * t)  # noqa: E731 - a Gaussian's exact denoiser (unit variance, mean 0)
+    x_T = 80.0 * torch.randn(32, 4, generator=torch.Generator().manual_seed(9))
+    ahead = [sample(den, x_T, sched, torch.Generator().manual_seed(5)),
+             sample(den, x_T, sched, generators_for(range(32)))]
+    monkeypatch.setattr(NoiseStream, "__init__", _no_ahead(NoiseStream.__init__))
+    inline = [sample(den, x_T, sched, torch.Generator().manual_seed(5)),
+              sample(den, x_T, sched, generators_for(range(32)))]
+    for a, b in zip(ahead, inline):
+        assert torch.equal(a, b)
+
+
+def _no_ahead(init):
+    def wrapped(self, like, steps, generator, ahead=True):
+        init(self, like, steps, generator, ahead=False)
+    return wrapped
