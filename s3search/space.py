@@ -195,6 +195,22 @@ class SearchSpace:
             lam_end = float(np.clip(lam_end + scale * rng.standard_normal(), self.lam_max_end, self.lam_min_end))
         return self._build(self._finish(replace(g, weights=tuple(w.tolist()), lam_end=lam_end), nfe, rng))
 
+    def restructure(self, schedule: SolverSchedule, first_step: str, final: str,
+                    rng: np.random.Generator | int | None = None) -> SolverSchedule:
+        """The same steps and grid with another first-step and final rule, repaired back to its NFE.
+
+        An analytical first step or no final denoise frees an evaluation, which the repair spends on an extra
+        step; so a hand-designed sampler can be tried with the space's structural options at equal NFE.
+        """
+        o = self.options
+        if first_step not in o.first_steps or final not in o.finals:
+            raise ValueError(f"first_step={first_step!r} / final={final!r}: not in this space "
+                             f"({list(o.first_steps)} / {list(o.finals)})")
+        rng = _rng(rng)
+        nfe = self._nfe_of(schedule)
+        g = replace(self._genome(schedule), first_step=first_step, final=final)
+        return self._build(self._finish(g, nfe, rng))
+
     def crossover(self, a: SolverSchedule, b: SolverSchedule,
                   rng: np.random.Generator | int | None = None) -> SolverSchedule:
         """A child with a's NFE: steps drawn from either parent (aligned by relative position), grid blended."""

@@ -165,3 +165,24 @@ def test_crossing_a_schedule_with_itself_gives_the_same_schedule():
     for _ in range(50):
         a = space.random(rng)
         assert space.crossover(a, a, rng).canonical_hash() == a.canonical_hash()
+
+
+@pytest.mark.parametrize("nfe", [3, 4, 6, 10])
+def test_structural_variants_of_a_baseline_keep_its_nfe_and_steps(nfe):
+    from s3search import baselines
+    from s3search.search.s3 import structural_variants
+    from s3search.search.study import chash
+
+    space = SearchSpace("edm", nfe, options=SpaceOptions(first_steps=("model", "zero-x0", "mean-x0")))
+    base = baselines.for_nfe("dpmpp_2m", nfe, "edm", grid="logsnr", t_start=space.t_max, t_end=space.t_min)
+    variants = structural_variants(space, base, np.random.default_rng(nfe))
+    pairs = {(v.first_step, v.final) for v in variants}
+    assert ("mean-x0", "none") in pairs and (base.first_step, base.final) not in pairs
+    assert len({chash(v) for v in variants}) == len(variants) and chash(base) not in {chash(v) for v in variants}
+    for v in variants:
+        space.check(v)
+        assert v.nfe == nfe
+        # The baseline's own rules survive: an analytical first step only frees evaluations for extra steps.
+        assert len(v.steps) >= len(base.steps) - 1
+    with pytest.raises(ValueError, match="first_step"):
+        SearchSpace("edm", nfe).restructure(base, "mean-x0", "none")
