@@ -36,6 +36,7 @@ import torch
 from s3search import grids, processes
 from s3search.denoisers import from_eps
 from s3search.integrator import sample
+from s3search import noise as noise_module
 from s3search.noise import generators_for, randn_rows
 from s3search.schedule import SolverSchedule, StepSpec
 
@@ -146,7 +147,7 @@ def _time(fn: Callable[[], object]) -> float:
 
 
 def _generator(noise: str, batch: int):
-    if noise == "per-row":
+    if noise.startswith("per-row"):
         return generators_for(range(batch))
     return torch.Generator().manual_seed(0)
 
@@ -158,7 +159,7 @@ def noise_draw_seconds(schedule: SolverSchedule, x_T: torch.Tensor, noise: str) 
     if k == 0:
         return 0.0
     gen = _generator(noise, x_T.shape[0])
-    if noise == "per-row":
+    if noise.startswith("per-row"):
         return _time(lambda: randn_rows(x_T.new_empty((x_T.shape[0], k) + tuple(x_T.shape[1:])), gen))
     return _time(lambda: [randn_rows(x_T, gen) for _ in range(k)])
 
@@ -173,6 +174,8 @@ def measure(name: str, schedule: SolverSchedule, denoiser, x_T: torch.Tensor, no
             denoiser(x_T, t)
 
     counting = CountingDenoiser(denoiser)
+    # "..., inline": the noise is drawn in the integrator's own thread, for comparison with drawing ahead.
+    noise_module.DRAW_AHEAD = not noise.endswith("inline")
     with torch.no_grad():
         sample(counting, x_T, schedule, _generator(noise, x_T.shape[0]))  # warm-up, and the NFE check
         if counting.calls != schedule.nfe:
@@ -187,6 +190,7 @@ def measure(name: str, schedule: SolverSchedule, denoiser, x_T: torch.Tensor, no
             timed, gen = TimedDenoiser(denoiser), _generator(noise, x_T.shape[0])
             total = _time(lambda: sample(timed, x_T, schedule, gen))
             insides.append(total / timed.seconds)
+    noise_module.DRAW_AHEAD = True
     ratios = [s / m for s, m in zip(samples, models)]
     return Row(name, noise, schedule.nfe, schedule.num_steps, 1e3 * min(models) / schedule.nfe, 1e3 * min(samples),
                min(samples) / min(models), statistics.median(ratios), 1e6 * min(frees) / schedule.num_steps,
@@ -227,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads != 1:
             ap.error("--clock cpu needs --threads 1: other threads' work would not be counted")
         CLOCK = time.thread_time
+        noise_module.DRAW_AHEAD = False   # the helper thread's draw would not be counted either
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     net = MLP(args.dim, args.hidden, args.depth).eval()
@@ -234,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     x_T = torch.randn(args.batch, args.dim, generator=torch.Generator().manual_seed(1))
     rows = []
     for name, sched in schedules(args.steps).items():
-        noises = ["one generator", "per-row"] if any(s.eta > 0 for s in sched.steps) else ["-"]
+        noises = ["one generator", "one generator, inline", "per-row", "per-row, inline"] \
+            if any(s.eta > 0 for s in sched.steps) else ["-"]
+        if args.clock == "cpu":
+            noises = [n for n in noises if not n.startswith(("one generator", "per-row")) or n.endswith("inline")]
         for noise in noises:
             rows.append(measure(name, sched, denoiser, x_T, noise, args.repeats))
             if args.profile:

@@ -39,6 +39,8 @@ def randn_rows(like: torch.Tensor, generator: GeneratorArg) -> torch.Tensor:
                         for g in generator])
 
 
+# Draw on the helper thread by default; False draws in the caller's thread (the benchmark compares both).
+DRAW_AHEAD = True
 _POOL: Optional[tuple[int, ThreadPoolExecutor]] = None
 _POOL_LOCK = threading.Lock()
 
@@ -59,11 +61,14 @@ class NoiseStream:
     costs batch x steps generator calls, about 5 us each), on the helper thread when `ahead`. One generator:
     step j + 1's noise is drawn while step j runs. No generator (torch's global one) or a device other than the
     CPU: drawn when asked, since the model may use the global generator and devices queue their own work.
+    `ahead=None` follows the module's `DRAW_AHEAD`.
     Call `close()` (or use it as a context manager) so no draw is left using a generator after the sample.
     """
 
-    def __init__(self, like: torch.Tensor, steps: int, generator: GeneratorArg, ahead: bool = True) -> None:
+    def __init__(self, like: torch.Tensor, steps: int, generator: GeneratorArg, ahead: Optional[bool] = None
+                 ) -> None:
         self._like, self._left, self._generator = like, steps, generator
+        ahead = DRAW_AHEAD if ahead is None else ahead
         self._ahead = ahead and generator is not None and like.device.type == "cpu" and steps > 0
         self._bank: Optional[list[torch.Tensor]] = None
         self._pending: Optional[Future] = None
