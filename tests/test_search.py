@@ -103,10 +103,16 @@ def test_short_search_beats_a_bad_baseline_and_fills_the_study(tmp_path):
     assert [t.user_attrs[ATTR.BASELINE] for t in labelled] == ["ddim@time-uniform"]
     s3 = [t for t in trials if t.user_attrs[ATTR.SOURCE] == "s3"]
     assert s3 and all(ATTR.PREDICTED in t.user_attrs for t in s3)
-    # The winner is the best, on the validation split, of the search split's top 5 and the best baselines (here
-    # the one, DDIM); the test figures are stored with it.
+    # The winner is the best, on the validation split, of the search split's 5 best distinct schedules (no
+    # near-copy of a better one) and the best baselines (here the one, DDIM); the test figures are stored with it.
+    from s3search.search.run import distinct_top
+    from s3search.search.study import Evaluated, schedule_from_json
+
     complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
-    contenders = {t.user_attrs[ATTR.HASH]: t.value for t in complete[:5] + labelled}
+    ranked = [Evaluated(schedule_from_json(t.user_attrs[ATTR.SCHEDULE]), t.value, 4, "", "", t.number)
+              for t in complete]
+    top5 = {e.trial_number for e in distinct_top(ranked, 5, processes.get("edm").lambda_)}
+    contenders = {t.user_attrs[ATTR.HASH]: t.value for t in complete if t.number in top5 or t in labelled}
     validation = study.user_attrs["validation"]["4"]
     assert set(validation) == set(contenders) and len(contenders) == 6
     assert result.best.canonical_hash() == min(validation, key=lambda h: validation[h])
@@ -248,3 +254,22 @@ def test_same_seed_same_search(tmp_path, method):
     first = hashes(0)
     assert hashes(0) == first and len(first) == 18
     assert hashes(1) != first
+
+
+def test_validation_candidates_skip_near_copies_of_a_better_schedule():
+    import numpy as np
+
+    from s3search.search.run import distinct_top
+    from s3search.search.study import Evaluated
+
+    space = SearchSpace("edm", 5)
+    rng = np.random.default_rng(0)
+    best = space.random(rng)
+    copies = [space.jitter(best, rng, scale=0.001) for _ in range(4)]
+    other = space.random(rng)
+    far = space.jitter(best, rng, scale=1.0)
+    ranked = [Evaluated(s, v, 5, "s3", "", i) for i, (s, v) in
+              enumerate(zip([best, *copies, other, far], [1.0, 1.01, 1.02, 1.03, 1.04, 2.0, 3.0]))]
+    picked = distinct_top(ranked, 3, space.process.lambda_)
+    assert [e.trial_number for e in picked] == [0, 5, 6]
+    assert len(distinct_top(ranked, 10, space.process.lambda_, tol=0.0)) == 7
