@@ -41,7 +41,7 @@ class ATTR:
     SCHEDULE = "schedule"          # the schedule JSON
     HASH = "schedule_hash"
     NFE = "nfe"
-    SOURCE = "source"              # baseline | random | s3 | local | tpe | cmaes | requeued
+    SOURCE = "source"              # baseline | variant | random | s3 | s3-local | tpe | cmaes | requeued
     BASELINE = "baseline"          # the baseline's label, only on baseline trials
     PREDICTED = "predicted"        # the predictor's score when the candidate was chosen (lower is better)
     METRIC = "metric"
