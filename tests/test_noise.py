@@ -87,3 +87,12 @@ def test_sde_sample_is_the_same_with_and_without_drawing_ahead(monkeypatch):
               sample(den, x_T, sched, generators_for(range(32)))]
     for a, b in zip(ahead, inline):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape,dtype", [((5, 64), torch.float32), ((4, 17), torch.float64), ((3, 3), torch.float32),
+                                         ((6, 2, 1, 8), torch.float32)])
+def test_per_row_draws_are_torch_randn_of_each_rows_generator(shape, dtype):
+    got = randn_rows(torch.empty(shape, dtype=dtype), generators_for(range(shape[0])))
+    for row, g in zip(got, generators_for(range(shape[0]))):
+        assert torch.equal(row, torch.randn(shape[1:], generator=g, dtype=dtype))
+    assert got.dtype == dtype and got.shape == shape
