@@ -2,6 +2,8 @@
 
     # searched vs best baseline at each NFE, test split, excess over the 1000-step value
     python bench/search_bench.py quality --model gmm-64d --nfe 4,5,6,8,10 --budget 200
+    # add every baseline on every grid (test split) to stored runs: the yardstick of the excess ratio
+    python bench/search_bench.py yardstick --model gmm-64d --tag=-n3000
     # best-so-far against true evaluations for S³, random, TPE, CMA-ES (+ random at a larger budget)
     python bench/search_bench.py efficiency --model gmm-64d --nfe 5 --budget 200 --random-budget 1000
     # Kendall tau / top-k recall of every predictor on held-out schedules (uses the efficiency run's pairs)
@@ -35,6 +37,7 @@ from s3search.evaluation.local import LocalEvaluator  # noqa: E402
 from s3search.models import registry  # noqa: E402
 from s3search.search.config import SearchConfig  # noqa: E402
 from s3search.search.run import run_search  # noqa: E402
+from s3search.search.baselines_seed import on_grids  # noqa: E402
 from s3search.search.study import ATTR, schedule_from_json  # noqa: E402
 
 OUT = ROOT / "docs" / "bench"
@@ -61,6 +64,32 @@ def reference_value(model: str, metric: str, n_test: int, seed: int, steps: int 
     if not res.ok:
         raise RuntimeError(f"reference failed: {res.error}")
     return float(res.value)
+
+
+def all_grid_baselines(model: str, metric: str, nfe: int, n_test: int, seed: int) -> dict[str, float]:
+    """Every baseline on every standard grid at this NFE, on the test split: label -> value.
+
+    The search itself tries only the best few baselines on the other grids; the benchmark's yardstick is the
+    best of all of them, so a baseline the search's seeding left on its conventional grid cannot be missed.
+    """
+    spec = registry.get(model)
+    cands = on_grids(baselines.names(), nfe, spec.process.name)
+    results = LocalEvaluator().evaluate([c.schedule for c in cands], EvalRequest(model, metric, n_test, seed, "test"))
+    return {c.label: float(r.value) for c, r in zip(cands, results) if r.ok}
+
+
+def _yardstick(run: dict) -> tuple[str, float]:
+    """The best baseline: over every grid where measured, else over the search's own baseline grids."""
+    pool = dict(run.get("baselines_all_grids") or {}) or dict(_as_dict(run["baselines_test"]))
+    return min(pool.items(), key=lambda kv: kv[1])
+
+
+def _as_dict(v) -> dict:
+    if isinstance(v, dict):
+        return v
+    import ast
+
+    return ast.literal_eval(v)
 
 
 def excess_ratio(searched: float, best_baseline: float, reference: float) -> float:
@@ -116,19 +145,40 @@ def cmd_quality(args) -> None:
         study = optuna.create_study(direction="minimize")
         res = run_search(_config(args, nfe, "s3", args.budget), study)
         ref = doc["reference"]
-        best_name, best_base = min(res.baselines.items(), key=lambda kv: kv[1])
+        every = all_grid_baselines(args.model, metric, nfe, args.n_test, args.seed)
+        best_name, best_base = min({**res.baselines, **every}.items(), key=lambda kv: kv[1])
         ratio = excess_ratio(res.test_value, best_base, ref)
         doc["runs"][str(nfe)] = {
             "nfe": nfe, "budget": args.budget, "evaluations": res.evaluations, "seconds": time.perf_counter() - t,
             "search_value": res.best_value, "validation_value": res.validation_value,
             "test_value": res.test_value, "best_baseline": best_name,
             "best_baseline_test": best_base, "excess_ratio": ratio, "baselines_test": res.baselines,
+            "baselines_all_grids": every,
             "schedule": json.loads(res.best.to_json()), "n_samples": args.n_samples, "n_test": args.n_test,
             "predictor": args.predictor, "curve": _curve(study), "rounds": study.user_attrs.get("rounds", []),
         }
         _save(key, {**doc, "model": args.model, "metric": metric, "seed": args.seed})
         print(f"NFE {nfe}: searched {res.test_value:.5g} vs {best_name} {best_base:.5g} (1000-step {ref:.5g}); "
               f"excess ratio {ratio:.3f}; {time.perf_counter() - t:.0f}s", flush=True)
+
+
+def cmd_yardstick(args) -> None:
+    """Add every baseline on every grid (test split, the run's n_test and seed) to stored quality runs."""
+    key = f"search_quality_{args.model}{args.tag}.json"
+    doc = _load(key)
+    if not doc.get("runs"):
+        raise SystemExit(f"{key}: no stored runs")
+    for nfe, r in sorted(doc["runs"].items(), key=lambda kv: int(kv[0])):
+        if r.get("baselines_all_grids") and not args.force:
+            continue
+        t = time.perf_counter()
+        r["baselines_all_grids"] = all_grid_baselines(doc["model"], doc["metric"], int(nfe), r["n_test"], doc["seed"])
+        name, base = _yardstick(r)
+        r["best_baseline"], r["best_baseline_test"] = name, base
+        r["excess_ratio"] = excess_ratio(r["test_value"], base, doc["reference"])
+        _save(key, doc)
+        print(f"NFE {nfe}: best of {len(r['baselines_all_grids'])} baseline/grid pairs {name} {base:.5g}; "
+              f"searched {r['test_value']:.5g}; {time.perf_counter() - t:.0f}s", flush=True)
 
 
 def cmd_efficiency(args) -> None:
@@ -236,11 +286,12 @@ def cmd_report(args) -> None:
             for nfe, r in sorted(q["runs"].items(), key=lambda kv: int(kv[0])):
                 target = 0.3 if int(nfe) <= 6 else 0.6
                 # From the stored values, so a 1000-step value measured after the runs (--reference) applies.
-                ratio = excess_ratio(r["test_value"], r["best_baseline_test"], q["reference"])
+                name, base = _yardstick(r)
+                ratio = excess_ratio(r["test_value"], base, q["reference"])
                 met = "yes" if ratio <= target else ("n/a" if math.isnan(ratio) else "no")
-                beats = "yes" if r["test_value"] < r["best_baseline_test"] else "no"
-                print(f"| {nfe} | {r['evaluations']} | {r['test_value']:.5g} | {r['best_baseline']} | "
-                      f"{r['best_baseline_test']:.5g} | {beats} | {ratio:.3f} | <= {target} | {met} |")
+                beats = "yes" if r["test_value"] < base else "no"
+                print(f"| {nfe} | {r['evaluations']} | {r['test_value']:.5g} | {name} | "
+                      f"{base:.5g} | {beats} | {ratio:.3f} | <= {target} | {met} |")
     for model in args.models:
         for f in sorted(OUT.glob(f"search_efficiency_{model}_nfe*.json")):
             e = json.loads(f.read_text())
@@ -263,7 +314,7 @@ def cmd_report(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["quality", "efficiency", "predictors", "plot", "report"])
+    ap.add_argument("command", choices=["quality", "yardstick", "efficiency", "predictors", "plot", "report"])
     ap.add_argument("--model", default="gmm-64d")
     ap.add_argument("--models", nargs="*", default=["gmm-64d", "digits"])
     ap.add_argument("--nfe", default="4,5,6,8,10", type=lambda s: [int(x) for x in s.split(",")])
@@ -290,7 +341,7 @@ def main() -> None:
     ap.add_argument("--redo", default="", type=lambda s: [int(x) for x in s.split(",") if x],
                     help="quality: rerun these NFE")
     args = ap.parse_args()
-    {"quality": cmd_quality, "efficiency": cmd_efficiency, "predictors": cmd_predictors, "plot": cmd_plot,
+    {"quality": cmd_quality, "yardstick": cmd_yardstick, "efficiency": cmd_efficiency, "predictors": cmd_predictors, "plot": cmd_plot,
      "report": cmd_report}[args.command](args)
 
 
