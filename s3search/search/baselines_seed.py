@@ -3,7 +3,9 @@
 Two stages keep the seed affordable at small budgets:
 1. every baseline on its conventional grid (the grid its paper or reference code uses);
 2. once stage 1 is scored, the best few baselines on each other standard grid, so the comparison is against
-   each strong baseline *on its best grid*, not on a grid we happened to pick.
+   each strong baseline *on its best grid*, not on a grid we happened to pick;
+3. every baseline on the grids that served the best ones (`best_grids`), which catches a method that ranks
+   low on its conventional grid but well on another.
 Labels are "<baseline>@<grid>"; the comparison table keeps, per baseline, its best grid on the search split.
 """
 
@@ -15,7 +17,7 @@ from .. import baselines, grids, processes
 from .study import AnySchedule, Candidate, Evaluated
 
 __all__ = ["CONVENTIONAL_GRID", "SEED_GRIDS", "label", "parse_label", "conventional", "on_grids",
-           "best_per_baseline"]
+           "best_per_baseline", "best_grids"]
 
 # The grid each method's reference code uses by default (DPM-Solver / UniPC: logSNR; EDM-family codes: rho = 7;
 # Li et al. and DDIM on discrete models: time-uniform).
@@ -85,3 +87,14 @@ def best_per_baseline(evaluated: Iterable[Evaluated], nfe: int) -> dict[str, Eva
         if name not in best or e.value < best[name].value:
             best[name] = e
     return best
+
+
+def best_grids(evaluated: Iterable[Evaluated], nfe: int) -> list[str]:
+    """The grids of the evaluated baselines at this NFE, best first by the best value each grid reached."""
+    best: dict[str, float] = {}
+    for e in evaluated:
+        if e.source != "baseline" or not e.label or e.nfe != nfe or not e.ok:
+            continue
+        _, grid = parse_label(e.label)
+        best[grid] = min(best.get(grid, float("inf")), e.value)
+    return sorted(best, key=best.get)
