@@ -273,3 +273,21 @@ def test_validation_candidates_skip_near_copies_of_a_better_schedule():
     picked = distinct_top(ranked, 3, space.process.lambda_)
     assert [e.trial_number for e in picked] == [0, 5, 6]
     assert len(distinct_top(ranked, 10, space.process.lambda_, tol=0.0)) == 7
+
+
+def test_ays_baselines_keep_their_own_noise_levels_where_they_fit():
+    from s3search import grids
+    from s3search.search.baselines_seed import best_grids, on_grids
+
+    (native,) = on_grids(["dpmpp_2m"], 5, "edm", grid_names=("ays-sdxl",), t_start=80.0, t_end=0.002)
+    assert native.schedule.timesteps[0] == pytest.approx(grids.ays_sigmas("sdxl", 5)[0])
+    assert native.schedule.timesteps[0] < 80.0 and native.schedule.timesteps[-1] > 0.002
+    # A narrower range than the table's: the table is stretched onto it instead.
+    (narrow,) = on_grids(["dpmpp_2m"], 5, "edm", grid_names=("ays-sdxl",), t_start=10.0, t_end=0.002)
+    assert narrow.schedule.timesteps[0] == pytest.approx(10.0) and narrow.schedule.timesteps[-1] == pytest.approx(0.002)
+    from s3search.search.study import Evaluated
+
+    done = [Evaluated(native.schedule, 2.0, 5, "baseline", "dpmpp_2m@ays-sdxl", 0),
+            Evaluated(native.schedule, 1.0, 5, "baseline", "ipndm@edm", 1),
+            Evaluated(native.schedule, 0.5, 5, "s3", "", 2)]
+    assert best_grids(done, 5) == ["edm", "ays-sdxl"]

@@ -40,11 +40,27 @@ def parse_label(text: str) -> tuple[str, str]:
 
 def _build(name: str, nfe: int, process: str, grid: str, t_start: Optional[float],
            t_end: Optional[float]) -> Optional[AnySchedule]:
+    if grid.startswith("ays-"):
+        # An Align-Your-Steps table keeps its own noise levels where they fit the requested range (that range is
+        # the table's point: SDXL's starts at sigma 14.6); stretched onto [t_end, t_start] only otherwise.
+        native = _try(name, nfe, process, grid, None, None)
+        if native is not None and _inside(native, t_start, t_end):
+            return native
+    return _try(name, nfe, process, grid, t_start, t_end)
+
+
+def _try(name: str, nfe: int, process: str, grid: str, t_start: Optional[float],
+         t_end: Optional[float]) -> Optional[AnySchedule]:
     try:
         sched = baselines.for_nfe(name, nfe, process, grid=grid, t_start=t_start, t_end=t_end)
     except ValueError:   # this baseline cannot make exactly `nfe` evaluations, or the grid does not fit
         return None
     return sched if sched.nfe == nfe else None
+
+
+def _inside(schedule: AnySchedule, t_start: Optional[float], t_end: Optional[float]) -> bool:
+    ts = schedule.timesteps
+    return (t_start is None or ts[0] <= t_start * (1 + 1e-9)) and (t_end is None or ts[-1] >= t_end * (1 - 1e-9))
 
 
 def conventional(nfe: int, process: str, *, names: Optional[Sequence[str]] = None,
