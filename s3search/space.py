@@ -2,8 +2,9 @@
 
 The genome *is* the `SolverSchedule`: operators read a schedule, change it, and hand back a valid schedule with
 exactly the target NFE. The timestep grid is encoded as per-step increments of the half-logSNR lambda between a
-fixed start (t_max) and a searchable end (at or above t_min); grids are perturbed multiplicatively in those
-increments, so they stay strictly monotone.
+searchable start (at or below t_max) and a searchable end (at or above t_min); grids are perturbed
+multiplicatively in those increments, so they stay strictly monotone. Align-Your-Steps tables, for one, start
+well below the process's t_max (SDXL's at sigma 14.6) and end above its t_min.
 
 Every operator ends in `_finish`, which (1) makes each step valid for its position (order and lags capped by
 the evaluations that exist) and (2) adds/removes steps or changes correctors until the model-evaluation count,
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -51,7 +52,8 @@ class SpaceOptions:
     p_lags: float = 0.1             # probability that a higher-order step uses non-default earlier points
     max_lag: int = 3
     grid_sigma: float = 0.35        # std of the log lambda-increment perturbation
-    t_end_span: float = 1.5         # the final time may sit up to this many lambda-nats above t_min (0: fixed)
+    t_end_span: float = 3.0         # the final time may sit up to this many lambda-nats above t_min (0: fixed)
+    t_start_span: float = 2.0       # the first time may sit up to this many lambda-nats below t_max (0: fixed)
     base_grids: tuple[str, ...] = BASE_GRIDS
 
     def __post_init__(self) -> None:
@@ -69,7 +71,7 @@ class SpaceOptions:
         if isinstance(self.max_order, bool) or not isinstance(self.max_order, int) \
                 or not 1 <= self.max_order <= MAX_ORDER:
             raise ValueError(f"options.max_order={self.max_order!r} must be an integer from 1 to {MAX_ORDER}")
-        for name in ("eta_max", "grid_sigma", "t_end_span"):
+        for name in ("eta_max", "grid_sigma", "t_end_span", "t_start_span"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"options.{name}={v!r} must be a finite number >= 0")
@@ -118,6 +120,7 @@ class _Genome:
     steps: tuple[StepSpec, ...]
     weights: tuple[float, ...]        # one per step
     lam_end: float
+    lam_start: Optional[float] = None  # None: the space's t_max
 
 
 class SearchSpace:
@@ -148,6 +151,9 @@ class SearchSpace:
         span = min(options.t_end_span, 0.5 * (self.lam_min_end - self.lam_start))
         self.lam_max_end = self.lam_min_end - span
         self.t_max_end = self.process.t_of_lambda(self.lam_max_end)  # the noisiest end allowed
+        # The start may move towards clean by t_start_span nats, but never past a quarter of the range.
+        self.lam_max_start = self.lam_start + min(options.t_start_span, 0.25 * (self.lam_min_end - self.lam_start))
+        self.t_min_start = self.process.t_of_lambda(self.lam_max_start)  # the cleanest start allowed
         for n in self.nfes:
             if not self._nfe_reachable(n):
                 raise ValueError(f"nfe={n} cannot be reached with first_steps={list(options.first_steps)} "
@@ -164,10 +170,10 @@ class SearchSpace:
         n_steps = int(rng.integers(max(1, (nfe + 1) // 2), nfe + 2))
         steps = tuple(self._random_step(i, rng) for i in range(n_steps))
         lam_end = self._random_lam_end(rng)
-        g = _Genome(first, final, steps, (1.0,) * n_steps, lam_end)
+        g = _Genome(first, final, steps, (1.0,) * n_steps, lam_end, self._random_lam_start(rng))
         g = self._finish(g, nfe, rng)
         grid = str(rng.choice(o.base_grids))
-        weights = self._base_weights(grid, len(g.steps), g.lam_end)
+        weights = self._base_weights(grid, len(g.steps), g.lam_end, g.lam_start)
         weights = weights * np.exp(o.grid_sigma * rng.standard_normal(len(weights)))
         return self._build(replace(g, weights=tuple(weights.tolist())))
 
@@ -190,10 +196,13 @@ class SearchSpace:
         nfe = self._nfe_of(schedule)
         g = self._genome(schedule)
         w = np.asarray(g.weights) * np.exp(scale * rng.standard_normal(len(g.weights)))
-        lam_end = g.lam_end
+        lam_end, lam_start = g.lam_end, g.lam_start
         if self.lam_max_end < self.lam_min_end:
             lam_end = float(np.clip(lam_end + scale * rng.standard_normal(), self.lam_max_end, self.lam_min_end))
-        return self._build(self._finish(replace(g, weights=tuple(w.tolist()), lam_end=lam_end), nfe, rng))
+        if self.lam_max_start > self.lam_start and lam_start is not None and lam_start > self.lam_start:
+            lam_start = self._clip_start(lam_start + scale * rng.standard_normal())
+        return self._build(self._finish(replace(g, weights=tuple(w.tolist()), lam_end=lam_end, lam_start=lam_start),
+                                        nfe, rng))
 
     def restructure(self, schedule: SolverSchedule, first_step: str, final: str,
                     rng: np.random.Generator | int | None = None) -> SolverSchedule:
@@ -232,7 +241,8 @@ class SearchSpace:
         g = _Genome(first_step=ga.first_step if rng.random() < 0.5 else gb.first_step,
                     final=ga.final if rng.random() < 0.5 else gb.final,
                     steps=tuple(steps), weights=tuple(weights),
-                    lam_end=mix * ga.lam_end + (1 - mix) * gb.lam_end)
+                    lam_end=mix * ga.lam_end + (1 - mix) * gb.lam_end,
+                    lam_start=self._clip_start(mix * self._start(ga) + (1 - mix) * self._start(gb)))
         return self._build(self._finish(g, nfe, rng))
 
     def contains(self, schedule: SolverSchedule) -> bool:
@@ -251,8 +261,9 @@ class SearchSpace:
         if schedule.nfe not in self.nfes:
             raise ValueError(f"nfe={schedule.nfe} is not one of {list(self.nfes)}")
         tol = 1e-9 * max(1.0, abs(self.t_max))
-        if abs(schedule.timesteps[0] - self.t_max) > tol:
-            raise ValueError(f"timesteps[0]={schedule.timesteps[0]!r} must be t_max={self.t_max!r}")
+        if not self.t_min_start * (1 - 1e-7) <= schedule.timesteps[0] <= self.t_max + tol:
+            raise ValueError(f"timesteps[0]={schedule.timesteps[0]!r} must lie in [{self.t_min_start!r}, "
+                             f"t_max={self.t_max!r}]")
         if not self.t_min - tol <= schedule.timesteps[-1]:
             raise ValueError(f"timesteps[-1]={schedule.timesteps[-1]!r} is below t_min={self.t_min!r}")
         if schedule.first_step not in o.first_steps:
@@ -329,6 +340,19 @@ class SearchSpace:
         # One step of cost 1 (corrector none/unic) costs lowest_first + lowest_final; each extra step adds 1.
         return nfe >= lowest_first + (lowest_final if "none" in o.correctors else 1)
 
+    def _random_lam_start(self, rng: np.random.Generator) -> Optional[float]:
+        # Half the time at t_max exactly, where most published grids start.
+        if self.lam_max_start <= self.lam_start or rng.random() < 0.5:
+            return None
+        return float(rng.uniform(self.lam_start, self.lam_max_start))
+
+    def _clip_start(self, lam: float) -> Optional[float]:
+        lam = float(np.clip(lam, self.lam_start, self.lam_max_start))
+        return None if lam <= self.lam_start else lam
+
+    def _start(self, g: _Genome) -> float:
+        return self.lam_start if g.lam_start is None else g.lam_start
+
     def _random_lam_end(self, rng: np.random.Generator) -> float:
         # Half the time at t_min exactly, where most published grids end.
         if self.lam_max_end >= self.lam_min_end or rng.random() < 0.5:
@@ -352,9 +376,10 @@ class SearchSpace:
         return StepSpec(prediction=str(rng.choice(o.predictions)), order=order, derivative=derivative,
                         corrector=corrector, eta=eta, lags=lags)
 
-    def _base_weights(self, kind: str, n: int, lam_end: float) -> np.ndarray:
+    def _base_weights(self, kind: str, n: int, lam_end: float, lam_start: Optional[float] = None) -> np.ndarray:
         t_end = self.process.t_of_lambda(lam_end)
-        lam = base_grid_lambdas(self.process, kind, n, self.t_max, t_end)
+        t_start = self.t_max if lam_start is None else self.process.t_of_lambda(lam_start)
+        lam = base_grid_lambdas(self.process, kind, n, t_start, t_end)
         w = np.diff(lam)
         return np.maximum(w, _MIN_WEIGHT * max(float(np.mean(w)), 1e-12))
 
@@ -362,11 +387,12 @@ class SearchSpace:
         lam = np.array([self.process.lambda_(t) for t in schedule.timesteps])
         w = np.maximum(np.diff(lam), 1e-12)
         lam_end = float(np.clip(lam[-1], min(self.lam_max_end, self.lam_min_end), self.lam_min_end))
-        return _Genome(schedule.first_step, schedule.final, schedule.steps, tuple(w.tolist()), lam_end)
+        return _Genome(schedule.first_step, schedule.final, schedule.steps, tuple(w.tolist()), lam_end,
+                       self._clip_start(float(lam[0])))
 
     def _mutate_once(self, g: _Genome, rng: np.random.Generator) -> _Genome:
         o = self.options
-        kind = rng.choice(["grid", "grid", "step", "step", "step", "structure", "end"])
+        kind = rng.choice(["grid", "grid", "step", "step", "step", "structure", "end", "start"])
         steps, weights = list(g.steps), list(g.weights)
         if kind == "grid":
             # Perturb every increment a little, or one a lot.
@@ -376,6 +402,12 @@ class SearchSpace:
                 j = int(rng.integers(len(weights)))
                 weights[j] *= math.exp(2 * o.grid_sigma * rng.standard_normal())
             return replace(g, weights=tuple(float(w) for w in weights))
+        if kind == "start":
+            if self.lam_max_start <= self.lam_start:
+                return g
+            if rng.random() < 0.3:
+                return replace(g, lam_start=self._random_lam_start(rng))
+            return replace(g, lam_start=self._clip_start(self._start(g) + 0.3 * rng.standard_normal()))
         if kind == "end":
             return replace(g, lam_end=self._random_lam_end(rng) if rng.random() < 0.3 else float(np.clip(
                 g.lam_end + 0.3 * rng.standard_normal(), self.lam_max_end, self.lam_min_end)))
@@ -481,15 +513,17 @@ class SearchSpace:
             raise ValueError(f"nfe={nfe}: repair did not converge")
         steps = [self._valid_step(s, i) for i, s in enumerate(steps)]
         assert self._count(first, final, steps) == nfe
-        return _Genome(first, final, tuple(steps), tuple(weights), g.lam_end)
+        return _Genome(first, final, tuple(steps), tuple(weights), g.lam_end, g.lam_start)
 
     def _build(self, g: _Genome) -> SolverSchedule:
         w = np.maximum(np.asarray(g.weights, dtype=np.float64), 1e-300)
         w = w / w.sum()
         w = np.maximum(w, _MIN_WEIGHT / len(w))
         w = w / w.sum()
-        lam = self.lam_start + (g.lam_end - self.lam_start) * np.concatenate([[0.0], np.cumsum(w)])
-        ts = [self.t_max] + [self.process.t_of_lambda(float(x)) for x in lam[1:-1]]
+        start = self._start(g)
+        lam = start + (g.lam_end - start) * np.concatenate([[0.0], np.cumsum(w)])
+        t0 = self.t_max if g.lam_start is None else float(f"{self.process.t_of_lambda(start):.7g}")
+        ts = [min(t0, self.t_max)] + [self.process.t_of_lambda(float(x)) for x in lam[1:-1]]
         ts.append(self.t_min if g.lam_end >= self.lam_min_end else self.process.t_of_lambda(float(g.lam_end)))
         # Seven significant digits: crossing a schedule with itself, or re-deriving a grid through lambda, leaves
         # round-off of ~1e-10 that would make the same sampler a "new" schedule (a distinct canonical hash),
