@@ -33,8 +33,11 @@ def schedule(k: int, name: str = "") -> SolverSchedule:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    # Start-up is slow on a busy 2-core machine; one embedded Ray for all tests here.
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    # Start-up is slow on a busy 2-core machine; one embedded Ray for all tests here. Four logical CPUs for two
+    # actors: after tests that kill actors, Ray has been seen holding one CPU lease it never returned, and with
+    # exactly two the next test's second actor then waited forever to be placed (every test that starts actors
+    # fixes their number with max_in_flight, so the spare logical CPUs change nothing else).
+    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
