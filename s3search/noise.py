@@ -42,8 +42,9 @@ def randn_rows(like: torch.Tensor, generator: GeneratorArg) -> torch.Tensor:
     return out
 
 
-# Draw on the helper thread by default; False draws in the caller's thread (the benchmark compares both).
-DRAW_AHEAD = True
+# Draw on the helper thread where there is a second core to draw on; False draws in the caller's thread (the
+# benchmark compares both).
+DRAW_AHEAD = (os.cpu_count() or 1) > 1
 _POOL: Optional[tuple[int, ThreadPoolExecutor]] = None
 _POOL_LOCK = threading.Lock()
 
