@@ -60,8 +60,8 @@ def test_the_global_generator_is_drawn_in_the_callers_thread():
 
     noise_mod.randn_rows = spy
     try:
-        _drawn(NoiseStream(torch.empty(3, 2), 2, None), 2)
-        _drawn(NoiseStream(torch.empty(3, 2), 2, torch.Generator().manual_seed(1)), 2)
+        _drawn(NoiseStream(torch.empty(3, 2), 2, None, ahead=True), 2)
+        _drawn(NoiseStream(torch.empty(3, 2), 2, torch.Generator().manual_seed(1), ahead=True), 2)
     finally:
         noise_mod.randn_rows = real
     assert threads[:2] == [threading.current_thread()] * 2
