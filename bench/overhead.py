@@ -21,6 +21,7 @@ the integrator costs nothing beyond its model calls; the issue's target is <= 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import math
@@ -164,6 +165,15 @@ def noise_draw_seconds(schedule: SolverSchedule, x_T: torch.Tensor, noise: str) 
     return _time(lambda: [randn_rows(x_T, gen) for _ in range(k)])
 
 
+@contextlib.contextmanager
+def _drawing_ahead(ahead: bool):
+    default, noise_module.DRAW_AHEAD = noise_module.DRAW_AHEAD, ahead
+    try:
+        yield
+    finally:
+        noise_module.DRAW_AHEAD = default
+
+
 def measure(name: str, schedule: SolverSchedule, denoiser, x_T: torch.Tensor, noise: str, repeats: int) -> Row:
     """Interleaved repeats of (sample, the same NFE model calls, sample with a free model); see the docstring."""
     times = evaluation_times(schedule)
@@ -175,8 +185,7 @@ def measure(name: str, schedule: SolverSchedule, denoiser, x_T: torch.Tensor, no
 
     counting = CountingDenoiser(denoiser)
     # "..., inline": the noise is drawn in the integrator's own thread, for comparison with drawing ahead.
-    noise_module.DRAW_AHEAD = not noise.endswith("inline")
-    with torch.no_grad():
+    with torch.no_grad(), _drawing_ahead(not noise.endswith("inline")):
         sample(counting, x_T, schedule, _generator(noise, x_T.shape[0]))  # warm-up, and the NFE check
         if counting.calls != schedule.nfe:
             raise RuntimeError(f"{name}: sample made {counting.calls} calls, schedule.nfe={schedule.nfe}")
@@ -190,7 +199,6 @@ def measure(name: str, schedule: SolverSchedule, denoiser, x_T: torch.Tensor, no
             timed, gen = TimedDenoiser(denoiser), _generator(noise, x_T.shape[0])
             total = _time(lambda: sample(timed, x_T, schedule, gen))
             insides.append(total / timed.seconds)
-    noise_module.DRAW_AHEAD = True
     ratios = [s / m for s, m in zip(samples, models)]
     return Row(name, noise, schedule.nfe, schedule.num_steps, 1e3 * min(models) / schedule.nfe, 1e3 * min(samples),
                min(samples) / min(models), statistics.median(ratios), 1e6 * min(frees) / schedule.num_steps,
@@ -231,7 +239,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads != 1:
             ap.error("--clock cpu needs --threads 1: other threads' work would not be counted")
         CLOCK = time.thread_time
-        noise_module.DRAW_AHEAD = False   # the helper thread's draw would not be counted either
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     net = MLP(args.dim, args.hidden, args.depth).eval()
@@ -241,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, sched in schedules(args.steps).items():
         noises = ["one generator", "one generator, inline", "per-row", "per-row, inline"] \
             if any(s.eta > 0 for s in sched.steps) else ["-"]
-        if args.clock == "cpu":
-            noises = [n for n in noises if not n.startswith(("one generator", "per-row")) or n.endswith("inline")]
+        if args.clock == "cpu":   # a helper thread's draw would not be counted: inline rows only
+            noises = [n for n in noises if n == "-" or n.endswith("inline")]
         for noise in noises:
             rows.append(measure(name, sched, denoiser, x_T, noise, args.repeats))
             if args.profile:

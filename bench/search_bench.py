@@ -80,16 +80,8 @@ def all_grid_baselines(model: str, metric: str, nfe: int, n_test: int, seed: int
 
 def _yardstick(run: dict) -> tuple[str, float]:
     """The best baseline: over the search's own baseline grids and, where measured, every standard grid."""
-    pool = {**_as_dict(run["baselines_test"]), **dict(run.get("baselines_all_grids") or {})}
+    pool = {**run["baselines_test"], **(run.get("baselines_all_grids") or {})}
     return min(pool.items(), key=lambda kv: kv[1])
-
-
-def _as_dict(v) -> dict:
-    if isinstance(v, dict):
-        return v
-    import ast
-
-    return ast.literal_eval(v)
 
 
 def excess_ratio(searched: float, best_baseline: float, reference: float) -> float:

@@ -128,7 +128,6 @@ def _combine(x: torch.Tensor, plan: _StepPlan, coeffs: tuple[float, ...], points
 def _run_schedule(denoiser: DenoiserFn, x: torch.Tensor, schedule: SolverSchedule,
                   generator: GeneratorArg) -> torch.Tensor:
     proc = processes.get(schedule.process)
-    ts = schedule.timesteps
     # Model outputs at the last few times, oldest first: only as many as the deepest lag needs, so that the
     # batch-sized tensors of older evaluations are freed and their memory reused (fresh memory costs page faults).
     keep = 1 + max((max(step.used_lags, default=0) for step in schedule.steps), default=0)

@@ -72,11 +72,12 @@ class NoiseStream:
     def __init__(self, like: torch.Tensor, steps: int, generator: GeneratorArg, ahead: Optional[bool] = None
                  ) -> None:
         self._like, self._left, self._generator = like, steps, generator
+        self._per_row = not isinstance(generator, (torch.Generator, type(None)))
         ahead = DRAW_AHEAD if ahead is None else ahead
         self._ahead = ahead and generator is not None and like.device.type == "cpu" and steps > 0
         self._bank: Optional[list[torch.Tensor]] = None
         self._pending: Optional[Future] = None
-        if steps > 0 and not isinstance(generator, (torch.Generator, type(None))):
+        if steps > 0 and self._per_row:
             self._pending = self._start(lambda: self._draw_bank(steps))
         elif self._ahead:
             self._pending = self._start(self._draw_one)
@@ -100,16 +101,16 @@ class NoiseStream:
         if self._left <= 0:
             raise RuntimeError("the schedule asked for more noise than its stochastic steps")
         self._left -= 1
-        if isinstance(self._generator, (torch.Generator, type(None))):
-            if self._pending is None:
-                return self._draw_one()
-            z, self._pending = self._pending.result(), None
-            if self._left > 0:
-                self._pending = self._start(self._draw_one)
-            return z
-        if self._bank is None:
-            self._bank, self._pending = self._pending.result(), None
-        return self._bank.pop(0)
+        if self._per_row:
+            if self._bank is None:
+                self._bank, self._pending = self._pending.result(), None
+            return self._bank.pop(0)
+        if self._pending is None:
+            return self._draw_one()
+        z, self._pending = self._pending.result(), None
+        if self._left > 0:
+            self._pending = self._start(self._draw_one)
+        return z
 
     def close(self) -> None:
         if self._pending is not None:

@@ -199,7 +199,7 @@ class SearchSpace:
         lam_end, lam_start = g.lam_end, g.lam_start
         if self.lam_max_end < self.lam_min_end:
             lam_end = float(np.clip(lam_end + scale * rng.standard_normal(), self.lam_max_end, self.lam_min_end))
-        if self.lam_max_start > self.lam_start and lam_start is not None and lam_start > self.lam_start:
+        if lam_start is not None:   # a grid starting at t_max keeps its start, as published grids do
             lam_start = self._clip_start(lam_start + scale * rng.standard_normal())
         return self._build(self._finish(replace(g, weights=tuple(w.tolist()), lam_end=lam_end, lam_start=lam_start),
                                         nfe, rng))

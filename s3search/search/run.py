@@ -29,7 +29,7 @@ from .alternatives import run_optuna, run_random
 from .config import ProgressFn, SearchConfig, SearchResult, StopFn
 from .context import SearchContext, check_options
 from .s3 import run_s3
-from .study import AnySchedule, Evaluated, Ledger, chash
+from .study import AnySchedule, Candidate, Evaluated, Ledger, chash
 
 __all__ = ["run_search", "METHODS", "MultiNFEResult", "check_config", "build_space", "default_evaluator"]
 
@@ -87,25 +87,25 @@ def _seed_baselines(ctx: SearchContext, nfe: int, process: str) -> None:
     o = ctx.options
     cap = max(0, int(o["max_seed_fraction"] * ctx.budgets[nfe]))
     t_start, t_end = ctx.space.t_max, ctx.space.t_min
-    stage1 = baselines_seed.conventional(nfe, process, names=o["baselines"], t_start=t_start, t_end=t_end)
-    spent = sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source == "baseline")
-    ctx.ledger.enqueue(stage1[: max(0, cap - spent)])
-    _drain(ctx, nfe, cap)
+    _seed_stage(ctx, nfe, cap, baselines_seed.conventional(nfe, process, names=o["baselines"], t_start=t_start,
+                                                            t_end=t_end))
     best = baselines_seed.best_per_baseline(ctx.ledger.done.values(), nfe)
     top = [name for name, _ in sorted(best.items(), key=lambda kv: kv[1].value)][: int(o["top_baselines_on_grids"])]
     grids = tuple(o["baseline_grids"] or baselines_seed.SEED_GRIDS)
-    stage2 = baselines_seed.on_grids(top, nfe, process, grid_names=grids, t_start=t_start, t_end=t_end)
-    spent = sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source == "baseline")
-    ctx.ledger.enqueue(stage2[: max(0, cap - spent)])
-    _drain(ctx, nfe, cap)
+    _seed_stage(ctx, nfe, cap, baselines_seed.on_grids(top, nfe, process, grid_names=grids, t_start=t_start,
+                                                        t_end=t_end))
     # Stage 3: every baseline on the grids that served the best ones: a grid that lifts one method often lifts
     # others the conventional-grid ranking left out (gmm-64d NFE 5: iPNDM on AYS-SDXL 0.23, on its own grid
     # outside the top five).
     best_grids = baselines_seed.best_grids(ctx.ledger.done.values(), nfe)[: int(o["baseline_spread_grids"])]
-    stage3 = baselines_seed.on_grids(o["baselines"] or baseline_registry.names(), nfe, process, grid_names=best_grids,
-                                     t_start=t_start, t_end=t_end)
+    _seed_stage(ctx, nfe, cap, baselines_seed.on_grids(o["baselines"] or baseline_registry.names(), nfe, process,
+                                                        grid_names=best_grids, t_start=t_start, t_end=t_end))
+
+
+def _seed_stage(ctx: SearchContext, nfe: int, cap: int, candidates: list[Candidate]) -> None:
+    """Enqueue one seeding stage within what is left of the seed cap, and evaluate it."""
     spent = sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source == "baseline")
-    ctx.ledger.enqueue(stage3[: max(0, cap - spent)])
+    ctx.ledger.enqueue(candidates[: max(0, cap - spent)])
     _drain(ctx, nfe, cap)
 
 

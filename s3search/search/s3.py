@@ -45,14 +45,13 @@ def structural_variants(space: SearchSpace, schedule: SolverSchedule, rng: np.ra
     out: dict[str, SolverSchedule] = {}
     for first in o.first_steps:
         for final in o.finals:
-            if (first, final) == (schedule.first_step, schedule.final) or first == "model" and final == "denoise":
+            if (first, final) == (schedule.first_step, schedule.final):
                 continue
             try:
                 variant = space.restructure(schedule, first, final, rng)
             except ValueError:   # this NFE cannot be reached with that pair
                 continue
             out.setdefault(chash(variant), variant)
-    out.pop(chash(schedule), None)
     return list(out.values())
 
 
@@ -64,16 +63,11 @@ def seed_variants(ctx: SearchContext, nfe: int, n_best: int) -> None:
     best = sorted((e for e in ctx.ledger.done.values() if e.nfe == nfe and e.ok and e.source == "baseline"
                    and isinstance(e.schedule, SolverSchedule) and ctx.space.contains(e.schedule)),
                   key=lambda e: e.value)[:n_best]
-    seen = set(ctx.ledger.done)
-    cands: dict[str, Candidate] = {}
-    for e in best:
-        for v in structural_variants(ctx.space, e.schedule, ctx.rng):
-            h = chash(v)
-            if h not in seen:
-                cands.setdefault(h, Candidate(v, source="variant", label=f"{e.label}+{v.first_step}/{v.final}"))
-    picks = list(cands.values())[: ctx.remaining(nfe)]
-    if picks:
-        ctx.evaluate(picks, nfe)
+    # ctx.evaluate drops copies and what the study already holds, and stops at the NFE's budget.
+    cands = [Candidate(v, source="variant", label=f"{e.label}+{v.first_step}/{v.final}")
+             for e in best for v in structural_variants(ctx.space, e.schedule, ctx.rng)]
+    if cands:
+        ctx.evaluate(cands, nfe)
 
 
 def fit_predictor(ctx: SearchContext, holdout: float = 0.2) -> Optional[predictors.Predictor]:
