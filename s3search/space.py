@@ -261,7 +261,8 @@ class SearchSpace:
         if schedule.nfe not in self.nfes:
             raise ValueError(f"nfe={schedule.nfe} is not one of {list(self.nfes)}")
         tol = 1e-9 * max(1.0, abs(self.t_max))
-        if not self.t_min_start * (1 - 1e-7) <= schedule.timesteps[0] <= self.t_max + tol:
+        # A moved start is stored to seven significant digits (see _build): up to 5e-7 relative below the bound.
+        if not self.t_min_start * (1 - 1e-6) <= schedule.timesteps[0] <= self.t_max + tol:
             raise ValueError(f"timesteps[0]={schedule.timesteps[0]!r} must lie in [{self.t_min_start!r}, "
                              f"t_max={self.t_max!r}]")
         if not self.t_min - tol <= schedule.timesteps[-1]:
