@@ -95,10 +95,20 @@ def _logsnr(process, n: int) -> list[float]:
     return list(grids.logsnr(process, n))
 
 
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=JSON")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value   # a bare string
+
+
 def _config(args, nfe: int, method: str, budget: int, **options) -> SearchConfig:
     spec = registry.get(args.model)
     opts = {"population": args.population, "children": args.population, "generations": args.generations,
-            "batch_size": args.batch, **options}
+            "batch_size": args.batch, **args.option, **options}
     if args.recompute_reference:   # the model's weights were re-saved since the cached reference statistics
         opts["evaluator"] = {"recompute_reference": True}
     return SearchConfig(model=args.model, nfe=(nfe,), metric=args.metric or spec.default_metric,
@@ -147,7 +157,7 @@ def cmd_quality(args) -> None:
             "best_baseline_test": best_base, "excess_ratio": ratio, "baselines_test": res.baselines,
             "baselines_all_grids": every,
             "schedule": json.loads(res.best.to_json()), "n_samples": args.n_samples, "n_test": args.n_test,
-            "predictor": args.predictor, "curve": _curve(study), "rounds": study.user_attrs.get("rounds", []),
+            "predictor": args.predictor, "options": args.option, "curve": _curve(study), "rounds": study.user_attrs.get("rounds", []),
         }
         _save(key, {**doc, "model": args.model, "metric": metric, "seed": args.seed})
         print(f"NFE {nfe}: searched {res.test_value:.5g} vs {best_name} {best_base:.5g} (1000-step {ref:.5g}); "
@@ -330,9 +340,12 @@ def main() -> None:
     ap.add_argument("--reference", type=float, default=None,
                     help="quality: a 1000-step value measured earlier at the same --n-test and --seed")
     ap.add_argument("--methods", nargs="*", default=None, help="efficiency: only these methods")
+    ap.add_argument("--option", action="append", default=[], type=_option, metavar="KEY=JSON",
+                    help="a search option (s3search.search.context.OPTION_DEFAULTS), e.g. init_random=10; repeatable")
     ap.add_argument("--redo", default="", type=lambda s: [int(x) for x in s.split(",") if x],
                     help="quality: rerun these NFE")
     args = ap.parse_args()
+    args.option = dict(args.option)
     {"quality": cmd_quality, "yardstick": cmd_yardstick, "efficiency": cmd_efficiency, "predictors": cmd_predictors, "plot": cmd_plot,
      "report": cmd_report}[args.command](args)
 

@@ -23,11 +23,11 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "baselines": None,              # restrict to these baseline names
     "baseline_grids": None,         # stage-2 grids (default baselines_seed.SEED_GRIDS)
     "top_baselines_on_grids": 5,    # how many stage-1 baselines go on to stage 2
-    "baseline_spread_grids": 2,     # stage 3: every baseline on this many of the best grids of stages 1-2
+    "baseline_spread_grids": 1,     # stage 3: every baseline on this many of the best grids of stages 1-2
     "max_seed_fraction": 0.5,       # at most this share of the budget goes to baselines
     "variants_of_best": 3,          # the best k baselines in the space, with every other first-step / final
                                     # rule pair (analytical first step, no final denoise), at the same NFE
-    "init_random": None,            # random schedules after the baselines (default: max(8, budget / 10))
+    "init_random": None,            # random schedules after the baselines (default: max(8, budget / 20))
     "batch_size": 10,               # true evaluations per S³ generation (k)
     "population": 128,              # candidates kept by the predictor-scored evolution
     "children": 128,                # children per evolution generation (the neighbour pool is twice this)
