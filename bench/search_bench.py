@@ -275,6 +275,37 @@ def cmd_plot(args) -> None:
     print(f"wrote {path}")
 
 
+def _report_seeds() -> None:
+    """One table per family of quality runs that differ only in --seed (file names ending in -seed<S>)."""
+    families: dict[str, dict[int, dict]] = {}
+    for f in sorted(OUT.glob("search_quality_*-seed*.json")):
+        stem, _, seed = f.stem.rpartition("-seed")
+        if seed.isdigit():
+            families.setdefault(stem, {})[int(seed)] = json.loads(f.read_text())
+    for stem, by_seed in families.items():
+        if len(by_seed) < 2:
+            continue
+        seeds = sorted(by_seed)
+        nfes = sorted({int(n) for q in by_seed.values() for n in q.get("runs", {})})
+        print(f"\n### {stem}: excess ratio by seed (test split; target 0.3 at NFE <= 6, 0.6 above)\n")
+        print("| NFE | " + " | ".join(f"seed {s}" for s in seeds) + " | met |")
+        print("|---|" + "---|" * len(seeds) + "---|")
+        for nfe in nfes:
+            target = 0.3 if nfe <= 6 else 0.6
+            cells, met, n = [], 0, 0
+            for s in seeds:
+                r = by_seed[s].get("runs", {}).get(str(nfe))
+                if r is None:
+                    cells.append("-")
+                    continue
+                name, base = _yardstick(r)
+                ratio = excess_ratio(r["test_value"], base, by_seed[s]["reference"])
+                n += 1
+                met += ratio <= target
+                cells.append(f"{ratio:.3f}" + ("" if r["test_value"] < base else " (lost)"))
+            print(f"| {nfe} | " + " | ".join(cells) + f" | {met} of {n} |")
+
+
 def cmd_report(args) -> None:
     for f in sorted(OUT.glob("search_quality_*.json")):
         q = json.loads(f.read_text())
@@ -294,6 +325,7 @@ def cmd_report(args) -> None:
                 beats = "yes" if r["test_value"] < base else "no"
                 print(f"| {nfe} | {r['evaluations']} | {r['test_value']:.5g} | {name} | "
                       f"{base:.5g} | {beats} | {ratio:.3f} | <= {target} | {met} |")
+    _report_seeds()
     for model in args.models:
         for f in sorted(OUT.glob(f"search_efficiency_{model}_nfe*.json")):
             e = json.loads(f.read_text())

@@ -20,7 +20,7 @@ from .procs import cli, cli_env, stop
 SPEC = {"model": "gmm-64d", "nfe": [4], "metric": "fd", "n_samples": 64, "n_test_samples": 64, "budget": 14,
         "method": "s3", "predictor": "ridge", "seed": 0,
         # One schedule per evaluator call (the search checks should_stop between calls; its random seeding
-        # stage otherwise sends max(8, budget / 10) schedules in one call).
+        # stage otherwise sends max(8, budget / 20) schedules in one call).
         "options": {"batch_size": 1, "init_random": 1}}
 
 
