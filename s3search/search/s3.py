@@ -230,7 +230,7 @@ def _choose(local: list[tuple[SolverSchedule, float]], ranked: list[tuple[Solver
 def run_s3(ctx: SearchContext, nfe: int) -> None:
     """Spend this NFE's remaining budget with the S³ loop (seeds are evaluated before this is called)."""
     o = ctx.options
-    # Few random seeds: ~70 baselines on several grids already spread the predictor's first fit, and an
+    # Few random seeds: ~60 baselines on several grids already spread the predictor's first fit, and an
     # evaluation kept from seeding goes to the loop, which helps a budget-200 search most (gmm-64d NFE 5,
     # seeds 0 / 1: excess ratio 0.53 / 0.60 with 20 random seeds and stage 3 on two grids, 0.07 / 0.28 with 10
     # and one; docs/bench/search.md).
