@@ -45,8 +45,23 @@ def randn_rows(like: torch.Tensor, generator: GeneratorArg) -> torch.Tensor:
 # Draw on the helper thread where there is a second core to draw on; False draws in the caller's thread (the
 # benchmark compares both).
 DRAW_AHEAD = (os.cpu_count() or 1) > 1
+# One generator: every step's noise in one draw when that gives the loop's numbers and the bank stays small.
+# Each hand-off to the helper thread costs ~50 us of the model's thread on this 2-vCPU machine (a small MLP's
+# step is ~2.5 ms), so one hand-off per sample beats one per step.
+BANK_MAX_BYTES = 64 << 20
 _POOL: Optional[tuple[int, ThreadPoolExecutor]] = None
 _POOL_LOCK = threading.Lock()
+
+
+def one_draw_is_the_loops(like: torch.Tensor) -> bool:
+    """Whether torch.randn((k,) + shape) on one CPU generator gives the numbers of k draws of `shape` in turn.
+
+    torch's CPU normal sampler fills a contiguous float tensor of n >= 16 numbers with uniforms in order and
+    transforms them in blocks of 16, redoing the last block when 16 does not divide n; with n a multiple of 16
+    the blocks of one long draw fall where k short draws put theirs (tests/test_noise.py checks it on this torch).
+    """
+    n = like.numel()
+    return like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64) and n >= 16 and n % 16 == 0
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -63,7 +78,8 @@ class NoiseStream:
 
     One generator per row: every row's noise for all steps is drawn in one call per row (drawing per step
     costs batch x steps generator calls, about 5 us each), on the helper thread when `ahead`. One generator:
-    step j + 1's noise is drawn while step j runs. No generator (torch's global one) or a device other than the
+    every step's noise in one draw on the helper thread where `one_draw_is_the_loops` and the bank fits
+    `BANK_MAX_BYTES`, else step j + 1's noise drawn while step j runs. No generator (torch's global one) or a device other than the
     CPU: drawn when asked, since the model may use the global generator and devices queue their own work.
     `ahead=None` follows the module's `DRAW_AHEAD`.
     Call `close()` (or use it as a context manager) so no draw is left using a generator after the sample.
@@ -77,8 +93,13 @@ class NoiseStream:
         self._ahead = ahead and generator is not None and like.device.type == "cpu" and steps > 0
         self._bank: Optional[list[torch.Tensor]] = None
         self._pending: Optional[Future] = None
+        self._banked = self._per_row
         if steps > 0 and self._per_row:
             self._pending = self._start(lambda: self._draw_bank(steps))
+        elif self._ahead and steps > 1 and one_draw_is_the_loops(like) \
+                and steps * like.numel() * like.element_size() <= BANK_MAX_BYTES:
+            self._pending = self._start(lambda: self._draw_bank(steps))
+            self._banked = True
         elif self._ahead:
             self._pending = self._start(self._draw_one)
 
@@ -94,6 +115,8 @@ class NoiseStream:
 
     def _draw_bank(self, steps: int) -> list[torch.Tensor]:
         like = self._like
+        if not self._per_row:
+            return list(randn_rows(like.new_empty((steps,) + tuple(like.shape)), self._generator).unbind(0))
         bank = randn_rows(like.new_empty((like.shape[0], steps) + tuple(like.shape[1:])), self._generator)
         return list(bank.transpose(0, 1).contiguous().unbind(0))
 
@@ -101,7 +124,7 @@ class NoiseStream:
         if self._left <= 0:
             raise RuntimeError("the schedule asked for more noise than its stochastic steps")
         self._left -= 1
-        if self._per_row:
+        if self._banked:
             if self._bank is None:
                 self._bank, self._pending = self._pending.result(), None
             return self._bank.pop(0)

@@ -27,6 +27,40 @@ def test_one_generator_gives_the_loops_numbers_in_order(ahead):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("shape,dtype", [((8, 16), torch.float32), ((1000, 64), torch.float32),
+                                         ((4, 3, 4, 4), torch.float64)])
+def test_one_generator_banked_gives_the_loops_numbers(shape, dtype):
+    like = torch.empty(shape, dtype=dtype)
+    assert noise_mod.one_draw_is_the_loops(like)
+    g = torch.Generator().manual_seed(11)
+    want = [randn_rows(like, g) for _ in range(5)]
+    stream = NoiseStream(like, 5, torch.Generator().manual_seed(11), ahead=True)
+    assert stream._banked   # noqa: SLF001 - the path under test
+    for a, b in zip(_drawn(stream, 5), want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("numel", [16, 48, 64000, 7, 50, 350])
+def test_one_long_draw_is_the_loops_exactly_where_the_rule_says(numel):
+    # The torch property the bank relies on: checked on the installed torch, both ways.
+    like = torch.empty(numel)
+    g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    long = torch.randn((3, numel), generator=g1)
+    short = torch.stack([torch.randn((numel,), generator=g2) for _ in range(3)])
+    if noise_mod.one_draw_is_the_loops(like):
+        assert torch.equal(long, short)
+    else:   # the rule is not looser than torch: these sizes really differ
+        assert not torch.equal(long, short)
+
+
+def test_a_bank_too_large_or_unaligned_is_drawn_step_by_step(monkeypatch):
+    with NoiseStream(torch.empty(50, 7), 4, torch.Generator(), ahead=True) as s:
+        assert not s._banked   # noqa: SLF001
+    monkeypatch.setattr(noise_mod, "BANK_MAX_BYTES", 1000)
+    with NoiseStream(torch.empty(64, 16), 4, torch.Generator(), ahead=True) as s:
+        assert not s._banked   # noqa: SLF001
+
+
 @pytest.mark.parametrize("ahead", [True, False])
 def test_per_row_generators_draw_each_rows_steps_from_its_own_generator(ahead):
     like = torch.empty(6, 3, 2)
