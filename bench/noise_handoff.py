@@ -1,0 +1,103 @@
+"""What drawing noise on a helper thread costs the model's thread: per-step hand-offs against one per sample.
+
+    OMP_NUM_THREADS=1 python bench/noise_handoff.py
+
+Times k steps of the overhead benchmark's small MLP (batch 1000, 64-d) with the noise of each step drawn: not at
+all, inline, submitted to a helper thread one step ahead, or as one bank for all steps at the start; best of
+`--repeats`, milliseconds per step. Also the model's time per call while another thread draws without pause.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+
+def _mlp(width: int = 256, depth: int = 3, dim: int = 64) -> torch.nn.Module:
+    layers: list[torch.nn.Module] = [torch.nn.Linear(dim, width), torch.nn.SiLU()]
+    for _ in range(depth - 1):
+        layers += [torch.nn.Linear(width, width), torch.nn.SiLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(width, dim)).eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=1000)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    net, x = _mlp(), torch.randn(args.batch, 64)
+    shape, k = (args.batch, 64), args.steps
+    pool = ThreadPoolExecutor(1)
+
+    def model() -> torch.Tensor:
+        with torch.no_grad():
+            return net(x)
+
+    def per_step(mode: str) -> float:
+        best = float("inf")
+        for _ in range(args.repeats):
+            g = torch.Generator().manual_seed(0)
+            t = time.perf_counter()
+            if mode == "bank":
+                fut, bank = pool.submit(torch.randn, (k,) + shape, generator=g), None
+                for i in range(k):
+                    model()
+                    bank = fut.result().unbind(0) if bank is None else bank
+            elif mode == "ahead":
+                fut = pool.submit(torch.randn, shape, generator=g)
+                for i in range(k):
+                    model()
+                    fut.result()
+                    if i < k - 1:
+                        fut = pool.submit(torch.randn, shape, generator=g)
+            else:
+                for _ in range(k):
+                    model()
+                    if mode == "inline":
+                        torch.randn(shape, generator=g)
+            best = min(best, time.perf_counter() - t)
+        return best / k * 1e3
+
+    for _ in range(20):
+        model()
+    print(f"MLP 64-256x3-64, batch {args.batch}, {k} steps, best of {args.repeats}, ms per step")
+    print("| noise | run 1 | run 2 |")
+    print("|---|---|---|")
+    modes = ["none", "inline", "ahead (one hand-off per step)", "bank (one hand-off per sample)"]
+    results = {m: [] for m in modes}
+    for _ in range(2):   # interleaved, so drift hits every mode alike
+        for m in modes:
+            results[m].append(per_step(m.split()[0]))
+    for m in modes:
+        print(f"| {m} | {results[m][0]:.3f} | {results[m][1]:.3f} |")
+
+    stop = threading.Event()
+
+    def draw_forever() -> None:
+        g = torch.Generator().manual_seed(1)
+        while not stop.is_set():
+            torch.randn(shape, generator=g)
+
+    def call_ms(n: int = 200) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            model()
+        return (time.perf_counter() - t) / n * 1e3
+
+    alone = call_ms()
+    th = threading.Thread(target=draw_forever)
+    th.start()
+    busy = call_ms()
+    stop.set()
+    th.join()
+    print(f"model call alone {alone:.3f} ms, with another thread drawing non-stop {busy:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
