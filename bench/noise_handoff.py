@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/noise_handoff.py
 
-Times k steps of the overhead benchmark's small MLP (batch 1000, 64-d) with the noise of each step drawn: not at
+Times k calls of the overhead benchmark's small MLP (`overhead.MLP`, batch 1000, 64-d) with the noise of each step drawn: not at
 all, inline, submitted to a helper thread one step ahead, or as one bank for all steps at the start; best of
 `--repeats`, milliseconds per step. Also the model's time per call while another thread draws without pause.
 """
@@ -16,12 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-
-def _mlp(width: int = 256, depth: int = 3, dim: int = 64) -> torch.nn.Module:
-    layers: list[torch.nn.Module] = [torch.nn.Linear(dim, width), torch.nn.SiLU()]
-    for _ in range(depth - 1):
-        layers += [torch.nn.Linear(width, width), torch.nn.SiLU()]
-    return torch.nn.Sequential(*layers, torch.nn.Linear(width, dim)).eval()
+from overhead import MLP   # bench/ is on the path when this script runs
 
 
 def main() -> None:
@@ -31,13 +26,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1000)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    net, x = _mlp(), torch.randn(args.batch, 64)
+    torch.manual_seed(0)
+    net, x = MLP(64, 256, 3).eval(), torch.randn(args.batch, 64)
+    t_model = torch.full((args.batch,), 0.5)
     shape, k = (args.batch, 64), args.steps
     pool = ThreadPoolExecutor(1)
 
     def model() -> torch.Tensor:
         with torch.no_grad():
-            return net(x)
+            return net(x, t_model)
 
     def per_step(mode: str) -> float:
         best = float("inf")

@@ -84,6 +84,17 @@ def _yardstick(run: dict) -> tuple[str, float]:
     return min(pool.items(), key=lambda kv: kv[1])
 
 
+def _target(nfe: int) -> float:
+    """The issue's excess-ratio target: 0.3 at NFE 4-6, 0.6 at NFE 8-10."""
+    return 0.3 if nfe <= 6 else 0.6
+
+
+def _judged(run: dict, reference: float) -> tuple[str, float, float]:
+    """(best baseline, its value, excess ratio) of a stored run, from its stored values and `reference`."""
+    name, base = _yardstick(run)
+    return name, base, excess_ratio(run["test_value"], base, reference)
+
+
 def excess_ratio(searched: float, best_baseline: float, reference: float) -> float:
     """(searched - 1000-step) / (best baseline - 1000-step); nan where the baseline is not above the reference."""
     return (searched - reference) / (best_baseline - reference) if best_baseline > reference else math.nan
@@ -147,18 +158,19 @@ def cmd_quality(args) -> None:
         study = optuna.create_study(direction="minimize")
         res = run_search(_config(args, nfe, "s3", args.budget), study)
         ref = doc["reference"]
-        every = all_grid_baselines(args.model, metric, nfe, args.n_test, args.seed)
-        best_name, best_base = min({**res.baselines, **every}.items(), key=lambda kv: kv[1])
-        ratio = excess_ratio(res.test_value, best_base, ref)
-        doc["runs"][str(nfe)] = {
-            "nfe": nfe, "budget": args.budget, "evaluations": res.evaluations, "seconds": time.perf_counter() - t,
+        run = {
+            "nfe": nfe, "budget": args.budget, "evaluations": res.evaluations,
             "search_value": res.best_value, "validation_value": res.validation_value,
-            "test_value": res.test_value, "best_baseline": best_name,
-            "best_baseline_test": best_base, "excess_ratio": ratio, "baselines_test": res.baselines,
-            "baselines_all_grids": every,
+            "test_value": res.test_value, "baselines_test": res.baselines,
+            "baselines_all_grids": all_grid_baselines(args.model, metric, nfe, args.n_test, args.seed),
             "schedule": json.loads(res.best.to_json()), "n_samples": args.n_samples, "n_test": args.n_test,
-            "predictor": args.predictor, "options": args.option, "curve": _curve(study), "rounds": study.user_attrs.get("rounds", []),
+            "predictor": args.predictor, "options": args.option, "curve": _curve(study),
+            "rounds": study.user_attrs.get("rounds", []),
         }
+        best_name, best_base, ratio = _judged(run, ref)
+        run.update(best_baseline=best_name, best_baseline_test=best_base, excess_ratio=ratio,
+                   seconds=time.perf_counter() - t)
+        doc["runs"][str(nfe)] = run
         _save(key, {**doc, "model": args.model, "metric": metric, "seed": args.seed})
         print(f"NFE {nfe}: searched {res.test_value:.5g} vs {best_name} {best_base:.5g} (1000-step {ref:.5g}); "
               f"excess ratio {ratio:.3f}; {time.perf_counter() - t:.0f}s", flush=True)
@@ -175,9 +187,8 @@ def cmd_yardstick(args) -> None:
             continue
         t = time.perf_counter()
         r["baselines_all_grids"] = all_grid_baselines(doc["model"], doc["metric"], int(nfe), r["n_test"], doc["seed"])
-        name, base = _yardstick(r)
+        name, base, r["excess_ratio"] = _judged(r, doc["reference"])
         r["best_baseline"], r["best_baseline_test"] = name, base
-        r["excess_ratio"] = excess_ratio(r["test_value"], base, doc["reference"])
         _save(key, doc)
         print(f"NFE {nfe}: best of {len(r['baselines_all_grids'])} baseline/grid pairs {name} {base:.5g}; "
               f"searched {r['test_value']:.5g}; {time.perf_counter() - t:.0f}s", flush=True)
@@ -291,17 +302,15 @@ def _report_seeds() -> None:
         print("| NFE | " + " | ".join(f"seed {s}" for s in seeds) + " | met |")
         print("|---|" + "---|" * len(seeds) + "---|")
         for nfe in nfes:
-            target = 0.3 if nfe <= 6 else 0.6
             cells, met, n = [], 0, 0
             for s in seeds:
                 r = by_seed[s].get("runs", {}).get(str(nfe))
                 if r is None:
                     cells.append("-")
                     continue
-                name, base = _yardstick(r)
-                ratio = excess_ratio(r["test_value"], base, by_seed[s]["reference"])
+                _, base, ratio = _judged(r, by_seed[s]["reference"])
                 n += 1
-                met += ratio <= target
+                met += ratio <= _target(nfe)
                 cells.append(f"{ratio:.3f}" + ("" if r["test_value"] < base else " (lost)"))
             print(f"| {nfe} | " + " | ".join(cells) + f" | {met} of {n} |")
 
@@ -309,7 +318,6 @@ def _report_seeds() -> None:
 def cmd_report(args) -> None:
     for f in sorted(OUT.glob("search_quality_*.json")):
         q = json.loads(f.read_text())
-        model = q["model"]
         if q.get("runs"):
             print(f"\n### {f.stem}: searched vs best baseline (test split, {q['metric']}; 1000-step value "
                   f"{q['reference']:.5g})\n")
@@ -317,10 +325,9 @@ def cmd_report(args) -> None:
                   "| met |")
             print("|---|---|---|---|---|---|---|---|---|")
             for nfe, r in sorted(q["runs"].items(), key=lambda kv: int(kv[0])):
-                target = 0.3 if int(nfe) <= 6 else 0.6
+                target = _target(int(nfe))
                 # From the stored values, so a 1000-step value measured after the runs (--reference) applies.
-                name, base = _yardstick(r)
-                ratio = excess_ratio(r["test_value"], base, q["reference"])
+                name, base, ratio = _judged(r, q["reference"])
                 met = "yes" if ratio <= target else ("n/a" if math.isnan(ratio) else "no")
                 beats = "yes" if r["test_value"] < base else "no"
                 print(f"| {nfe} | {r['evaluations']} | {r['test_value']:.5g} | {name} | "

@@ -79,8 +79,8 @@ class NoiseStream:
     One generator per row: every row's noise for all steps is drawn in one call per row (drawing per step
     costs batch x steps generator calls, about 5 us each), on the helper thread when `ahead`. One generator:
     every step's noise in one draw on the helper thread where `one_draw_is_the_loops` and the bank fits
-    `BANK_MAX_BYTES`, else step j + 1's noise drawn while step j runs. No generator (torch's global one) or a device other than the
-    CPU: drawn when asked, since the model may use the global generator and devices queue their own work.
+    `BANK_MAX_BYTES`, else step j + 1's noise drawn while step j runs. No generator (torch's global one) or a
+    device other than the CPU: drawn when asked, since the model may use the global generator and devices queue their own work.
     `ahead=None` follows the module's `DRAW_AHEAD`.
     Call `close()` (or use it as a context manager) so no draw is left using a generator after the sample.
     """
