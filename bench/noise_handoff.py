@@ -18,6 +18,8 @@ import torch
 
 from overhead import MLP   # bench/ is on the path when this script runs
 
+from s3search.noise import _row_filler
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,6 +96,12 @@ def main() -> None:
             for row, g in zip(bank, gens):
                 row.normal_(generator=g)
 
+    def compiled_rows_forever() -> None:   # the same fill as s3search.noise does it: compiled, off the GIL
+        gens = [torch.Generator().manual_seed(i) for i in range(args.batch)]
+        bank, fill = torch.empty((args.batch, k, 64)), _row_filler()
+        while not stop.is_set():
+            fill(bank, gens)
+
     def beside(target) -> float:
         stop.clear()
         th = threading.Thread(target=target)
@@ -104,9 +112,11 @@ def main() -> None:
             stop.set()
             th.join()
 
-    alone = call_ms()
-    print(f"model call alone {alone:.3f} ms; with another thread drawing one tensor after another "
-          f"{beside(draw_forever):.3f} ms; with another thread filling per-row banks {beside(rows_forever):.3f} ms")
+    print("model call, ms, while another thread does nothing / draws one tensor after another / fills per-row "
+          "banks from Python / fills them compiled (s3search.noise)")
+    for run in (1, 2):
+        print(f"run {run}: {call_ms():.3f} / {beside(draw_forever):.3f} / {beside(rows_forever):.3f} / "
+              f"{beside(compiled_rows_forever):.3f}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -35,11 +36,44 @@ def randn_rows(like: torch.Tensor, generator: GeneratorArg) -> torch.Tensor:
     if len(generator) != like.shape[0]:
         raise ValueError(f"generator has {len(generator)} entries; the batch has {like.shape[0]} rows")
     # Filled in place row by row: the same numbers as torch.randn(row_shape, generator=g) per row, without a
-    # fresh tensor per row and the stack's copy (3.7 against 6.6 ms for 1000 rows of 640 numbers).
+    # fresh tensor per row and the stack's copy.
     out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    for row, g in zip(out, generator):
-        row.normal_(generator=g)
+    _row_filler()(out, list(generator))
     return out
+
+
+def _fill_rows_in_python(out: torch.Tensor, generators: list[torch.Generator]) -> None:
+    for row, g in zip(out, generators):
+        row.normal_(generator=g)
+
+
+def _fill_rows_source(out: torch.Tensor, generators: List[torch.Generator]) -> None:
+    for i in range(len(generators)):
+        out[i].normal_(generator=generators[i])
+
+
+_ROW_FILLER: Optional[Callable[[torch.Tensor, list], None]] = None
+_ROW_FILLER_LOCK = threading.Lock()
+
+
+def _row_filler() -> Callable[[torch.Tensor, list], None]:
+    """The per-row fill, compiled by TorchScript where this torch still has it, else the Python loop.
+
+    The same calls on the same views, so the same numbers; compiled, the loop runs without the GIL. From Python,
+    1000 rows are 1000 interpreter round trips, and a model running on another thread waits for the GIL at each
+    of its ops: a small MLP's call took 3.0 ms alone and 3.5-4.0 ms beside a Python fill, 3.0-3.2 beside the
+    compiled one (bench/noise_handoff.py).
+    """
+    global _ROW_FILLER
+    with _ROW_FILLER_LOCK:
+        if _ROW_FILLER is None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")   # torch.jit.script is deprecated, not yet replaced for this
+                    _ROW_FILLER = torch.jit.script(_fill_rows_source)
+            except Exception:   # noqa: BLE001 - no TorchScript (or no source to compile): same numbers, slower
+                _ROW_FILLER = _fill_rows_in_python
+        return _ROW_FILLER
 
 
 # Draw on the helper thread where there is a second core to draw on; False draws in the caller's thread (the
@@ -77,7 +111,8 @@ class NoiseStream:
     """The noise of a sample's `steps` stochastic steps, one tensor shaped like `like` per `next()` call.
 
     One generator per row: every row's noise for all steps is drawn in one call per row (drawing per step
-    costs batch x steps generator calls, about 5 us each), on the helper thread when `ahead`. One generator:
+    costs batch x steps generator calls), on the helper thread when `ahead`, with the first step's rows drawn
+    before the rest where that gives the same numbers. One generator:
     every step's noise in one draw on the helper thread where `one_draw_is_the_loops` and the bank fits
     `BANK_MAX_BYTES`, else step j + 1's noise drawn while step j runs. No generator (torch's global one) or a
     device other than the CPU: drawn when asked, since the model may use the global generator and devices queue their own work.
@@ -94,7 +129,11 @@ class NoiseStream:
         self._bank: Optional[list[torch.Tensor]] = None
         self._pending: Optional[Future] = None
         self._banked = self._per_row
-        if steps > 0 and self._per_row:
+        self._first: Optional[Future] = None
+        if steps > 1 and self._per_row and self._ahead and like.shape[0] > 0 and one_draw_is_the_loops(like[0]):
+            self._first = Future()
+            self._pending = self._start(lambda: self._draw_first_then_bank(steps))
+        elif steps > 0 and self._per_row:
             self._pending = self._start(lambda: self._draw_bank(steps))
         elif self._ahead and steps > 1 and one_draw_is_the_loops(like) \
                 and steps * like.numel() * like.element_size() <= BANK_MAX_BYTES:
@@ -113,6 +152,17 @@ class NoiseStream:
     def _draw_one(self) -> torch.Tensor:
         return randn_rows(self._like, self._generator)
 
+    def _draw_first_then_bank(self, steps: int) -> list[torch.Tensor]:
+        # The first step is wanted after one model call, before a whole per-row bank is drawn; rows drawn step 0
+        # and then steps 1.. give the numbers of one draw per row wherever one_draw_is_the_loops holds for a row.
+        assert self._first is not None
+        try:
+            self._first.set_result(randn_rows(self._like, self._generator))
+        except BaseException as exc:
+            self._first.set_exception(exc)
+            raise
+        return self._draw_bank(steps - 1)
+
     def _draw_bank(self, steps: int) -> list[torch.Tensor]:
         like = self._like
         if not self._per_row:
@@ -125,6 +175,9 @@ class NoiseStream:
             raise RuntimeError("the schedule asked for more noise than its stochastic steps")
         self._left -= 1
         if self._banked:
+            if self._first is not None:
+                z, self._first = self._first.result(), None
+                return z
             if self._bank is None:
                 self._bank, self._pending = self._pending.result(), None
             return self._bank.pop(0)

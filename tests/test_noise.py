@@ -130,3 +130,53 @@ def test_per_row_draws_are_torch_randn_of_each_rows_generator(shape, dtype):
     for row, g in zip(got, generators_for(range(shape[0]))):
         assert torch.equal(row, torch.randn(shape[1:], generator=g, dtype=dtype))
     assert got.dtype == dtype and got.shape == shape
+
+
+def test_per_row_fill_is_compiled_on_this_torch():
+    # The compiled loop is what keeps a per-row bank off the GIL; losing it silently would bring back the
+    # overhead bench/noise_handoff.py measures, so a torch without it should be noticed here.
+    assert isinstance(noise_mod._row_filler(), torch.jit.ScriptFunction)
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 64), (5, 17), (1, 4)])
+def test_compiled_and_python_fills_draw_the_same_and_leave_generators_alike(shape):
+    compiled, python = torch.empty(shape), torch.empty(shape)
+    g_compiled, g_python = generators_for(range(10, 10 + shape[0])), generators_for(range(10, 10 + shape[0]))
+    noise_mod._row_filler()(compiled, g_compiled)
+    noise_mod._fill_rows_in_python(python, g_python)
+    assert torch.equal(compiled, python)
+    for a, b in zip(g_compiled, g_python):
+        assert torch.equal(a.get_state(), b.get_state())
+
+
+def test_without_torchscript_the_fill_falls_back_to_python(monkeypatch):
+    def no_script(fn):
+        raise RuntimeError("no TorchScript here")
+
+    monkeypatch.setattr(noise_mod, "_ROW_FILLER", None)
+    monkeypatch.setattr(torch.jit, "script", no_script)
+    assert noise_mod._row_filler() is noise_mod._fill_rows_in_python
+    got = randn_rows(torch.empty(3, 16), generators_for(range(3)))
+    for row, g in zip(got, generators_for(range(3))):
+        assert torch.equal(row, torch.randn(16, generator=g))
+
+
+@pytest.mark.parametrize("row_shape", [(4, 4), (64,), (3, 2)])
+def test_per_row_first_step_drawn_apart_gives_the_one_draw_numbers(row_shape):
+    like, steps = torch.empty((5,) + row_shape), 4
+    with NoiseStream(like, steps, generators_for(range(5)), ahead=True) as s:
+        staged = s._first is not None   # noqa: SLF001
+        got = [s.next() for _ in range(steps)]
+    assert staged == (like[0].numel() % 16 == 0)
+    for row, g in enumerate(generators_for(range(5))):
+        want = torch.randn((steps,) + row_shape, generator=g)
+        for j in range(steps):
+            assert torch.equal(got[j][row], want[j])
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_first_step_draw_is_raised_not_waited_for():
+    gens = generators_for(range(3))
+    with pytest.raises((TypeError, RuntimeError)):   # TorchScript's argument check, or Python's
+        with NoiseStream(torch.empty(3, 16), 3, gens[:2] + ["not a generator"], ahead=True) as s:
+            s.next()
