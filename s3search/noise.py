@@ -61,8 +61,8 @@ def _row_filler() -> Callable[[torch.Tensor, list], None]:
 
     The same calls on the same views, so the same numbers; compiled, the loop runs without the GIL. From Python,
     1000 rows are 1000 interpreter round trips, and a model running on another thread waits for the GIL at each
-    of its ops: a small MLP's call took 3.0 ms alone and 3.5-4.0 ms beside a Python fill, 3.0-3.2 beside the
-    compiled one (bench/noise_handoff.py).
+    of its ops: a small MLP's call took 3.0-3.3 ms alone, 3.7-4.2 ms beside a Python fill and 3.1-3.5 ms beside
+    the compiled one (bench/noise_handoff.py).
     """
     global _ROW_FILLER
     with _ROW_FILLER_LOCK:
