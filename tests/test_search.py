@@ -291,3 +291,41 @@ def test_ays_baselines_keep_their_own_noise_levels_where_they_fit():
             Evaluated(native.schedule, 1.0, 5, "baseline", "ipndm@edm", 1),
             Evaluated(native.schedule, 0.5, 5, "s3", "", 2)]
     assert best_grids(done, 5) == ["edm", "ays-sdxl"]
+
+
+def _with_structure(schedule, first: str, final: str):
+    return dataclasses.replace(schedule, first_step=first, final=final)
+
+
+def test_niche_elites_take_turns_between_close_structures_and_fill_up():
+    from s3search.search.s3 import niche_elites
+
+    space = SearchSpace("edm", 5)
+    base = [space.random(i, nfe=5) for i in range(8)]
+    plain = [_with_structure(s, "model", "denoise") for s in base[:5]]
+    free = [_with_structure(s, "zero-x0", "none") for s in base[5:]]
+    ranked = plain[:3] + free[:2] + plain[3:] + free[2:]
+    values = [0.30, 0.31, 0.32, 0.40, 0.42, 2.0, 2.1, 5.0]
+    got = niche_elites(ranked, values, 6, within=1.5)
+    # within 1.5 x 0.30: plain 0.30 0.31 0.32 and free 0.40 0.42, in turns; then the next best overall
+    assert got == [plain[0], free[0], plain[1], free[1], plain[2], plain[3]]
+    assert niche_elites(ranked, values, 6, within=1.0) == ranked[:6]
+    far = [0.30, 0.31, 0.32, 0.90, 0.95, 2.0, 2.1, 5.0]   # the other structure is not close: the plain top n
+    assert niche_elites(ranked, far, 4, within=1.5) == ranked[:4]
+    assert niche_elites(ranked, [-1.0] + values[1:], 3, within=1.5) == ranked[:3]
+    assert niche_elites([], [], 4, within=1.5) == []
+
+
+def test_the_leading_structure_keeps_every_other_pick():
+    from s3search.search.s3 import _by_structure_in_turn, _leader_in_turn
+
+    assert _leader_in_turn([[1, 2, 3, 4], [10, 11], [20]]) == [1, 10, 2, 20, 3, 11, 4]
+    assert _leader_in_turn([[1], [10, 11, 12]]) == [1, 10, 11, 12]
+    space = SearchSpace("edm", 5)
+    a, b, c, d = (_with_structure(space.random(i, nfe=5), *st) for i, st in
+                  enumerate([("model", "denoise"), ("model", "denoise"), ("zero-x0", "none"), ("model", "none")]))
+    cands = [(a, 0.1), (b, 0.2), (c, 0.3), (d, 0.4)]
+    # order: the leading structure first; ("model", "none") is not a close structure, so it comes last
+    got = _by_structure_in_turn(cands, [("model", "denoise"), ("zero-x0", "none")])
+    assert [x for x, _ in got] == [a, c, b, d]
+    assert _by_structure_in_turn(cands, [("model", "denoise")]) == cands
