@@ -33,9 +33,10 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "children": 128,                # children per evolution generation (the neighbour pool is twice this)
     "generations": 4,               # predictor-scored generations per true-evaluation round
     "direct": 0.3,                  # share of each batch drawn next to the two best without the predictor
-    "niche_within": 1.5,            # half the local effort goes next to the best structure (first step,
-                                    # final rule), half next to the others whose best is within this factor
-                                    # of the best (1: the overall best only)
+    "niche_within": 1.0,            # > 1: half the local effort goes next to the best structure (first
+                                    # step, final rule), half next to the others whose best is within this
+                                    # factor of the best. Off by default: at 1.5 it did not help on gmm-64d
+                                    # (docs/bench/search.md, "Structure niches")
     "explore": 0.3,                 # share of each batch from the freely evolved population (the rest: the
                                     # predicted best neighbours of the best evaluated schedules)
     "predictor_params": {},         # passed to predictors.get

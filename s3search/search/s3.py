@@ -197,8 +197,10 @@ def direct_neighbours(space: SearchSpace, elites: Sequence[SolverSchedule], rng:
     for _ in range(50 * max(n, 1)):
         if len(out) >= n or not elites:
             break
-        a = elites[0] if len(elites) == 1 or rng.random() < first_share \
-            else elites[1 + int(rng.integers(len(elites) - 1))]
+        if len(elites) == 1 or rng.random() < first_share:
+            a = elites[0]
+        else:   # no draw for the one other elite: the stream, and so the search, is that of two parents
+            a = elites[1] if len(elites) == 2 else elites[1 + int(rng.integers(len(elites) - 1))]
         if rng.random() < 0.6:
             child = space.jitter(a, rng, scale=float(rng.choice([0.03, 0.1, 0.3])))
         else:

@@ -1,0 +1,83 @@
+"""One S³ search, then where its true evaluations went: per (source, first-step rule, final rule) after seeding.
+
+    OMP_NUM_THREADS=1 python bench/search_structures.py --model gmm-64d --nfe 5 --seed 2
+    OMP_NUM_THREADS=1 python bench/search_structures.py --model gmm-64d --nfe 5 --seed 2 --option niche_within=1.5
+
+Shows whether a search explored the structures (an analytical first step and no final denoise each buy one
+more step) or spent its loop in one basin. The defaults are those of the gmm-64d quality benchmark
+(docs/bench/search.md): 10000 samples a search evaluation, 20000 for validation and test, population 128,
+4 generations. In-memory study, the real LocalEvaluator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import optuna
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from s3search.models import registry  # noqa: E402
+from s3search.search.config import SearchConfig  # noqa: E402
+from s3search.search.run import run_search  # noqa: E402
+from s3search.search.study import ATTR  # noqa: E402
+
+SEED_SOURCES = ("baseline", "variant", "random")
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=JSON")
+    return key, json.loads(value)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gmm-64d")
+    ap.add_argument("--nfe", type=int, default=5)
+    ap.add_argument("--budget", type=int, default=200)
+    ap.add_argument("--n-samples", type=int, default=10000)
+    ap.add_argument("--n-test", type=int, default=20000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--option", action="append", default=[], type=_option, metavar="KEY=JSON")
+    args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    options = {"population": 128, "children": 128, "generations": 4, **dict(args.option)}
+    config = SearchConfig(model=args.model, nfe=(args.nfe,), metric=registry.get(args.model).default_metric,
+                          n_samples=args.n_samples, n_test_samples=args.n_test, budget=args.budget, method="s3",
+                          seed=args.seed, options=options)
+    study = optuna.create_study(direction="minimize")
+    res = run_search(config, study)
+
+    trials = [t for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+              if ATTR.SCHEDULE in t.user_attrs]
+    groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    curve, best = [], math.inf
+    for t in trials:
+        doc = json.loads(t.user_attrs[ATTR.SCHEDULE])
+        value = t.value if t.value is not None else math.inf
+        best = min(best, value)
+        curve.append(best)
+        source = t.user_attrs.get(ATTR.SOURCE, "?")
+        groups[(source if source not in SEED_SOURCES else "seeding", doc.get("first_step", "named"),
+                doc.get("final", "denoise"))].append(value)
+    print(f"{args.model} NFE {args.nfe} seed {args.seed} options {json.dumps(dict(args.option))}: "
+          f"{len(trials)} evaluations; search {res.best_value:.4g}, validation {res.validation_value:.4g}, "
+          f"test {res.test_value:.4g}")
+    print("| source | first step | final | evaluations | best | median |")
+    print("|---|---|---|---|---|---|")
+    for (source, first, final), vals in sorted(groups.items()):
+        vals.sort()
+        print(f"| {source} | {first} | {final} | {len(vals)} | {vals[0]:.4g} | {vals[len(vals) // 2]:.4g} |")
+    marks = [i for i in (49, 99, 149, 199, len(curve) - 1) if i < len(curve)]
+    print("best so far: " + ", ".join(f"{i + 1}: {curve[i]:.4g}" for i in dict.fromkeys(marks)))
+
+
+if __name__ == "__main__":
+    main()
