@@ -197,6 +197,8 @@ def test_several_nfe_and_stop(tmp_path):
 @pytest.mark.parametrize("change, field", [
     ({"method": "annealing"}, "method"), ({"predictor": "xgboost"}, "predictor"), ({"budget": 0}, "budget"),
     ({"nfe": ()}, "nfe"), ({"n_samples": 1}, "n_samples"), ({"options": {"bogus": 1}}, "options.bogus"),
+    ({"options": {"niche_within": 0.5}}, "options.niche_within"),
+    ({"options": {"niche_within": "wide"}}, "options.niche_within"),
 ])
 def test_bad_configs_raise_value_errors(tmp_path, change, field):
     cfg = dataclasses.replace(config(10), **change)
@@ -329,3 +331,13 @@ def test_the_leading_structure_keeps_every_other_pick():
     got = _by_structure_in_turn(cands, [("model", "denoise"), ("zero-x0", "none")])
     assert [x for x, _ in got] == [a, c, b, d]
     assert _by_structure_in_turn(cands, [("model", "denoise")]) == cands
+
+
+def test_niches_default_to_off_when_baselines_seed_the_search_and_on_when_not():
+    from s3search.search.context import OPTION_DEFAULTS
+    from s3search.search.s3 import niche_factor
+
+    assert niche_factor(OPTION_DEFAULTS) == 1.0
+    assert niche_factor({**OPTION_DEFAULTS, "seed_baselines": False}) == 3.0
+    assert niche_factor({**OPTION_DEFAULTS, "seed_baselines": False, "niche_within": 1}) == 1.0
+    assert niche_factor({**OPTION_DEFAULTS, "niche_within": 1.5}) == 1.5

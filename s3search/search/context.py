@@ -33,9 +33,9 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "children": 128,                # children per evolution generation (the neighbour pool is twice this)
     "generations": 4,               # predictor-scored generations per true-evaluation round
     "direct": 0.3,                  # share of each batch drawn next to the two best without the predictor
-    "niche_within": 1.0,            # > 1: half the local effort goes next to the best structure (first
+    "niche_within": None,           # > 1: half the local effort goes next to the best structure (first
                                     # step, final rule), half next to the others whose best is within this
-                                    # factor of the best. Off by default: at 1.5 it did not help on gmm-64d
+                                    # factor of the best. Default: 1 (off) with baselines seeded, 3 without
                                     # (docs/bench/search.md, "Structure niches")
     "explore": 0.3,                 # share of each batch from the freely evolved population (the rest: the
                                     # predicted best neighbours of the best evaluated schedules)
@@ -54,6 +54,10 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(OPTION_DEFAULTS))
     if unknown:
         raise ValueError(f"options.{unknown[0]} is not a search option (known: {', '.join(sorted(OPTION_DEFAULTS))})")
+    within = options.get("niche_within")
+    if within is not None and (isinstance(within, bool) or not isinstance(within, (int, float))
+                               or not math.isfinite(within) or within < 1):
+        raise ValueError(f"options.niche_within must be a number >= 1 (1: off) or null, not {within!r}")
     return {**OPTION_DEFAULTS, **options}
 
 
