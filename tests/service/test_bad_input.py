@@ -49,6 +49,8 @@ CASES = [
     ("seed too large", "POST", "/v1/jobs", {**GOOD, "seed": 2**40}, {}, 422, "seed"),
     ("unknown field", "POST", "/v1/jobs", {**GOOD, "gpu": 1}, {}, 422, "gpu"),
     ("unknown search option", "POST", "/v1/jobs", {**GOOD, "options": {"x": {"y": 1}}}, {}, 422, "options.x"),
+    ("niche factor below one", "POST", "/v1/jobs", {**GOOD, "options": {"niche_within": 0.5}}, {}, 422,
+     "options.niche_within"),
     ("server-only option", "POST", "/v1/jobs", {**GOOD, "options": {"evaluator": {"device": "cuda"}}}, {}, 422,
      "options.evaluator"),
     ("options NaN", "POST", "/v1/jobs", json.dumps(GOOD)[:-1] + ', "options": {"batch_size": NaN}}', {}, 422,
