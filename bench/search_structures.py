@@ -26,15 +26,9 @@ from s3search.models import registry  # noqa: E402
 from s3search.search.config import SearchConfig  # noqa: E402
 from s3search.search.run import run_search  # noqa: E402
 from s3search.search.study import ATTR  # noqa: E402
+from search_bench import _curve, _option  # noqa: E402  (bench/ is on the path when this script runs)
 
 SEED_SOURCES = ("baseline", "variant", "random")
-
-
-def _option(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=JSON")
-    return key, json.loads(value)
 
 
 def main() -> None:
@@ -58,12 +52,9 @@ def main() -> None:
     trials = [t for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
               if ATTR.SCHEDULE in t.user_attrs]
     groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-    curve, best = [], math.inf
     for t in trials:
         doc = json.loads(t.user_attrs[ATTR.SCHEDULE])
         value = t.value if t.value is not None else math.inf
-        best = min(best, value)
-        curve.append(best)
         source = t.user_attrs.get(ATTR.SOURCE, "?")
         groups[(source if source not in SEED_SOURCES else "seeding", doc.get("first_step", "named"),
                 doc.get("final", "denoise"))].append(value)
@@ -75,6 +66,7 @@ def main() -> None:
     for (source, first, final), vals in sorted(groups.items()):
         vals.sort()
         print(f"| {source} | {first} | {final} | {len(vals)} | {vals[0]:.4g} | {vals[len(vals) // 2]:.4g} |")
+    curve = _curve(study)
     marks = [i for i in (49, 99, 149, 199, len(curve) - 1) if i < len(curve)]
     print("best so far: " + ", ".join(f"{i + 1}: {curve[i]:.4g}" for i in dict.fromkeys(marks)))
 

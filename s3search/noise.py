@@ -65,6 +65,8 @@ def _row_filler() -> Callable[[torch.Tensor, list], None]:
     the compiled one (bench/noise_handoff.py).
     """
     global _ROW_FILLER
+    if _ROW_FILLER is not None:   # every per-row draw asks: no lock once it is built
+        return _ROW_FILLER
     with _ROW_FILLER_LOCK:
         if _ROW_FILLER is None:
             try:

@@ -300,7 +300,7 @@ def _with_structure(schedule, first: str, final: str):
 
 
 def test_niche_elites_take_turns_between_close_structures_and_fill_up():
-    from s3search.search.s3 import niche_elites
+    from s3search.search.s3 import niche_elites, niches
 
     space = SearchSpace("edm", 5)
     base = [space.random(i, nfe=5) for i in range(8)]
@@ -308,14 +308,14 @@ def test_niche_elites_take_turns_between_close_structures_and_fill_up():
     free = [_with_structure(s, "zero-x0", "none") for s in base[5:]]
     ranked = plain[:3] + free[:2] + plain[3:] + free[2:]
     values = [0.30, 0.31, 0.32, 0.40, 0.42, 2.0, 2.1, 5.0]
-    got = niche_elites(ranked, values, 6, within=1.5)
+    got = niche_elites(ranked, niches(ranked, values, 1.5), 6)
     # within 1.5 x 0.30: plain 0.30 0.31 0.32 and free 0.40 0.42, in turns; then the next best overall
     assert got == [plain[0], free[0], plain[1], free[1], plain[2], plain[3]]
-    assert niche_elites(ranked, values, 6, within=1.0) == ranked[:6]
+    assert niche_elites(ranked, niches(ranked, values, 1.0), 6) == ranked[:6]
     far = [0.30, 0.31, 0.32, 0.90, 0.95, 2.0, 2.1, 5.0]   # the other structure is not close: the plain top n
-    assert niche_elites(ranked, far, 4, within=1.5) == ranked[:4]
-    assert niche_elites(ranked, [-1.0] + values[1:], 3, within=1.5) == ranked[:3]
-    assert niche_elites([], [], 4, within=1.5) == []
+    assert niche_elites(ranked, niches(ranked, far, 1.5), 4) == ranked[:4]
+    assert niche_elites(ranked, niches(ranked, [-1.0] + values[1:], 1.5), 3) == ranked[:3]
+    assert niche_elites([], niches([], [], 1.5), 4) == []
 
 
 def test_the_leading_structure_keeps_every_other_pick():

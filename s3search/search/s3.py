@@ -250,10 +250,9 @@ def _structure(schedule: SolverSchedule) -> tuple[str, str]:
     return schedule.first_step, schedule.final
 
 
-def niche_elites(ranked: Sequence[SolverSchedule], values: Sequence[float], n: int, within: float
+def niche_elites(ranked: Sequence[SolverSchedule], groups: Sequence[Sequence[SolverSchedule]], n: int
                  ) -> list[SolverSchedule]:
-    """The n elites, taken in turn from each close structure (`niches`), then the next best overall."""
-    groups = niches(ranked, values, within)
+    """The n elites, taken in turn from the close structures' `groups` (`niches`), then the next best overall."""
     if not groups:
         return list(ranked[:n])
     out = _leader_in_turn(groups)[:n]
@@ -285,7 +284,7 @@ def _leader_in_turn(queues: Sequence[Sequence]) -> list:
         if lead:
             out.append(lead.pop(0))
         for _ in range(len(others)):
-            q = others[turn % len(others)] if others else []
+            q = others[turn % len(others)]
             turn += 1
             if q:
                 out.append(q.pop(0))
@@ -337,7 +336,7 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
         ranked_scheds, ranked_values = [e.schedule for e in ranked_done], [e.value for e in ranked_done]
         within = niche_factor(o)
         close = niches(ranked_scheds, ranked_values, within)
-        elites = niche_elites(ranked_scheds, ranked_values, 16, within)
+        elites = niche_elites(ranked_scheds, close, 16)
         exclude = set(ctx.ledger.done)
         ranked = evolve(ctx.space, predictor, elites, nfe, ctx.rng, population=int(o["population"]),
                         children=int(o["children"]), generations=int(o["generations"]), exclude=exclude)
