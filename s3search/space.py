@@ -204,6 +204,28 @@ class SearchSpace:
         return self._build(self._finish(replace(g, weights=tuple(w.tolist()), lam_end=lam_end, lam_start=lam_start),
                                         nfe, rng))
 
+    def grid_vector(self, schedule: SolverSchedule) -> tuple[np.ndarray, np.ndarray]:
+        """The schedule's grid as a point of R^(n+2) and the box it may move in: the log lambda-increment
+        weights of its n steps (scale-free), the end's lambda and the start's lambda. `with_grid` inverts it."""
+        g = self._genome(schedule)
+        logw = np.log(np.asarray(g.weights, dtype=np.float64))
+        x = np.concatenate([logw, [g.lam_end, self._start(g)]])
+        lo = np.concatenate([logw - 6.0, [min(self.lam_max_end, self.lam_min_end), self.lam_start]])
+        hi = np.concatenate([logw + 6.0, [self.lam_min_end, self.lam_max_start]])
+        return x, np.stack([lo, hi], axis=1)
+
+    def with_grid(self, schedule: SolverSchedule, x: Sequence[float]) -> SolverSchedule:
+        """The schedule's steps and rules on the grid `x` of `grid_vector` (clipped into its box)."""
+        g = self._genome(schedule)
+        n = len(g.weights)
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape != (n + 2,) or not np.all(np.isfinite(x)):
+            raise ValueError(f"grid vector must hold {n + 2} finite numbers, got shape {x.shape}")
+        lam_end = float(np.clip(x[n], min(self.lam_max_end, self.lam_min_end), self.lam_min_end))
+        weights = np.exp(np.clip(x[:n] - x[:n].max(), -30.0, 0.0))
+        return self._build(replace(g, weights=tuple(weights.tolist()), lam_end=lam_end,
+                                   lam_start=self._clip_start(float(x[n + 1]))))
+
     def restructure(self, schedule: SolverSchedule, first_step: str, final: str,
                     rng: np.random.Generator | int | None = None) -> SolverSchedule:
         """The same steps and grid with another first-step and final rule, repaired back to its NFE.

@@ -199,3 +199,26 @@ def test_structural_variants_of_a_baseline_keep_its_nfe_and_steps(nfe):
         assert len(v.steps) >= len(base.steps) - 1
     with pytest.raises(ValueError, match="first_step"):
         SearchSpace("edm", nfe).restructure(base, "mean-x0", "none")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_grid_vector_round_trips_and_stays_in_the_space(seed):
+    space = SearchSpace("edm", (4, 6), options=SpaceOptions(first_steps=("model", "zero-x0", "mean-x0"),
+                                                             t_start_span=1.0))
+    rng = np.random.default_rng(seed)
+    s = space.random(rng, nfe=int(rng.choice([4, 6])))
+    x, box = space.grid_vector(s)
+    assert x.shape == (len(s.steps) + 2,) and box.shape == (len(x), 2)
+    assert np.all(box[:, 0] <= x + 1e-9) and np.all(x <= box[:, 1] + 1e-9)
+    same = space.with_grid(s, x)
+    assert same.canonical_hash() == s.canonical_hash()
+    moved = space.with_grid(s, x + rng.normal(0, 0.5, size=x.shape))
+    space.check(moved)
+    assert moved.nfe == s.nfe and moved.steps == s.steps and (moved.first_step, moved.final) == (s.first_step, s.final)
+    assert moved.timesteps != s.timesteps
+    far = space.with_grid(s, box[:, 1] + 5.0)          # outside the box: clipped, still a member
+    space.check(far)
+    with pytest.raises(ValueError, match="grid vector"):
+        space.with_grid(s, x[:-1])
+    with pytest.raises(ValueError, match="grid vector"):
+        space.with_grid(s, np.full_like(x, np.nan))

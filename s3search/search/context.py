@@ -37,6 +37,9 @@ OPTION_DEFAULTS: dict[str, Any] = {
                                     # step, final rule), half next to the others whose best is within this
                                     # factor of the best. Default: 1 (off) with baselines seeded, 3 without
                                     # (docs/bench/search.md, "Structure niches")
+    "refine_share": 0.0,            # the last share of each NFE's budget: CMA-ES on the incumbent's grid
+    "refine_sigma": 0.2,            # its initial step size (log-weights and lambda, nats)
+    "restructure_best": 0,          # each new incumbent: up to this many of its structural variants evaluated
     "explore": 0.3,                 # share of each batch from the freely evolved population (the rest: the
                                     # predicted best neighbours of the best evaluated schedules)
     "predictor_params": {},         # passed to predictors.get

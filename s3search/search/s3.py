@@ -18,10 +18,11 @@ from predictors.base import kendall_tau
 from ..schedule import SolverSchedule
 from ..space import SearchSpace
 from .context import SearchContext
+from .refine import refine_budget, refine_grid
 from .study import Candidate, chash
 
 __all__ = ["run_s3", "evolve", "local_pool", "fit_predictor", "seed_random", "seed_variants", "structural_variants",
-           "niche_factor", "niches", "niche_elites"]
+           "niche_factor", "niches", "niche_elites", "incumbent_variants"]
 
 
 def seed_random(ctx: SearchContext, nfe: int, n: int) -> None:
@@ -211,6 +212,21 @@ def direct_neighbours(space: SearchSpace, elites: Sequence[SolverSchedule], rng:
     return [(s, math.nan) for s in out.values()]
 
 
+def incumbent_variants(space: SearchSpace, best: Sequence[SolverSchedule], rng: np.random.Generator, n: int,
+                       tried: set[str], exclude: set[str]) -> list[tuple[SolverSchedule, float]]:
+    """Up to n unseen structural variants (`structural_variants`) of a new incumbent, once per incumbent.
+
+    Seeding tries the variants of the best baselines only; a loop that has tuned the grid of one structure
+    never learns what the same grid does with the evaluation another structure frees, since a single mutation
+    rarely flips the structure and the repair moves the grid as well.
+    """
+    if n <= 0 or not best or chash(best[0]) in tried:
+        return []
+    tried.add(chash(best[0]))
+    out = [v for v in structural_variants(space, best[0], rng) if chash(v) not in exclude]
+    return [(v, math.nan) for v in out[:n]]
+
+
 def niche_factor(options: dict) -> float:
     """`niche_within`, or its default: off when the baselines seed the search, 3 when they do not.
 
@@ -323,8 +339,10 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
     seed_variants(ctx, nfe, int(o["variants_of_best"]))
     seed_random(ctx, nfe, init)
     generation = 0
+    tried: set[str] = set()
     last_batch: list[tuple[float, float]] = []
-    while ctx.remaining(nfe) > 0 and not ctx.stopped():
+    keep = refine_budget(o, ctx.budgets[nfe])
+    while ctx.remaining(nfe) > keep and not ctx.stopped():
         predictor = fit_predictor(ctx)
         if predictor is None:   # too few successful evaluations to learn from: explore at random
             seed_random(ctx, nfe, init + ctx.options["batch_size"])
@@ -341,10 +359,13 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
         ranked = evolve(ctx.space, predictor, elites, nfe, ctx.rng, population=int(o["population"]),
                         children=int(o["children"]), generations=int(o["generations"]), exclude=exclude)
         local = local_pool(ctx.space, predictor, elites[:8], ctx.rng, 2 * int(o["children"]), exclude)
-        k = min(int(o["batch_size"]), ctx.remaining(nfe))
+        k = min(int(o["batch_size"]), ctx.remaining(nfe) - keep)
         n_direct = min(k - 1, int(round(float(o["direct"]) * k))) if k > 1 else 0
         local = _by_structure_in_turn(local, [_structure(g[0]) for g in close])
-        picks = _choose(local, ranked, k - n_direct, float(o["explore"]))
+        moves = incumbent_variants(ctx.space, ranked_scheds[:1], ctx.rng, int(o["restructure_best"]), tried,
+                                   exclude) if k > 1 else []
+        n_direct = max(0, n_direct - len(moves))
+        picks = moves + _choose(local, ranked, k - n_direct - len(moves), float(o["explore"]))
         parents, share = ([g[0] for g in close], 0.5) if len(close) > 1 else (elites[:2], 0.7)
         picks += direct_neighbours(ctx.space, parents, ctx.rng, n_direct, exclude | {chash(s) for s, _ in picks},
                                    first_share=share)
@@ -362,3 +383,5 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
         ctx.log.append({"nfe": nfe, "generation": generation, "evaluations": ctx.ledger.count,
                         "best": best.value if best else math.inf, "cv_tau": ctx.predictor_tau,
                         "batch_tau": batch_tau})
+    if not ctx.stopped():
+        refine_grid(ctx, nfe)
