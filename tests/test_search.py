@@ -343,29 +343,6 @@ def test_niches_default_to_off_when_baselines_seed_the_search_and_on_when_not():
     assert niche_factor({**OPTION_DEFAULTS, "niche_within": 1.5}) == 1.5
 
 
-def test_a_new_incumbent_gets_its_unseen_structural_variants_once():
-    import numpy as np
-
-    from s3search.search.s3 import incumbent_variants, structural_variants
-    from s3search.search.study import chash
-
-    from s3search import baselines
-
-    space = SearchSpace("edm", 5)
-    best = baselines.for_nfe("dpmpp_2m", 5, "edm", grid="logsnr", t_start=space.t_max, t_end=space.t_min)
-    every = structural_variants(space, best, np.random.default_rng(0))
-    assert len(every) == 3      # (model, none), (zero-x0, denoise), (zero-x0, none)
-    seen = {chash(every[0])}
-    tried: set[str] = set()
-    got = incumbent_variants(space, [best], np.random.default_rng(0), 5, tried, seen)
-    assert [chash(s) for s, _ in got] == [chash(v) for v in every[1:]]
-    assert all(math.isnan(p) for _, p in got) and {(s.first_step, s.final) for s, _ in got} <= \
-        {(f, e) for f in space.options.first_steps for e in space.options.finals} - {("model", "denoise")}
-    assert incumbent_variants(space, [best], np.random.default_rng(0), 5, tried, set()) == []   # once
-    assert incumbent_variants(space, [best], np.random.default_rng(0), 0, set(), set()) == []
-    assert len(incumbent_variants(space, [best], np.random.default_rng(0), 1, set(), set())) == 1
-
-
 def test_grid_refinement_spends_the_last_share_on_the_incumbents_grid(tmp_path):
     from s3search.search.study import schedule_from_json
 

@@ -37,9 +37,9 @@ OPTION_DEFAULTS: dict[str, Any] = {
                                     # step, final rule), half next to the others whose best is within this
                                     # factor of the best. Default: 1 (off) with baselines seeded, 3 without
                                     # (docs/bench/search.md, "Structure niches")
-    "refine_share": 0.0,            # the last share of each NFE's budget: CMA-ES on the incumbent's grid
+    "refine_share": 0.25,           # the last share of each NFE's budget: CMA-ES on the incumbent's grid
     "refine_sigma": 0.2,            # its initial step size (log-weights and lambda, nats)
-    "restructure_best": 0,          # each new incumbent: up to this many of its structural variants evaluated
+    "refine_population": None,      # CMA-ES population (default: the cmaes default, 4 + 3 ln(dimension))
     "explore": 0.3,                 # share of each batch from the freely evolved population (the rest: the
                                     # predicted best neighbours of the best evaluated schedules)
     "predictor_params": {},         # passed to predictors.get
@@ -61,6 +61,15 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     if within is not None and (isinstance(within, bool) or not isinstance(within, (int, float))
                                or not math.isfinite(within) or within < 1):
         raise ValueError(f"options.niche_within must be a number >= 1 (1: off) or null, not {within!r}")
+    share = options.get("refine_share", OPTION_DEFAULTS["refine_share"])
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share < 1.0:
+        raise ValueError(f"options.refine_share must be a number in [0, 1), not {share!r}")
+    sigma = options.get("refine_sigma", OPTION_DEFAULTS["refine_sigma"])
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0.0 < sigma <= 5.0:
+        raise ValueError(f"options.refine_sigma must be a number in (0, 5], not {sigma!r}")
+    pop = options.get("refine_population")
+    if pop is not None and (isinstance(pop, bool) or not isinstance(pop, int) or not 2 <= pop <= 1000):
+        raise ValueError(f"options.refine_population must be an integer in [2, 1000] or null, not {pop!r}")
     return {**OPTION_DEFAULTS, **options}
 
 

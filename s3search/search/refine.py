@@ -40,8 +40,9 @@ def refine_grid(ctx: SearchContext, nfe: int) -> None:
         return
     incumbent = min(ours, key=lambda e: (e.value, e.trial_number)).schedule
     x0, bounds = ctx.space.grid_vector(incumbent)
+    pop = ctx.options.get("refine_population")
     opt = CMA(mean=x0, sigma=float(ctx.options["refine_sigma"]), bounds=bounds,
-              seed=int(ctx.rng.integers(2**31 - 1)))
+              seed=int(ctx.rng.integers(2**31 - 1)), population_size=int(pop) if pop else None)
     known = [e.value for e in ctx.ledger.done.values() if e.nfe == nfe]
     stale = 0
     while ctx.remaining(nfe) > 0 and not ctx.stopped() and stale < 20:

@@ -22,7 +22,7 @@ from .refine import refine_budget, refine_grid
 from .study import Candidate, chash
 
 __all__ = ["run_s3", "evolve", "local_pool", "fit_predictor", "seed_random", "seed_variants", "structural_variants",
-           "niche_factor", "niches", "niche_elites", "incumbent_variants"]
+           "niche_factor", "niches", "niche_elites"]
 
 
 def seed_random(ctx: SearchContext, nfe: int, n: int) -> None:
@@ -212,21 +212,6 @@ def direct_neighbours(space: SearchSpace, elites: Sequence[SolverSchedule], rng:
     return [(s, math.nan) for s in out.values()]
 
 
-def incumbent_variants(space: SearchSpace, best: Sequence[SolverSchedule], rng: np.random.Generator, n: int,
-                       tried: set[str], exclude: set[str]) -> list[tuple[SolverSchedule, float]]:
-    """Up to n unseen structural variants (`structural_variants`) of a new incumbent, once per incumbent.
-
-    Seeding tries the variants of the best baselines only; a loop that has tuned the grid of one structure
-    never learns what the same grid does with the evaluation another structure frees, since a single mutation
-    rarely flips the structure and the repair moves the grid as well.
-    """
-    if n <= 0 or not best or chash(best[0]) in tried:
-        return []
-    tried.add(chash(best[0]))
-    out = [v for v in structural_variants(space, best[0], rng) if chash(v) not in exclude]
-    return [(v, math.nan) for v in out[:n]]
-
-
 def niche_factor(options: dict) -> float:
     """`niche_within`, or its default: off when the baselines seed the search, 3 when they do not.
 
@@ -339,7 +324,6 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
     seed_variants(ctx, nfe, int(o["variants_of_best"]))
     seed_random(ctx, nfe, init)
     generation = 0
-    tried: set[str] = set()
     last_batch: list[tuple[float, float]] = []
     keep = refine_budget(o, ctx.budgets[nfe])
     while ctx.remaining(nfe) > keep and not ctx.stopped():
@@ -362,10 +346,7 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
         k = min(int(o["batch_size"]), ctx.remaining(nfe) - keep)
         n_direct = min(k - 1, int(round(float(o["direct"]) * k))) if k > 1 else 0
         local = _by_structure_in_turn(local, [_structure(g[0]) for g in close])
-        moves = incumbent_variants(ctx.space, ranked_scheds[:1], ctx.rng, int(o["restructure_best"]), tried,
-                                   exclude) if k > 1 else []
-        n_direct = max(0, n_direct - len(moves))
-        picks = moves + _choose(local, ranked, k - n_direct - len(moves), float(o["explore"]))
+        picks = _choose(local, ranked, k - n_direct, float(o["explore"]))
         parents, share = ([g[0] for g in close], 0.5) if len(close) > 1 else (elites[:2], 0.7)
         picks += direct_neighbours(ctx.space, parents, ctx.rng, n_direct, exclude | {chash(s) for s, _ in picks},
                                    first_share=share)
