@@ -1,5 +1,6 @@
 """The S³ loop: evaluate seeds, fit the predictor, evolve a large predictor-scored population, truly evaluate
-the predicted top k, repeat until the NFE's budget of true evaluations is spent.
+the predicted top k, repeat until only the refinement share of the NFE's budget is left, which CMA-ES spends on
+the best schedule's grid (`refine`).
 
 One predictor serves every NFE of the search (and warm-start pairs from earlier studies): pairs are grouped by
 (source, NFE) so only scores within one group are compared while fitting.
