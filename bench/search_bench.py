@@ -127,7 +127,7 @@ def _config(args, nfe: int, method: str, budget: int, **options) -> SearchConfig
                         predictor=args.predictor, seed=args.seed, options=opts)
 
 
-def _yardstick(args, metric: str, nfe: int) -> dict[str, float]:
+def _all_grids(args, metric: str, nfe: int) -> dict[str, float]:
     """Every baseline on every grid (test split), taken from --yardstick-from's run at this NFE when that run
     used the same model, metric, seed and test sample count, else computed. Recomputed after the UniC fold and
     the compiled per-row noise, the stored gmm-64d values agreed to 2e-6 relative (the best of each NFE to 1e-11)."""
@@ -176,7 +176,7 @@ def cmd_quality(args) -> None:
             "nfe": nfe, "budget": args.budget, "evaluations": res.evaluations,
             "search_value": res.best_value, "validation_value": res.validation_value,
             "test_value": res.test_value, "baselines_test": res.baselines,
-            "baselines_all_grids": _yardstick(args, metric, nfe),
+            "baselines_all_grids": _all_grids(args, metric, nfe),
             "schedule": json.loads(res.best.to_json()), "n_samples": args.n_samples, "n_test": args.n_test,
             "predictor": args.predictor, "options": args.option, "curve": _curve(study),
             "rounds": study.user_attrs.get("rounds", []),
