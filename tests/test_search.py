@@ -199,6 +199,9 @@ def test_several_nfe_and_stop(tmp_path):
     ({"nfe": ()}, "nfe"), ({"n_samples": 1}, "n_samples"), ({"options": {"bogus": 1}}, "options.bogus"),
     ({"options": {"niche_within": 0.5}}, "options.niche_within"),
     ({"options": {"niche_within": "wide"}}, "options.niche_within"),
+    ({"options": {"refine_share": -0.1}}, "options.refine_share"),
+    ({"options": {"refine_sigma": "big"}}, "options.refine_sigma"),
+    ({"options": {"refine_population": 1}}, "options.refine_population"),
 ])
 def test_bad_configs_raise_value_errors(tmp_path, change, field):
     cfg = dataclasses.replace(config(10), **change)
@@ -360,3 +363,20 @@ def test_grid_refinement_spends_the_last_share_on_the_incumbents_grid(tmp_path):
     assert all((s.steps, s.first_step, s.final) == (inc.steps, inc.first_step, inc.final) for s in refined)
     assert len({s.timesteps for s in refined}) == 20
     assert min(t.value for t in trials[20:]) < incumbent.value
+
+
+def test_a_search_stopped_inside_its_refinement_resumes_there(tmp_path):
+    ev = GaussianEvaluator()
+    study = new_study(tmp_path, sqlite=True)
+    seen = []
+    first = run_search(config(40, refine_share=0.5), study, evaluator=ev, progress=seen.append,
+                       should_stop=lambda: bool(seen) and seen[-1].evaluations >= 28)
+    assert first.stopped and 28 <= first.evaluations < 40
+    refined_before = [t for t in study.get_trials() if t.user_attrs.get(ATTR.SOURCE) == "refine"]
+    assert refined_before
+    second = run_search(config(40, refine_share=0.5), study, evaluator=ev)
+    trials = study.get_trials()
+    assert not second.stopped and second.evaluations == 40 and len(trials) == 40
+    assert len({t.user_attrs[ATTR.HASH] for t in trials}) == 40
+    assert [t.user_attrs[ATTR.SOURCE] for t in sorted(trials, key=lambda t: t.number)][20:] == ["refine"] * 20
+    assert ev.splits.count("search") == 40          # nothing evaluated twice on the search split
