@@ -49,13 +49,8 @@ def _shadow(ctx: SearchContext, nfe: int, method: str) -> tuple[optuna.Study, di
             continue
         shadow.add_trial(optuna.trial.create_trial(
             params={k: float(x) for k, x in zip(dists, flat)}, distributions=dists,
-            value=ev.value if ev.ok else _worst(ctx, nfe)))
+            value=ev.value if ev.ok else ctx.worst(nfe)))
     return shadow, dists
-
-
-def _worst(ctx: SearchContext, nfe: int) -> float:
-    vals = [e.value for e in ctx.ledger.done.values() if e.nfe == nfe and e.ok]
-    return 2.0 * max(vals) + 1.0 if vals else 1e12
 
 
 def run_optuna(ctx: SearchContext, nfe: int, method: str) -> None:
@@ -73,7 +68,7 @@ def run_optuna(ctx: SearchContext, nfe: int, method: str) -> None:
             sched = ctx.space.from_unit(u, nfe)
             known = ctx.ledger.done.get(chash(sched))
             if known is not None:   # already paid for: tell the known value, spend nothing
-                shadow.tell(trial, known.value if known.ok else _worst(ctx, nfe))
+                shadow.tell(trial, known.value if known.ok else ctx.worst(nfe))
                 stale += 1
                 continue
             batch.append((trial, Candidate(sched, source=method, flat=tuple(u))))
@@ -87,5 +82,5 @@ def run_optuna(ctx: SearchContext, nfe: int, method: str) -> None:
             if ev is None:      # budget ran out before this one
                 shadow.tell(trial, state=optuna.trial.TrialState.FAIL)
             else:
-                shadow.tell(trial, ev.value if ev.ok and math.isfinite(ev.value) else _worst(ctx, nfe))
+                shadow.tell(trial, ev.value if ev.ok and math.isfinite(ev.value) else ctx.worst(nfe))
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from ..schedule import SolverSchedule
 from ..space import SearchSpace
 from .config import Progress, ProgressFn, SearchConfig, StopFn
 from .study import Candidate, Evaluated, Ledger, chash
@@ -57,20 +58,22 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(OPTION_DEFAULTS))
     if unknown:
         raise ValueError(f"options.{unknown[0]} is not a search option (known: {', '.join(sorted(OPTION_DEFAULTS))})")
-    within = options.get("niche_within")
-    if within is not None and (isinstance(within, bool) or not isinstance(within, (int, float))
-                               or not math.isfinite(within) or within < 1):
-        raise ValueError(f"options.niche_within must be a number >= 1 (1: off) or null, not {within!r}")
-    share = options.get("refine_share", OPTION_DEFAULTS["refine_share"])
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share < 1.0:
-        raise ValueError(f"options.refine_share must be a number in [0, 1), not {share!r}")
-    sigma = options.get("refine_sigma", OPTION_DEFAULTS["refine_sigma"])
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0.0 < sigma <= 5.0:
-        raise ValueError(f"options.refine_sigma must be a number in (0, 5], not {sigma!r}")
-    pop = options.get("refine_population")
-    if pop is not None and (isinstance(pop, bool) or not isinstance(pop, int) or not 2 <= pop <= 1000):
-        raise ValueError(f"options.refine_population must be an integer in [2, 1000] or null, not {pop!r}")
+    _check_number(options, "niche_within", lambda v: v >= 1, "a number >= 1 (1: off) or null", nullable=True)
+    _check_number(options, "refine_share", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+    _check_number(options, "refine_sigma", lambda v: 0.0 < v <= 5.0, "a number in (0, 5]")
+    _check_number(options, "refine_population", lambda v: isinstance(v, int) and 2 <= v <= 1000,
+                  "an integer in [2, 1000] or null", nullable=True)
     return {**OPTION_DEFAULTS, **options}
+
+
+def _check_number(options: dict[str, Any], key: str, ok: Callable[[float], bool], what: str,
+                  nullable: bool = False) -> None:
+    """Raise ValueError naming options.<key> unless its value (when given) is a finite number passing `ok`."""
+    if key not in options or (nullable and options[key] is None):
+        return
+    v = options[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+        raise ValueError(f"options.{key} must be {what}, not {v!r}")
 
 
 @dataclass
@@ -92,6 +95,17 @@ class SearchContext:
 
     def remaining(self, nfe: int) -> int:
         return max(0, self.budgets[nfe] - self.spent(nfe))
+
+    def ranked_in_space(self, nfe: int) -> list[Evaluated]:
+        """This NFE's successful evaluations of schedules in the space, best first."""
+        return sorted((e for e in self.ledger.done.values() if e.nfe == nfe and e.ok
+                       and isinstance(e.schedule, SolverSchedule) and self.space.contains(e.schedule)),
+                      key=lambda e: e.value)
+
+    def worst(self, nfe: int) -> float:
+        """A value worse than every successful one at this NFE: what a sampler is told for a failed schedule."""
+        vals = [e.value for e in self.ledger.done.values() if e.nfe == nfe and e.ok]
+        return 2.0 * max(vals) + 1.0 if vals else 1e12
 
     def stopped(self) -> bool:
         return bool(self.should_stop and self.should_stop())

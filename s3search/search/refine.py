@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from cmaes import CMA
 
-from ..schedule import SolverSchedule
 from .context import SearchContext
 from .study import Candidate, chash
 
@@ -24,42 +22,30 @@ __all__ = ["refine_budget", "refine_grid"]
 
 def refine_budget(options: dict, budget: int) -> int:
     """Evaluations of an NFE's `budget` kept for grid refinement (`refine_share` of it, rounded)."""
-    return int(round(float(options.get("refine_share", 0.0)) * budget))
-
-
-def _penalty(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return 2.0 * max(finite) + 1.0 if finite else 1e12
+    return int(round(float(options["refine_share"]) * budget))
 
 
 def refine_grid(ctx: SearchContext, nfe: int) -> None:
     """Spend the NFE's remaining budget on CMA-ES over the grid of its best evaluated schedule."""
-    ours = [e for e in ctx.ledger.done.values() if e.nfe == nfe and e.ok and isinstance(e.schedule, SolverSchedule)
-            and ctx.space.contains(e.schedule)]
-    if not ours:
+    ranked = ctx.ranked_in_space(nfe)
+    if not ranked:
         return
-    incumbent = min(ours, key=lambda e: (e.value, e.trial_number)).schedule
+    incumbent = ranked[0].schedule
     x0, bounds = ctx.space.grid_vector(incumbent)
-    pop = ctx.options.get("refine_population")
+    pop = ctx.options["refine_population"]
     opt = CMA(mean=x0, sigma=float(ctx.options["refine_sigma"]), bounds=bounds,
               seed=int(ctx.rng.integers(2**31 - 1)), population_size=int(pop) if pop else None)
-    known = [e.value for e in ctx.ledger.done.values() if e.nfe == nfe]
     stale = 0
     while ctx.remaining(nfe) > 0 and not ctx.stopped() and stale < 20:
         xs = [opt.ask() for _ in range(opt.population_size)]
         scheds = [ctx.space.with_grid(incumbent, x) for x in xs]
-        fresh = [Candidate(s, source="refine", generation=opt.generation + 1) for s in
-                 {chash(s): s for s in scheds if not ctx.ledger.seen(s)}.values()]
-        done = {chash(e.schedule): e for e in ctx.evaluate(fresh, nfe)}
-        values = []
-        for s in scheds:
-            e = done.get(chash(s)) or ctx.ledger.done.get(chash(s))
-            values.append(e.value if e is not None else math.nan)
-        if any(math.isnan(v) for v in values):   # the budget ran out inside this generation
+        # ctx.evaluate drops copies and what the study already holds; those are told their stored value.
+        done = ctx.evaluate([Candidate(s, source="refine", generation=opt.generation + 1) for s in scheds], nfe)
+        found = [ctx.ledger.done.get(chash(s)) for s in scheds]
+        if any(e is None for e in found):   # the budget ran out inside this generation
             break
-        known += [done[h].value for h in done]
         stale = 0 if done else stale + 1
-        opt.tell([(x, v if math.isfinite(v) else _penalty(known)) for x, v in zip(xs, values)])
+        opt.tell([(x, e.value if e.ok else ctx.worst(nfe)) for x, e in zip(xs, found)])
         top = ctx.ledger.best(nfe)
         ctx.log.append({"nfe": nfe, "refine_generation": opt.generation, "evaluations": ctx.ledger.count,
                         "best": top.value if top else math.inf})

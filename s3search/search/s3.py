@@ -333,9 +333,7 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
             seed_random(ctx, nfe, init + ctx.options["batch_size"])
             init += ctx.options["batch_size"]
             continue
-        ranked_done = sorted((e for e in ctx.ledger.done.values() if e.nfe == nfe and e.ok
-                              and isinstance(e.schedule, SolverSchedule) and ctx.space.contains(e.schedule)),
-                             key=lambda e: e.value)
+        ranked_done = ctx.ranked_in_space(nfe)
         ranked_scheds, ranked_values = [e.schedule for e in ranked_done], [e.value for e in ranked_done]
         within = niche_factor(o)
         close = niches(ranked_scheds, ranked_values, within)
