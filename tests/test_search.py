@@ -202,6 +202,7 @@ def test_several_nfe_and_stop(tmp_path):
     ({"options": {"refine_share": -0.1}}, "options.refine_share"),
     ({"options": {"refine_sigma": "big"}}, "options.refine_sigma"),
     ({"options": {"refine_population": 1}}, "options.refine_population"),
+    ({"options": {"refine_arms": 0}}, "options.refine_arms"),
 ])
 def test_bad_configs_raise_value_errors(tmp_path, change, field):
     cfg = dataclasses.replace(config(10), **change)
@@ -363,6 +364,24 @@ def test_grid_refinement_spends_the_last_share_on_the_incumbents_grid(tmp_path):
     assert all((s.steps, s.first_step, s.final) == (inc.steps, inc.first_step, inc.final) for s in refined)
     assert len({s.timesteps for s in refined}) == 20
     assert min(t.value for t in trials[20:]) < incumbent.value
+
+
+def test_grid_refinement_with_arms_tunes_the_best_of_several_structures(tmp_path):
+    from s3search.search.study import schedule_from_json
+
+    study = new_study(tmp_path)
+    run_search(config(40, refine_share=0.5, refine_arms=2), study, evaluator=GaussianEvaluator())
+    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    assert [t.user_attrs[ATTR.SOURCE] for t in trials[20:]] == ["refine"] * 20
+    refined = [schedule_from_json(t.user_attrs[ATTR.SCHEDULE]) for t in trials[20:]]
+    arms = {(s.steps, s.first_step, s.final) for s in refined}
+    assert len(arms) == 2 and len({(first, final) for _, first, final in arms}) == 2   # two structures
+    best_by_structure: dict = {}
+    for t in sorted((t for t in trials[:20] if t.state == TrialState.COMPLETE), key=lambda t: t.value):
+        s = schedule_from_json(t.user_attrs[ATTR.SCHEDULE])
+        if hasattr(s, "first_step"):
+            best_by_structure.setdefault((s.first_step, s.final), (s.steps, s.first_step, s.final))
+    assert arms <= set(best_by_structure.values())   # each arm started from its structure's best
 
 
 def test_a_search_stopped_inside_its_refinement_resumes_there(tmp_path):

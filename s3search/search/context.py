@@ -41,6 +41,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "refine_share": 0.25,           # the last share of each NFE's budget: CMA-ES on the incumbent's grid
     "refine_sigma": 0.2,            # its initial step size (log-weights and lambda, nats)
     "refine_population": None,      # CMA-ES population (default: the cmaes default, 4 + 3 ln(dimension))
+    "refine_arms": 1,               # refine the best schedule of this many structures (first step, final rule)
     "explore": 0.3,                 # share of each batch from the freely evolved population (the rest: the
                                     # predicted best neighbours of the best evaluated schedules)
     "predictor_params": {},         # passed to predictors.get
@@ -61,6 +62,7 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     _check_number(options, "niche_within", lambda v: v >= 1, "a number >= 1 (1: off) or null", nullable=True)
     _check_number(options, "refine_share", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
     _check_number(options, "refine_sigma", lambda v: 0.0 < v <= 5.0, "a number in (0, 5]")
+    _check_number(options, "refine_arms", lambda v: isinstance(v, int) and 1 <= v <= 16, "an integer in [1, 16]")
     _check_number(options, "refine_population", lambda v: isinstance(v, int) and 2 <= v <= 1000,
                   "an integer in [2, 1000] or null", nullable=True)
     return {**OPTION_DEFAULTS, **options}

@@ -55,6 +55,8 @@ CASES = [
      "options.refine_share"),
     ("refine step size zero", "POST", "/v1/jobs", {**GOOD, "options": {"refine_sigma": 0}}, {}, 422,
      "options.refine_sigma"),
+    ("refine arms fractional", "POST", "/v1/jobs", {**GOOD, "options": {"refine_arms": 1.5}}, {}, 422,
+     "options.refine_arms"),
     ("server-only option", "POST", "/v1/jobs", {**GOOD, "options": {"evaluator": {"device": "cuda"}}}, {}, 422,
      "options.evaluator"),
     ("options NaN", "POST", "/v1/jobs", json.dumps(GOOD)[:-1] + ', "options": {"batch_size": NaN}}', {}, 422,
