@@ -203,6 +203,8 @@ def test_several_nfe_and_stop(tmp_path):
     ({"options": {"refine_sigma": "big"}}, "options.refine_sigma"),
     ({"options": {"refine_population": 1}}, "options.refine_population"),
     ({"options": {"refine_arms": 0}}, "options.refine_arms"),
+    ({"options": {"refine_method": "bfgs"}}, "options.refine_method"),
+    ({"options": {"refine_box": 0}}, "options.refine_box"),
 ])
 def test_bad_configs_raise_value_errors(tmp_path, change, field):
     cfg = dataclasses.replace(config(10), **change)
@@ -347,12 +349,13 @@ def test_niches_default_to_off_when_baselines_seed_the_search_and_on_when_not():
     assert niche_factor({**OPTION_DEFAULTS, "niche_within": 1.5}) == 1.5
 
 
-def test_grid_refinement_spends_the_last_share_on_the_incumbents_grid(tmp_path):
+@pytest.mark.parametrize("method", ["cmaes", "gp"])
+def test_grid_refinement_spends_the_last_share_on_the_incumbents_grid(tmp_path, method):
     from s3search.search.study import schedule_from_json
 
     ev = GaussianEvaluator()
     study = new_study(tmp_path)
-    result = run_search(config(40, refine_share=0.5), study, evaluator=ev)
+    result = run_search(config(40, refine_share=0.5, refine_method=method, refine_arms=1), study, evaluator=ev)
     trials = sorted(study.get_trials(), key=lambda t: t.number)
     assert len(trials) == 40 and result.evaluations == 40
     sources = [t.user_attrs[ATTR.SOURCE] for t in trials]

@@ -38,10 +38,12 @@ OPTION_DEFAULTS: dict[str, Any] = {
                                     # step, final rule), half next to the others whose best is within this
                                     # factor of the best. Default: 1 (off) with baselines seeded, 3 without
                                     # (docs/bench/search.md, "Structure niches")
-    "refine_share": 0.25,           # the last share of each NFE's budget: CMA-ES on the incumbent's grid
-    "refine_sigma": 0.2,            # its initial step size (log-weights and lambda, nats)
-    "refine_population": None,      # CMA-ES population (default: the cmaes default, 4 + 3 ln(dimension))
-    "refine_arms": 1,               # refine the best schedule of this many structures (first step, final rule)
+    "refine_share": 0.5,            # the last share of each NFE's budget: grid refinement of the best schedules
+    "refine_method": "gp",          # "gp" (Optuna's GPSampler, one evaluation at a time) | "cmaes"
+    "refine_arms": 3,               # refine the best schedule of this many structures (first step, final rule)
+    "refine_box": 1.0,              # gp: half-width of its box around the start (log-weights and lambda)
+    "refine_sigma": 0.2,            # cmaes: initial step size (log-weights and lambda, nats)
+    "refine_population": None,      # cmaes: population (default: the cmaes default, 4 + 3 ln(dimension))
     "explore": 0.3,                 # share of each batch from the freely evolved population (the rest: the
                                     # predicted best neighbours of the best evaluated schedules)
     "predictor_params": {},         # passed to predictors.get
@@ -62,6 +64,9 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     _check_number(options, "niche_within", lambda v: v >= 1, "a number >= 1 (1: off) or null", nullable=True)
     _check_number(options, "refine_share", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
     _check_number(options, "refine_sigma", lambda v: 0.0 < v <= 5.0, "a number in (0, 5]")
+    if options.get("refine_method", "cmaes") not in ("cmaes", "gp"):
+        raise ValueError(f"options.refine_method must be 'cmaes' or 'gp', not {options['refine_method']!r}")
+    _check_number(options, "refine_box", lambda v: 0.0 < v <= 6.0, "a number in (0, 6]")
     _check_number(options, "refine_arms", lambda v: isinstance(v, int) and 1 <= v <= 16, "an integer in [1, 16]")
     _check_number(options, "refine_population", lambda v: isinstance(v, int) and 2 <= v <= 1000,
                   "an integer in [2, 1000] or null", nullable=True)

@@ -55,6 +55,8 @@ CASES = [
      "options.refine_share"),
     ("refine step size zero", "POST", "/v1/jobs", {**GOOD, "options": {"refine_sigma": 0}}, {}, 422,
      "options.refine_sigma"),
+    ("refine method unknown", "POST", "/v1/jobs", {**GOOD, "options": {"refine_method": "adam"}}, {}, 422,
+     "options.refine_method"),
     ("refine arms fractional", "POST", "/v1/jobs", {**GOOD, "options": {"refine_arms": 1.5}}, {}, 422,
      "options.refine_arms"),
     ("server-only option", "POST", "/v1/jobs", {**GOOD, "options": {"evaluator": {"device": "cuda"}}}, {}, 422,
