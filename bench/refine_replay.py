@@ -27,21 +27,14 @@ import optuna
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from s3search.models import registry  # noqa: E402
-from s3search.search.config import SearchConfig  # noqa: E402
 from s3search.search.context import SearchContext  # noqa: E402
 from s3search.search.refine import refine_budget, refine_grid  # noqa: E402
 from s3search.search.run import (_test_scores, _validated_best, build_space, check_config,  # noqa: E402
                                  default_evaluator, run_search)
 from s3search.search.study import Ledger  # noqa: E402
 from s3search.evaluation.base import EvalRequest  # noqa: E402
-from search_bench import _option, _yardstick, excess_ratio  # noqa: E402  (bench/ is on the path)
-
-
-def _search_config(args, options: dict) -> SearchConfig:
-    spec = registry.get(args.model)
-    opts = {"population": 128, "children": 128, "generations": 4, **dict(args.option), **options}
-    return SearchConfig(model=args.model, nfe=(args.nfe,), metric=spec.default_metric, n_samples=args.n_samples,
-                        n_test_samples=args.n_test, budget=args.budget, method="s3", seed=args.seed, options=opts)
+from search_bench import (_yardstick, add_one_search_arguments, excess_ratio,  # noqa: E402  (bench/ is on the path)
+                          one_search_config)
 
 
 def _searched_study(args) -> optuna.Study:
@@ -49,7 +42,7 @@ def _searched_study(args) -> optuna.Study:
                                 load_if_exists=True)
     if not study.get_trials(deepcopy=False):
         t0 = time.time()
-        res = run_search(_search_config(args, {}), study)
+        res = run_search(one_search_config(args), study)
         print(f"search: {res.evaluations} evaluations, search {res.best_value:.4g}, validation "
               f"{res.validation_value:.4g}, test {res.test_value:.4g} ({time.time() - t0:.0f} s)", flush=True)
     return study
@@ -57,7 +50,7 @@ def _searched_study(args) -> optuna.Study:
 
 def replay(args, trials: list, policy: dict, draw: int) -> tuple[float, float, float]:
     """(search, validation, test) value of the winner after one refinement draw under `policy`."""
-    config = _search_config(args, policy)
+    config = one_search_config(args, **policy)
     options = check_config(config)
     model = registry.get(config.model)
     keep = refine_budget(options, config.budget)
@@ -80,14 +73,7 @@ def replay(args, trials: list, policy: dict, draw: int) -> tuple[float, float, f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="gmm-64d")
-    ap.add_argument("--nfe", type=int, default=5)
-    ap.add_argument("--budget", type=int, default=200)
-    ap.add_argument("--n-samples", type=int, default=10000)
-    ap.add_argument("--n-test", type=int, default=20000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--option", action="append", default=[], type=_option, metavar="KEY=JSON",
-                    help="search option of the search and of every replay")
+    add_one_search_arguments(ap)
     ap.add_argument("--policy", action="append", type=json.loads, metavar="JSON",
                     help="refinement options of one replay policy (repeatable; default: {} = the defaults)")
     ap.add_argument("--draws", type=int, default=3)

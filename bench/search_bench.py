@@ -127,6 +127,26 @@ def _config(args, nfe: int, method: str, budget: int, **options) -> SearchConfig
                         predictor=args.predictor, seed=args.seed, options=opts)
 
 
+def add_one_search_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments of a single-NFE search with the gmm-64d quality benchmark's settings (search_structures,
+    refine_replay)."""
+    ap.add_argument("--model", default="gmm-64d")
+    ap.add_argument("--nfe", type=int, default=5)
+    ap.add_argument("--budget", type=int, default=200)
+    ap.add_argument("--n-samples", type=int, default=10000)
+    ap.add_argument("--n-test", type=int, default=20000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--option", action="append", default=[], type=_option, metavar="KEY=JSON")
+
+
+def one_search_config(args, **options) -> SearchConfig:
+    """The S³ search of `add_one_search_arguments`: population 128, 4 generations, --option, then `options`."""
+    opts = {"population": 128, "children": 128, "generations": 4, **dict(args.option), **options}
+    return SearchConfig(model=args.model, nfe=(args.nfe,), metric=registry.get(args.model).default_metric,
+                        n_samples=args.n_samples, n_test_samples=args.n_test, budget=args.budget, method="s3",
+                        seed=args.seed, options=opts)
+
+
 def _all_grids(args, metric: str, nfe: int) -> dict[str, float]:
     """Every baseline on every grid (test split), taken from --yardstick-from's run at this NFE when that run
     used the same model, metric, seed and test sample count, else computed. Recomputed after the UniC fold and

@@ -22,30 +22,19 @@ import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from s3search.models import registry  # noqa: E402
-from s3search.search.config import SearchConfig  # noqa: E402
 from s3search.search.run import run_search  # noqa: E402
 from s3search.search.study import ATTR  # noqa: E402
-from search_bench import _curve, _option  # noqa: E402  (bench/ is on the path when this script runs)
+from search_bench import _curve, add_one_search_arguments, one_search_config  # noqa: E402  (bench/ on the path)
 
 SEED_SOURCES = ("baseline", "variant", "random")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="gmm-64d")
-    ap.add_argument("--nfe", type=int, default=5)
-    ap.add_argument("--budget", type=int, default=200)
-    ap.add_argument("--n-samples", type=int, default=10000)
-    ap.add_argument("--n-test", type=int, default=20000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--option", action="append", default=[], type=_option, metavar="KEY=JSON")
+    add_one_search_arguments(ap)
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    options = {"population": 128, "children": 128, "generations": 4, **dict(args.option)}
-    config = SearchConfig(model=args.model, nfe=(args.nfe,), metric=registry.get(args.model).default_metric,
-                          n_samples=args.n_samples, n_test_samples=args.n_test, budget=args.budget, method="s3",
-                          seed=args.seed, options=options)
+    config = one_search_config(args)
     study = optuna.create_study(direction="minimize")
     res = run_search(config, study)
 

@@ -14,7 +14,9 @@ from ..space import SearchSpace
 from .config import Progress, ProgressFn, SearchConfig, StopFn
 from .study import Candidate, Evaluated, Ledger, chash
 
-__all__ = ["SearchContext", "OPTION_DEFAULTS", "check_options"]
+__all__ = ["SearchContext", "OPTION_DEFAULTS", "REFINE_METHODS", "check_options"]
+
+REFINE_METHODS = ("gp", "cmaes")   # grid refinement optimisers (refine.py)
 
 # Every key of SearchConfig.options this package reads, with its default.
 OPTION_DEFAULTS: dict[str, Any] = {
@@ -64,8 +66,9 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     _check_number(options, "niche_within", lambda v: v >= 1, "a number >= 1 (1: off) or null", nullable=True)
     _check_number(options, "refine_share", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
     _check_number(options, "refine_sigma", lambda v: 0.0 < v <= 5.0, "a number in (0, 5]")
-    if options.get("refine_method", "cmaes") not in ("cmaes", "gp"):
-        raise ValueError(f"options.refine_method must be 'cmaes' or 'gp', not {options['refine_method']!r}")
+    if "refine_method" in options and options["refine_method"] not in REFINE_METHODS:
+        raise ValueError(f"options.refine_method must be one of {list(REFINE_METHODS)}, "
+                         f"not {options['refine_method']!r}")
     _check_number(options, "refine_box", lambda v: 0.0 < v <= 6.0, "a number in (0, 6]")
     _check_number(options, "refine_arms", lambda v: isinstance(v, int) and 1 <= v <= 16, "an integer in [1, 16]")
     _check_number(options, "refine_population", lambda v: isinstance(v, int) and 2 <= v <= 1000,

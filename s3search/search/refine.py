@@ -35,9 +35,8 @@ from ..schedule import SolverSchedule
 from .context import SearchContext
 from .study import Candidate, chash
 
-__all__ = ["refine_budget", "refine_grid", "refine_starts", "METHODS"]
+__all__ = ["refine_budget", "refine_grid", "refine_starts"]
 
-METHODS = ("cmaes", "gp")
 _STALE_ROUNDS = 20   # an arm that many rounds without one new evaluation is done
 
 
@@ -57,7 +56,8 @@ def refine_starts(ctx: SearchContext, nfe: int, n: int) -> list[tuple[SolverSche
 
 
 class _Optimiser(Protocol):
-    round_size: int
+    batch: int             # points asked, evaluated and told together
+    batches_per_round: int
 
     def ask(self) -> np.ndarray: ...
 
@@ -71,7 +71,7 @@ class _Cma:
         pop = options["refine_population"]
         self.opt = CMA(mean=x0, sigma=float(options["refine_sigma"]), bounds=bounds, seed=seed,
                        population_size=int(pop) if pop else None)
-        self.round_size = self.opt.population_size
+        self.batch, self.batches_per_round = self.opt.population_size, 1
 
     def ask(self) -> np.ndarray:
         return self.opt.ask()
@@ -83,7 +83,8 @@ class _Cma:
 class _Gp:
     """Optuna's GPSampler over the box of `refine_box` around x0 (inside the space's bounds), on asinh(value /
     start value): log-like where values span decades (a diverging grid scores 1e3 times the start), defined at
-    zero and below for metrics that reach them. One round is `round_size` sequential steps."""
+    zero and below for metrics that reach them. One round is as many single steps as a CMA-ES generation has in
+    this dimension (4 + 3 ln d), so the arms' rounds are compared over the same number of evaluations."""
 
     def __init__(self, x0: np.ndarray, bounds: np.ndarray, options: dict, seed: int, start_value: float) -> None:
         half = float(options["refine_box"])
@@ -99,7 +100,7 @@ class _Gp:
             params={k: float(np.clip(v, d.low, d.high)) for (k, d), v in zip(self.dists.items(), x0)},
             distributions=self.dists, value=self._y(start_value)))
         self.pending: list[optuna.trial.Trial] = []
-        self.round_size = 1
+        self.batch, self.batches_per_round = 1, 4 + int(3 * math.log(len(x0)))
 
     def _y(self, value: float) -> float:
         return math.asinh(value / self.scale)
@@ -151,32 +152,23 @@ def refine_grid(ctx: SearchContext, nfe: int) -> None:
 
 def _round(ctx: SearchContext, nfe: int, arm: _Arm) -> bool:
     """One round of `arm`; False when the budget ran out before all of it was evaluated."""
-    found_all, fresh, new = True, 0, math.inf
-    for _ in range(_asks_per_round(arm.opt)):
-        xs = [arm.opt.ask() for _ in range(arm.opt.round_size)]
+    fresh, new = 0, math.inf
+    for _ in range(arm.opt.batches_per_round):
+        xs = [arm.opt.ask() for _ in range(arm.opt.batch)]
         scheds = [ctx.space.with_grid(arm.start, x) for x in xs]
         # ctx.evaluate drops copies and what the study already holds; those are told their stored value.
         done = ctx.evaluate([Candidate(s, source="refine", generation=arm.rounds + 1) for s in scheds], nfe)
         found = [ctx.ledger.done.get(chash(s)) for s in scheds]
         if any(e is None for e in found):
-            found_all = False
-            break
+            return False
         values = [e.value if e.ok else ctx.worst(nfe) for e in found]
         arm.opt.tell(list(zip(xs, values)))
         fresh += len(done)
-        new = min(new, min(values))
+        new = min(new, *values)
         if ctx.remaining(nfe) <= 0:
             break
-    if not found_all:
-        return False
     arm.rounds += 1
     arm.gain = (arm.best - new) / max(abs(arm.best), 1e-12) if new < arm.best else 0.0
     arm.best = min(arm.best, new)
     arm.stale = 0 if fresh else arm.stale + 1
     return True
-
-
-def _asks_per_round(opt: _Optimiser) -> int:
-    """One CMA-ES generation; for the GP as many single steps as a CMA-ES generation has in this dimension
-    (4 + 3 ln d), so the arms' rounds are compared over the same number of evaluations."""
-    return 4 + int(3 * math.log(len(opt.dists))) if isinstance(opt, _Gp) else 1
