@@ -94,7 +94,7 @@ def search_errors(body: JobCreate) -> list[dict[str, Any]]:
         if key in body.options:
             return [_err(f"options.{key}", f"options.{key} is set by the server, not by a request")]
     try:
-        from s3search.runner import config_from_spec
+        from studies.runner import config_from_spec
         from s3search.search.run import check_config
     except ImportError:
         return []

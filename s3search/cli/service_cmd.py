@@ -79,7 +79,7 @@ def runner(database_url: Optional[str] = _db_option(),
 
     from api.settings import Settings
 
-    from ..runner import Runner, RunnerOptions, evaluator_factory
+    from studies.runner import Runner, RunnerOptions, evaluator_factory
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings(**({"database_url": database_url} if database_url else {}))

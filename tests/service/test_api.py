@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api import Settings, create_app
-from s3search.runner import Runner, RunnerOptions
+from studies.runner import Runner, RunnerOptions
 from studies.keys import create_key
 
 from .fakes import candidate, fake_search

@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import TrialState
 from sqlalchemy import update
 
-from s3search.runner import Runner, RunnerOptions, config_from_spec
+from studies.runner import Runner, RunnerOptions, config_from_spec
 from studies import jobs as repo
 from studies.db import utcnow
 from studies.models import Job

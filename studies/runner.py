@@ -19,25 +19,25 @@ from typing import Any, Callable, Optional
 
 import optuna
 
-from studies import jobs as repo
-from studies.db import make_engine, make_session_factory
-from studies.migrate import upgrade
-from studies.models import Job
-from studies.optuna_storage import optuna_storage
+from s3search.evaluation.base import Evaluator
+from s3search.search.config import Progress, SearchConfig, SearchResult
 
-from .evaluation.base import Evaluator
-from .search.config import Progress, SearchConfig, SearchResult
+from . import jobs as repo
+from .db import make_engine, make_session_factory
+from .migrate import upgrade
+from .models import Job
+from .optuna_storage import optuna_storage
 
 __all__ = ["RunnerOptions", "Runner", "config_from_spec", "SearchFn", "evaluator_factory"]
 
-log = logging.getLogger("s3search.runner")
+log = logging.getLogger("studies.runner")
 
 SearchFn = Callable[..., SearchResult]     # run_search(config, study, *, evaluator, progress, should_stop)
 EvaluatorFactory = Callable[[SearchConfig], Optional[Evaluator]]
 
 
 def _default_search() -> SearchFn:
-    from .search.run import run_search
+    from s3search.search.run import run_search
     return run_search
 
 
@@ -49,18 +49,18 @@ def evaluator_factory(kind: str, sessions: Any = None) -> EvaluatorFactory:
         raise ValueError(f"evaluator={kind!r} must be local or ray")
 
     def make(config: SearchConfig) -> Evaluator:
-        from .search.context import check_options
-        from .search.run import default_evaluator
+        from s3search.search.context import check_options
+        from s3search.search.run import default_evaluator
 
         options = check_options(dict(config.options))
         if kind == "ray":
-            from .distributed import RayEvaluator
+            from s3search.distributed import RayEvaluator
             inner: Evaluator = RayEvaluator(factory_kwargs=options.get("evaluator") or {})
         else:
             inner = default_evaluator(options)
         if sessions is None:
             return inner
-        from studies.cache import CachedEvaluator
+        from .cache import CachedEvaluator
         return CachedEvaluator(inner, sessions)
 
     return make
