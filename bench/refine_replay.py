@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from s3search.models import registry  # noqa: E402
 from s3search.search.context import SearchContext  # noqa: E402
 from s3search.search.refine import refine_budget, refine_grid  # noqa: E402
-from s3search.search.run import (_test_scores, _validated_best, build_space, check_config,  # noqa: E402
+from s3search.search.run import (_test_scores, _validated_best, build_space,  # noqa: E402
                                  default_evaluator, run_search)
 from s3search.search.study import Ledger  # noqa: E402
 from s3search.evaluation.base import EvalRequest  # noqa: E402
@@ -51,7 +51,7 @@ def _searched_study(args) -> optuna.Study:
 def replay(args, trials: list, policy: dict, draw: int) -> tuple[float, float, float]:
     """(search, validation, test) value of the winner after one refinement draw under `policy`."""
     config = one_search_config(args, **policy)
-    options = check_config(config)
+    options = config.options
     model = registry.get(config.model)
     keep = refine_budget(options, config.budget)
     study = optuna.create_study(direction="minimize")

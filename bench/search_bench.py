@@ -416,7 +416,7 @@ def main() -> None:
                     help="quality: a 1000-step value measured earlier at the same --n-test and --seed")
     ap.add_argument("--methods", nargs="*", default=None, help="efficiency: only these methods")
     ap.add_argument("--option", action="append", default=[], type=_option, metavar="KEY=JSON",
-                    help="a search option (s3search.search.context.OPTION_DEFAULTS), e.g. init_random=10; repeatable")
+                    help="a search option (s3search.search.options.SearchOptions), e.g. init_random=10; repeatable")
     ap.add_argument("--redo", default="", type=lambda s: [int(x) for x in s.split(",") if x],
                     help="quality: rerun these NFE")
     args = ap.parse_args()

@@ -206,10 +206,16 @@ def test_several_nfe_and_stop(tmp_path):
     ({"options": {"refine_method": "bfgs"}}, "options.refine_method"),
     ({"options": {"refine_box": 0}}, "options.refine_box"),
 ])
-def test_bad_configs_raise_value_errors(tmp_path, change, field):
-    cfg = dataclasses.replace(config(10), **change)
-    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        run_search(cfg, new_study(tmp_path), evaluator=GaussianEvaluator())
+def test_bad_configs_raise_value_errors_naming_the_field(change, field):
+    from s3search.search.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as info:
+        dataclasses.replace(config(10), **change)
+    assert field in info.value.fields
+    with pytest.raises(ConfigError) as again:          # the same check whichever way the config is built
+        SearchConfig.from_dict({**config(10).to_dict(), **{k: list(v) if isinstance(v, tuple) else v
+                                                            for k, v in change.items()}})
+    assert field in again.value.fields
 
 
 def test_command_line_runs_end_to_end_with_the_local_evaluator(tmp_path):
@@ -340,13 +346,13 @@ def test_the_leading_structure_keeps_every_other_pick():
 
 
 def test_niches_default_to_off_when_baselines_seed_the_search_and_on_when_not():
-    from s3search.search.context import OPTION_DEFAULTS
+    from s3search.search.options import SearchOptions
     from s3search.search.s3 import niche_factor
 
-    assert niche_factor(OPTION_DEFAULTS) == 1.0
-    assert niche_factor({**OPTION_DEFAULTS, "seed_baselines": False}) == 3.0
-    assert niche_factor({**OPTION_DEFAULTS, "seed_baselines": False, "niche_within": 1}) == 1.0
-    assert niche_factor({**OPTION_DEFAULTS, "niche_within": 1.5}) == 1.5
+    assert niche_factor(SearchOptions()) == 1.0
+    assert niche_factor(SearchOptions(seed_baselines=False)) == 3.0
+    assert niche_factor(SearchOptions(seed_baselines=False, niche_within=1)) == 1.0
+    assert niche_factor(SearchOptions(niche_within=1.5)) == 1.5
 
 
 @pytest.mark.parametrize("method", ["cmaes", "gp"])

@@ -58,8 +58,8 @@ def search(
     import optuna
 
     from ..models import registry
-    from ..search.config import Progress, SearchConfig
-    from ..search.run import run_search
+    from ..search.config import ConfigError, Progress, SearchConfig, SearchFailed
+    from ..search.run import preflight, run_search
 
     nfes = _parse_nfe(nfe)
     try:
@@ -69,15 +69,21 @@ def search(
     if not isinstance(opts, dict):
         raise typer.BadParameter("--options must be a JSON object")
     try:
-        spec = registry.get(model)
+        registry.get(model)
     except KeyError as e:
         raise typer.BadParameter(str(e))
-    metric = metric or spec.default_metric
+    try:
+        config = preflight(SearchConfig.from_dict(
+            {"model": model, "nfe": list(nfes), "metric": metric, "n_samples": n_samples,
+             "n_test_samples": n_test_samples, "budget": budget, "method": method, "predictor": predictor,
+             "seed": seed, "options": opts}))
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    metric = config.metric
     name = study_name or f"{model}-nfe{'_'.join(map(str, nfes))}-{method}-{metric}-seed{seed}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True)
-    config = SearchConfig(model=model, nfe=nfes, metric=metric, n_samples=n_samples, n_test_samples=n_test_samples,
-                          budget=budget, method=method, predictor=predictor, seed=seed, options=opts)
     start = time.perf_counter()
 
     def progress(p: Progress) -> None:
@@ -92,6 +98,9 @@ def search(
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    except SearchFailed as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
     per_nfe = getattr(result, "per_nfe", None) or {nfes[0]: result}
     typer.echo(f"study {name!r} in {storage}: {result.evaluations} evaluations, metric {metric}")
     for n, r in sorted(per_nfe.items()):

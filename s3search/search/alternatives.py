@@ -28,7 +28,7 @@ SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
 
 def run_random(ctx: SearchContext, nfe: int) -> None:
     """Random valid schedules from the space (the same distribution S³ seeds with)."""
-    k = int(ctx.options["batch_size"])
+    k = int(ctx.options.batch_size)
     misses = 0
     while ctx.remaining(nfe) > 0 and not ctx.stopped() and misses < 50:
         done = ctx.evaluate([Candidate(ctx.space.random(ctx.rng, nfe), source="random") for _ in range(k)], nfe)
@@ -58,7 +58,7 @@ def run_optuna(ctx: SearchContext, nfe: int, method: str) -> None:
     if method not in SAMPLERS:
         raise ValueError(f"method={method!r} must be one of {', '.join(SAMPLERS)}")
     shadow, dists = _shadow(ctx, nfe, method)
-    k = int(ctx.options["batch_size"]) if method == "tpe" else 1
+    k = int(ctx.options.batch_size) if method == "tpe" else 1
     stale = 0
     while ctx.remaining(nfe) > 0 and not ctx.stopped() and stale < 200:
         batch = []

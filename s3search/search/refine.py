@@ -33,6 +33,7 @@ from cmaes import CMA
 
 from ..schedule import SolverSchedule
 from .context import SearchContext
+from .options import SearchOptions
 from .study import Candidate, chash
 
 __all__ = ["refine_budget", "refine_grid", "refine_starts"]
@@ -40,9 +41,9 @@ __all__ = ["refine_budget", "refine_grid", "refine_starts"]
 _STALE_ROUNDS = 20   # an arm that many rounds without one new evaluation is done
 
 
-def refine_budget(options: dict, budget: int) -> int:
+def refine_budget(options: SearchOptions, budget: int) -> int:
     """Evaluations of an NFE's `budget` kept for grid refinement (`refine_share` of it, rounded)."""
-    return int(round(float(options["refine_share"]) * budget))
+    return int(round(float(options.refine_share) * budget))
 
 
 def refine_starts(ctx: SearchContext, nfe: int, n: int) -> list[tuple[SolverSchedule, float]]:
@@ -67,9 +68,9 @@ class _Optimiser(Protocol):
 class _Cma:
     """CMA-ES; one round is one generation (told together)."""
 
-    def __init__(self, x0: np.ndarray, bounds: np.ndarray, options: dict, seed: int) -> None:
-        pop = options["refine_population"]
-        self.opt = CMA(mean=x0, sigma=float(options["refine_sigma"]), bounds=bounds, seed=seed,
+    def __init__(self, x0: np.ndarray, bounds: np.ndarray, options: SearchOptions, seed: int) -> None:
+        pop = options.refine_population
+        self.opt = CMA(mean=x0, sigma=float(options.refine_sigma), bounds=bounds, seed=seed,
                        population_size=int(pop) if pop else None)
         self.batch, self.batches_per_round = self.opt.population_size, 1
 
@@ -86,8 +87,8 @@ class _Gp:
     zero and below for metrics that reach them. One round is as many single steps as a CMA-ES generation has in
     this dimension (4 + 3 ln d), so the arms' rounds are compared over the same number of evaluations."""
 
-    def __init__(self, x0: np.ndarray, bounds: np.ndarray, options: dict, seed: int, start_value: float) -> None:
-        half = float(options["refine_box"])
+    def __init__(self, x0: np.ndarray, bounds: np.ndarray, options: SearchOptions, seed: int, start_value: float) -> None:
+        half = float(options.refine_box)
         lo, hi = np.maximum(bounds[:, 0], x0 - half), np.minimum(bounds[:, 1], x0 + half)
         self.dists = {f"x{i}": optuna.distributions.FloatDistribution(float(a), float(b))
                       for i, (a, b) in enumerate(zip(lo, hi))}
@@ -129,7 +130,7 @@ class _Arm:
 def _optimiser(ctx: SearchContext, start: SolverSchedule, value: float) -> _Optimiser:
     x0, bounds = ctx.space.grid_vector(start)
     seed = int(ctx.rng.integers(2**31 - 1))
-    if ctx.options["refine_method"] == "gp":
+    if ctx.options.refine_method == "gp":
         return _Gp(x0, bounds, ctx.options, seed, value)
     return _Cma(x0, bounds, ctx.options, seed)
 
@@ -137,7 +138,7 @@ def _optimiser(ctx: SearchContext, start: SolverSchedule, value: float) -> _Opti
 def refine_grid(ctx: SearchContext, nfe: int) -> None:
     """Spend the NFE's remaining budget on the grids of its best evaluated schedules, one arm for the best of
     each of the `refine_arms` best structures."""
-    arms = [_Arm(s, _optimiser(ctx, s, v), v) for s, v in refine_starts(ctx, nfe, int(ctx.options["refine_arms"]))]
+    arms = [_Arm(s, _optimiser(ctx, s, v), v) for s, v in refine_starts(ctx, nfe, int(ctx.options.refine_arms))]
     while ctx.remaining(nfe) > 0 and not ctx.stopped():
         live = [a for a in arms if a.stale < _STALE_ROUNDS]
         if not live:

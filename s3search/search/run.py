@@ -26,14 +26,13 @@ from ..schedule import SolverSchedule
 from ..space import SearchSpace, SpaceOptions
 from . import baselines_seed
 from .alternatives import run_optuna, run_random
-from .config import ProgressFn, SearchConfig, SearchResult, StopFn
-from .context import SearchContext, check_options
+from .config import METHODS, ConfigError, ProgressFn, SearchConfig, SearchFailed, SearchResult, StopFn
+from .context import SearchContext
+from .options import SearchOptions
 from .s3 import run_s3
 from .study import AnySchedule, Candidate, Evaluated, Ledger, chash
 
-__all__ = ["run_search", "METHODS", "MultiNFEResult", "check_config", "build_space", "default_evaluator"]
-
-METHODS = ("s3", "random", "tpe", "cmaes")
+__all__ = ["run_search", "METHODS", "MultiNFEResult", "preflight", "build_space", "default_evaluator"]
 
 
 @dataclass(frozen=True)
@@ -44,37 +43,44 @@ class MultiNFEResult(SearchResult):
     stopped: bool = False
 
 
-def check_config(config: SearchConfig) -> dict[str, Any]:
-    if config.method not in METHODS:
-        raise ValueError(f"method={config.method!r} must be one of {', '.join(METHODS)}")
-    if config.method == "s3" and config.predictor not in predictors.names():
-        raise ValueError(f"predictor={config.predictor!r} must be one of {', '.join(predictors.names())}")
-    if isinstance(config.budget, bool) or not isinstance(config.budget, int) or config.budget < 1:
-        raise ValueError(f"budget={config.budget!r} must be a positive integer")
-    if not config.nfe or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in config.nfe):
-        raise ValueError(f"nfe={config.nfe!r} must be one or more positive integers")
-    if config.budget < len(set(config.nfe)):
-        raise ValueError(f"budget={config.budget} is below one evaluation per NFE ({len(set(config.nfe))})")
-    for name in ("n_samples", "n_test_samples"):
-        v = getattr(config, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 2:
-            raise ValueError(f"{name}={v!r} must be an integer >= 2")
-    return check_options(dict(config.options))
+def preflight(config: SearchConfig) -> SearchConfig:
+    """Everything a runner will need, checked before any work: the model, its metric, the space and the
+    predictor. Returns the config with the model's defaults filled in; raises ConfigError naming the field
+    (KeyError for an unknown model). The API calls this at submission, so an accepted job is one that runs."""
+    from ..models import registry
+
+    model = registry.get(config.model)
+    config = config.with_model_defaults(model.default_metric)
+    problem = registry.metric_error(config.model, config.metric)
+    if problem:
+        raise ConfigError.one("metric", problem)
+    try:
+        build_space(config, model.process.name, config.options,
+                    has_data_mean=getattr(model.denoiser, "data_mean", None) is not None)
+    except ValueError as e:
+        field = "options.space" if config.options.space else "options.t_max"
+        raise ConfigError.one(field, f"{field}: the search space cannot be built: {e}") from None
+    if config.method == "s3":
+        try:
+            predictors.get(config.predictor, **dict(config.options.predictor_params))
+        except (TypeError, ValueError) as e:
+            raise ConfigError.one("options.predictor_params", f"options.predictor_params: {e}") from None
+    return config
 
 
-def build_space(config: SearchConfig, process: str | processes.NoiseProcess, options: dict[str, Any],
+def build_space(config: SearchConfig, process: str | processes.NoiseProcess, options: SearchOptions,
                 has_data_mean: bool = False) -> SearchSpace:
-    space_opts = dict(options.get("space") or {})
+    space_opts = dict(options.space)
     if has_data_mean and "first_steps" not in space_opts:
         space_opts["first_steps"] = ("model", "zero-x0", "mean-x0")
-    return SearchSpace(process, sorted(set(config.nfe)), t_min=options.get("t_min"), t_max=options.get("t_max"),
+    return SearchSpace(process, sorted(set(config.nfe)), t_min=options.t_min, t_max=options.t_max,
                        options=SpaceOptions.from_dict(space_opts))
 
 
-def default_evaluator(options: dict[str, Any]) -> Evaluator:
+def default_evaluator(options: SearchOptions) -> Evaluator:
     from ..evaluation.local import LocalEvaluator
 
-    return LocalEvaluator(**dict(options.get("evaluator") or {}))
+    return LocalEvaluator(**dict(options.evaluator))
 
 
 def _budgets(config: SearchConfig) -> dict[int, int]:
@@ -83,34 +89,47 @@ def _budgets(config: SearchConfig) -> dict[int, int]:
     return {n: share + (1 if i < extra else 0) for i, n in enumerate(nfes)}
 
 
+def _final_work(config: SearchConfig) -> float:
+    """Validation and test work of the whole job, in search evaluations (a sample costs the same on any split):
+    an estimate for Progress.fraction, made before the number of distinct candidates is known."""
+    o = config.options
+    n_val = o.validation_samples or config.n_test_samples
+    validated = o.validate_top + o.validate_baselines if o.validate_top > 0 else 0
+    tested = 1 + (len(o.baselines or baseline_registry.names()) if o.test_baselines else 0)
+    per_nfe = (validated * n_val + tested * config.n_test_samples) / config.n_samples
+    return per_nfe * len(set(config.nfe))
+
+
 def _seed_baselines(ctx: SearchContext, nfe: int, process: str) -> None:
     o = ctx.options
-    cap = max(0, int(o["max_seed_fraction"] * ctx.budgets[nfe]))
+    cap = max(0, int(o.max_seed_fraction * ctx.budgets[nfe]))
     t_start, t_end = ctx.space.t_max, ctx.space.t_min
-    _seed_stage(ctx, nfe, cap, baselines_seed.conventional(nfe, process, names=o["baselines"], t_start=t_start,
+    _seed_stage(ctx, nfe, cap, baselines_seed.conventional(nfe, process, names=o.baselines, t_start=t_start,
                                                             t_end=t_end))
     best = baselines_seed.best_per_baseline(ctx.ledger.done.values(), nfe)
-    top = [name for name, _ in sorted(best.items(), key=lambda kv: kv[1].value)][: int(o["top_baselines_on_grids"])]
-    grids = tuple(o["baseline_grids"] or baselines_seed.SEED_GRIDS)
+    top = [name for name, _ in sorted(best.items(), key=lambda kv: kv[1].value)][: o.top_baselines_on_grids]
+    grids = tuple(o.baseline_grids or baselines_seed.SEED_GRIDS)
     _seed_stage(ctx, nfe, cap, baselines_seed.on_grids(top, nfe, process, grid_names=grids, t_start=t_start,
                                                         t_end=t_end))
     # Stage 3: every baseline on the grids that served the best ones: a grid that lifts one method often lifts
     # others the conventional-grid ranking left out (gmm-64d NFE 5: iPNDM on AYS-SDXL 0.23, on its own grid
     # outside the top five).
-    best_grids = baselines_seed.best_grids(ctx.ledger.done.values(), nfe)[: int(o["baseline_spread_grids"])]
-    _seed_stage(ctx, nfe, cap, baselines_seed.on_grids(o["baselines"] or baseline_registry.names(), nfe, process,
+    best_grids = baselines_seed.best_grids(ctx.ledger.done.values(), nfe)[: o.baseline_spread_grids]
+    _seed_stage(ctx, nfe, cap, baselines_seed.on_grids(o.baselines or baseline_registry.names(), nfe, process,
                                                         grid_names=best_grids, t_start=t_start, t_end=t_end))
 
 
 def _seed_stage(ctx: SearchContext, nfe: int, cap: int, candidates: list[Candidate]) -> None:
     """Enqueue one seeding stage within what is left of the seed cap, and evaluate it."""
+    if ctx.stopped():   # queue nothing after a stop: it would be left WAITING in the study
+        return
     spent = sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source == "baseline")
     ctx.ledger.enqueue(candidates[: max(0, cap - spent)])
     _drain(ctx, nfe, cap)
 
 
 def _drain(ctx: SearchContext, nfe: int, cap: int) -> None:
-    batch = max(1, int(ctx.options["batch_size"]))
+    batch = ctx.options.batch_size
     while not ctx.stopped():
         spent = sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source == "baseline")
         n = min(batch, cap - spent, ctx.remaining(nfe))
@@ -118,20 +137,21 @@ def _drain(ctx: SearchContext, nfe: int, cap: int) -> None:
             return
         if not ctx.ledger.run_queue(n):
             return
+        ctx.fail_if_hopeless()
         ctx.report(f"nfe={nfe}: baselines")
 
 
 def _load_warm(ctx: SearchContext, study: optuna.Study) -> None:
-    spec = ctx.options.get("warm_start")
-    if not spec:
+    spec = ctx.options.warm_start
+    if spec is None:
         return
     from predictors.warm_start import load_pairs
 
     backend = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 (the same DB by default)
-    storage = spec.get("storage") or getattr(backend, "url", None)
+    storage = spec.storage or getattr(backend, "url", None)
     if storage is None:
         raise ValueError("options.warm_start.storage is required when the study is not on an RDB storage")
-    names = [n for n in spec.get("studies", []) if n != study.study_name]
+    names = [n for n in spec.studies if n != study.study_name]
     pairs = load_pairs(storage, names, model=ctx.config.model)
     # Group ids >= 10_000 mark outside pairs: compared only among themselves (same study, same NFE).
     ctx.warm_pairs = [(p.schedule, p.value, 10_000 * (1 + names.index(p.study)) + p.schedule.nfe) for p in pairs]
@@ -158,6 +178,8 @@ def _test_scores(ctx: SearchContext, study: optuna.Study, nfe: int, best: AnySch
     want = {"searched:" + chash(best): best}
     want.update({"baseline:" + name: s for name, s in baselines.items()})
     cached = _score_missing(ctx, dict(entry.get("values", {})), want, req)
+    ctx.final_done += len(want) * cfg.n_test_samples / cfg.n_samples
+    ctx.report(f"nfe={nfe}: test split scored ({len(want)} schedules)")
     entry["values"] = cached
     entry["best_schedule"] = best.to_json()
     entry["baseline_schedules"] = {name: s.to_json() for name, s in baselines.items()}
@@ -203,7 +225,7 @@ def _validated_best(ctx: SearchContext, study: optuna.Study, nfe: int) -> tuple[
     most of that selection noise, and the test split stays untouched for the final report. Scores are stored in
     the study's user attributes ("validation") and reused on resume; like test scores they are not trials.
     """
-    cfg, k = ctx.config, int(ctx.options["validate_top"])
+    cfg, k = ctx.config, ctx.options.validate_top
     ranked = sorted((e for e in ctx.ledger.done.values() if e.nfe == nfe and e.ok), key=lambda e: e.value)
     if k <= 0 or len(ranked) < 2:
         return ranked[0], math.nan
@@ -211,12 +233,14 @@ def _validated_best(ctx: SearchContext, study: optuna.Study, nfe: int) -> tuple[
     # again on fresh ones to be named the winner.
     strong = sorted(baselines_seed.best_per_baseline(ranked, nfe).values(), key=lambda e: e.value)
     mine = distinct_top(ranked, k, ctx.space.process.lambda_)
-    top = list({chash(e.schedule): e for e in mine + strong[: int(ctx.options["validate_baselines"])]}.values())
-    n = int(ctx.options["validation_samples"] or cfg.n_test_samples)
+    top = list({chash(e.schedule): e for e in mine + strong[: ctx.options.validate_baselines]}.values())
+    n = ctx.options.validation_samples or cfg.n_test_samples
     stored = dict(study.user_attrs.get("validation", {}))
     before = dict(stored.get(str(nfe), {}))
     req = EvalRequest(cfg.model, cfg.metric, n, cfg.seed, "validation")
+    ctx.report(f"nfe={nfe}: validating the top {len(top)} on fresh seeds")
     cached = _score_missing(ctx, dict(before), {chash(e.schedule): e.schedule for e in top}, req)
+    ctx.final_done += len(top) * n / cfg.n_samples
     if cached != before:
         stored[str(nfe)] = cached
         study.set_user_attr("validation", stored)
@@ -229,11 +253,12 @@ def _validated_best(ctx: SearchContext, study: optuna.Study, nfe: int) -> tuple[
 
 
 def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluator | None = None,
-               progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> SearchResult:
-    options = check_config(config)
+               progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> MultiNFEResult:
     from ..models import registry
 
     model = registry.get(config.model)
+    config = config.with_model_defaults(model.default_metric)
+    options = config.options
     process = model.process.name
     space = build_space(config, process, options, has_data_mean=getattr(model.denoiser, "data_mean", None) is not None)
     evaluator = evaluator if evaluator is not None else default_evaluator(options)
@@ -247,12 +272,13 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
     ctx = SearchContext(config=config, options=options, space=space, ledger=ledger,
                         rng=np.random.default_rng([config.seed, ledger.count]), budgets=_budgets(config),
                         progress_fn=progress, should_stop=should_stop)
+    ctx.final_work = _final_work(config)
     _load_warm(ctx, study)
     if ledger.count:
         ctx.report(f"resumed with {ledger.count} evaluations")
 
     for nfe in sorted(set(config.nfe)):
-        if options["seed_baselines"]:
+        if options.seed_baselines:
             _seed_baselines(ctx, nfe, process)
         if config.method == "s3":
             run_s3(ctx, nfe)
@@ -277,14 +303,14 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
             test, base = math.nan, {}
         else:
             test, base = _test_scores(ctx, study, nfe, best.schedule,
-                                      chosen if options["test_baselines"] else {})
+                                      chosen if options.test_baselines else {})
         per_nfe[nfe] = SearchResult(best=best.schedule, best_value=best.value, test_value=test, baselines=base,
                                     evaluations=sum(1 for e in ledger.done.values() if e.nfe == nfe),
                                     validation_value=validation)
     if not per_nfe:
-        raise RuntimeError("no schedule was evaluated successfully; see the trials' error attributes")
+        raise SearchFailed("no schedule was evaluated successfully; see the trials' error attributes")
     first = per_nfe.get(config.nfe[0]) or next(iter(per_nfe.values()))
-    ctx.report("stopped" if stopped else "done")
+    ctx.report("stopped" if stopped else "done", done=not stopped)
     return MultiNFEResult(best=first.best, best_value=first.best_value, test_value=first.test_value,
                           baselines=first.baselines, evaluations=ledger.count, per_nfe=per_nfe, stopped=stopped,
                           validation_value=first.validation_value)

@@ -19,6 +19,7 @@ from predictors.base import kendall_tau
 from ..schedule import SolverSchedule
 from ..space import SearchSpace
 from .context import SearchContext
+from .options import SearchOptions
 from .refine import refine_budget, refine_grid
 from .study import Candidate, chash
 
@@ -87,7 +88,7 @@ def fit_predictor(ctx: SearchContext, holdout: float = 0.2) -> Optional[predicto
         groups.append(g)
     if sum(math.isfinite(v) for v in values) < 4:
         return None
-    params = dict(ctx.options["predictor_params"])
+    params = dict(ctx.options.predictor_params)
     params.setdefault("seed", ctx.config.seed)
     own = [i for i, g in enumerate(groups) if g < 10_000]
     if holdout > 0 and len(own) >= 20:
@@ -213,7 +214,7 @@ def direct_neighbours(space: SearchSpace, elites: Sequence[SolverSchedule], rng:
     return [(s, math.nan) for s in out.values()]
 
 
-def niche_factor(options: dict) -> float:
+def niche_factor(options: SearchOptions) -> float:
     """`niche_within`, or its default: off when the baselines seed the search, 3 when they do not.
 
     Seeded, the search starts in the best known basin and a budget of 200 is best spent there (gmm-64d NFE 5:
@@ -221,9 +222,9 @@ def niche_factor(options: dict) -> float:
     schedules pick the basin, and S³ stayed in a poor one in one seed of three (0.569 after 200 evaluations);
     with niches at 3 it reached 0.224 / 0.187 / 0.226 for seeds 0 / 1 / 2 (docs/bench/search.md).
     """
-    if options.get("niche_within") is not None:
-        return float(options["niche_within"])
-    return 1.0 if options.get("seed_baselines", True) else 3.0
+    if options.niche_within is not None:
+        return float(options.niche_within)
+    return 1.0 if options.seed_baselines else 3.0
 
 
 def niches(ranked: Sequence[SolverSchedule], values: Sequence[float], within: float
@@ -321,8 +322,8 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
     # evaluation kept from seeding goes to the loop, which helps a budget-200 search most (gmm-64d NFE 5,
     # seeds 0 / 1: excess ratio 0.53 / 0.60 with 20 random seeds and stage 3 on two grids, 0.07 / 0.28 with 10
     # and one; docs/bench/search.md).
-    init = o["init_random"] if o["init_random"] is not None else max(8, ctx.budgets[nfe] // 20)
-    seed_variants(ctx, nfe, int(o["variants_of_best"]))
+    init = o.init_random if o.init_random is not None else max(8, ctx.budgets[nfe] // 20)
+    seed_variants(ctx, nfe, int(o.variants_of_best))
     seed_random(ctx, nfe, init)
     generation = 0
     last_batch: list[tuple[float, float]] = []
@@ -330,8 +331,8 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
     while ctx.remaining(nfe) > keep and not ctx.stopped():
         predictor = fit_predictor(ctx)
         if predictor is None:   # too few successful evaluations to learn from: explore at random
-            seed_random(ctx, nfe, init + ctx.options["batch_size"])
-            init += ctx.options["batch_size"]
+            seed_random(ctx, nfe, init + ctx.options.batch_size)
+            init += ctx.options.batch_size
             continue
         ranked_done = ctx.ranked_in_space(nfe)
         ranked_scheds, ranked_values = [e.schedule for e in ranked_done], [e.value for e in ranked_done]
@@ -339,13 +340,13 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
         close = niches(ranked_scheds, ranked_values, within)
         elites = niche_elites(ranked_scheds, close, 16)
         exclude = set(ctx.ledger.done)
-        ranked = evolve(ctx.space, predictor, elites, nfe, ctx.rng, population=int(o["population"]),
-                        children=int(o["children"]), generations=int(o["generations"]), exclude=exclude)
-        local = local_pool(ctx.space, predictor, elites[:8], ctx.rng, 2 * int(o["children"]), exclude)
-        k = min(int(o["batch_size"]), ctx.remaining(nfe) - keep)
-        n_direct = min(k - 1, int(round(float(o["direct"]) * k))) if k > 1 else 0
+        ranked = evolve(ctx.space, predictor, elites, nfe, ctx.rng, population=int(o.population),
+                        children=int(o.children), generations=int(o.generations), exclude=exclude)
+        local = local_pool(ctx.space, predictor, elites[:8], ctx.rng, 2 * int(o.children), exclude)
+        k = min(int(o.batch_size), ctx.remaining(nfe) - keep)
+        n_direct = min(k - 1, int(round(float(o.direct) * k))) if k > 1 else 0
         local = _by_structure_in_turn(local, [_structure(g[0]) for g in close])
-        picks = _choose(local, ranked, k - n_direct, float(o["explore"]))
+        picks = _choose(local, ranked, k - n_direct, float(o.explore))
         parents, share = ([g[0] for g in close], 0.5) if len(close) > 1 else (elites[:2], 0.7)
         picks += direct_neighbours(ctx.space, parents, ctx.rng, n_direct, exclude | {chash(s) for s, _ in picks},
                                    first_share=share)

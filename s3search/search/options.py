@@ -1,0 +1,334 @@
+"""`SearchOptions`: every search option as a typed field with its bounds, checked once, here.
+
+Each field carries its rule in its metadata (`Rule`: bounds, allowed values, whether only the server may set
+it, a one-line description). `__post_init__` checks every field against its rule and raises `ConfigError`
+naming each bad field (`options.batch_size must be an integer >= 1, not 0`); the CLI, the runner and the API
+build the object with `from_dict` and store it with `to_dict`, and the API's request schema is generated from
+the same rules (`fields()`), so the bounds a client reads in the OpenAPI are the ones enforced here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from ..space import SpaceOptions
+
+__all__ = ["ConfigError", "FieldProblem", "Rule", "WarmStart", "SearchOptions", "REFINE_METHODS",
+           "option_rules"]
+
+REFINE_METHODS = ("gp", "cmaes")   # grid refinement optimisers (refine.py)
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    field: str          # dotted path from the job's root: "options.batch_size", "budget"
+    message: str
+
+
+class ConfigError(ValueError):
+    """One or more fields of a search config are invalid; `problems` names each of them."""
+
+    def __init__(self, problems: list[FieldProblem]):
+        self.problems = list(problems)
+        super().__init__("; ".join(p.message for p in self.problems))
+
+    @classmethod
+    def one(cls, field_path: str, message: str) -> "ConfigError":
+        return cls([FieldProblem(field_path, message)])
+
+    @property
+    def fields(self) -> list[str]:
+        return [p.field for p in self.problems]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The bounds and meaning of one option. `kind` is the JSON type: integer, number, boolean, string,
+    strings (a list of names), object (free JSON keyword arguments), space, warm_start."""
+
+    kind: str
+    doc: str
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+    choices: Optional[tuple[str, ...]] = None
+    nullable: bool = False
+    server_only: bool = False   # names server resources (database URLs, devices): never from a request
+
+    def bounds_text(self) -> str:
+        parts = [f">= {_num(self.ge)}" if self.ge is not None else "", f"> {_num(self.gt)}" if self.gt is not None
+                 else "", f"<= {_num(self.le)}" if self.le is not None else "",
+                 f"< {_num(self.lt)}" if self.lt is not None else ""]
+        return " and ".join(p for p in parts if p)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _opt(default: Any, kind: str, doc: str, **rule: Any) -> Any:
+    make = {"default_factory": default} if callable(default) else {"default": default}
+    return field(metadata={"rule": Rule(kind, doc, **rule)}, **make)
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """Earlier studies whose (schedule, value) pairs pre-train the predictor."""
+
+    studies: tuple[str, ...] = ()
+    storage: Optional[str] = None        # default: the study's own storage
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    space: Mapping[str, Any] = _opt(dict, "space", "SpaceOptions fields: which values each per-step choice may "
+                                    "take (first_steps unset: mean-x0 is added when the model has a data mean)")
+    t_min: Optional[float] = _opt(None, "number", "smallest time of searched schedules (default: the process's)",
+                                  gt=0, nullable=True)
+    t_max: Optional[float] = _opt(None, "number", "largest time of searched schedules (default: the process's)",
+                                  gt=0, nullable=True)
+    seed_baselines: bool = _opt(True, "boolean", "evaluate every baseline first, then the best on more grids")
+    baselines: Optional[tuple[str, ...]] = _opt(None, "strings", "restrict seeding to these baseline names",
+                                                nullable=True)
+    baseline_grids: Optional[tuple[str, ...]] = _opt(None, "strings", "grids of seeding stage 2 (default: six "
+                                                     "standard grids)", nullable=True)
+    top_baselines_on_grids: int = _opt(5, "integer", "how many stage-1 baselines go on to stage 2", ge=0, le=100)
+    baseline_spread_grids: int = _opt(1, "integer", "stage 3: every baseline on this many of the best grids",
+                                      ge=0, le=50)
+    max_seed_fraction: float = _opt(0.5, "number", "at most this share of the budget goes to baselines",
+                                    ge=0, le=1)
+    variants_of_best: int = _opt(3, "integer", "the best k baselines with every other first-step / final rule",
+                                 ge=0, le=50)
+    init_random: Optional[int] = _opt(None, "integer", "random schedules after the baselines (default: "
+                                      "max(8, budget / 20))", ge=0, le=10_000, nullable=True)
+    batch_size: int = _opt(10, "integer", "true evaluations per S3 generation", ge=1, le=1000)
+    population: int = _opt(128, "integer", "candidates kept by the predictor-scored evolution", ge=1, le=20_000)
+    children: int = _opt(128, "integer", "children per evolution generation", ge=1, le=20_000)
+    generations: int = _opt(4, "integer", "predictor-scored generations per true-evaluation round", ge=1, le=200)
+    direct: float = _opt(0.3, "number", "share of each batch drawn next to the two best without the predictor",
+                         ge=0, le=1)
+    niche_within: Optional[float] = _opt(None, "number", "structure niches: factor of the best within which "
+                                         "other structures share the local effort (default: 1, off, with "
+                                         "baselines seeded; 3 without)", ge=1, le=1e6, nullable=True)
+    refine_share: float = _opt(0.5, "number", "the last share of each NFE's budget: grid refinement", ge=0, lt=1)
+    refine_method: str = _opt("gp", "string", "grid refinement optimiser", choices=REFINE_METHODS)
+    refine_arms: int = _opt(3, "integer", "refine the best schedule of this many structures", ge=1, le=16)
+    refine_box: float = _opt(1.0, "number", "gp: half-width of the box around the start", gt=0, le=6)
+    refine_sigma: float = _opt(0.2, "number", "cmaes: initial step size (nats)", gt=0, le=5)
+    refine_population: Optional[int] = _opt(None, "integer", "cmaes: population (default: 4 + 3 ln(dimension))",
+                                            ge=2, le=1000, nullable=True)
+    explore: float = _opt(0.3, "number", "share of each batch from the freely evolved population", ge=0, le=1)
+    predictor_params: Mapping[str, Any] = _opt(dict, "object", "keyword arguments of the predictor")
+    test_baselines: bool = _opt(True, "boolean", "test-score every baseline's best grid for the final table")
+    validate_top: int = _opt(5, "integer", "the winner is the best of the top k on fresh validation seeds "
+                             "(0: the search split's best)", ge=0, le=100)
+    validate_baselines: int = _opt(3, "integer", "the best k baselines compete in the validation", ge=0, le=100)
+    validation_samples: Optional[int] = _opt(None, "integer", "samples per validation evaluation (default: "
+                                             "n_test_samples)", ge=2, le=10_000_000, nullable=True)
+    warm_start: Optional[WarmStart] = _opt(None, "warm_start", "earlier studies that pre-train the predictor",
+                                           nullable=True, server_only=True)
+    evaluator: Mapping[str, Any] = _opt(dict, "object", "LocalEvaluator keyword arguments", server_only=True)
+
+    def __post_init__(self) -> None:
+        problems: list[FieldProblem] = []
+        for f in dataclasses.fields(self):
+            message = _check(f.name, getattr(self, f.name), f.metadata["rule"])
+            if message:
+                problems.append(FieldProblem(f"options.{f.name}", message))
+        if not problems and self.t_min is not None and self.t_max is not None and self.t_min >= self.t_max:
+            problems.append(FieldProblem("options.t_max", f"options.t_max={self.t_max!r} must be above "
+                                                          f"options.t_min={self.t_min!r}"))
+        if problems:
+            raise ConfigError(problems)
+
+    # ----- documents ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, doc: Any, *, allow_server_only: bool = True) -> "SearchOptions":
+        """From JSON-like data; unknown keys, wrong types and out-of-bounds values raise ConfigError naming them."""
+        if isinstance(doc, SearchOptions):
+            return doc
+        if not isinstance(doc, Mapping):
+            raise ConfigError.one("options", f"options must be an object, not {type(doc).__name__}")
+        rules = option_rules()
+        problems = []
+        for key in doc:
+            if key not in rules:
+                problems.append(FieldProblem(f"options.{key}", f"options.{key} is not a search option (known: "
+                                             f"{', '.join(k for k, r in rules.items() if not r.server_only)})"))
+            elif rules[key].server_only and not allow_server_only:
+                problems.append(FieldProblem(f"options.{key}", f"options.{key} is set by the server, not by a "
+                                                               "request"))
+        if problems:
+            raise ConfigError(problems)
+        values: dict[str, Any] = {}
+        for key, value in doc.items():
+            try:
+                values[key] = _convert(key, value, rules[key])
+            except ConfigError as e:
+                problems += e.problems
+        if problems:
+            raise ConfigError(problems)
+        return cls(**values)
+
+    def to_dict(self, *, include_server_only: bool = True) -> dict[str, Any]:
+        """Every option as JSON data (the form `from_dict` reads back to an equal object)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.metadata["rule"].server_only and not include_server_only:
+                continue
+            out[f.name] = _to_json(getattr(self, f.name))
+        return out
+
+    def replace(self, **changes: Any) -> "SearchOptions":
+        return dataclasses.replace(self, **changes)
+
+
+def option_rules() -> dict[str, Rule]:
+    """Every option's rule, by name, in declaration order (what the API's schema is generated from)."""
+    return {f.name: f.metadata["rule"] for f in dataclasses.fields(SearchOptions)}
+
+
+def option_defaults() -> dict[str, Any]:
+    return SearchOptions().to_dict()
+
+
+# ----- checks ------------------------------------------------------------------------------------------------
+def _what(rule: Rule) -> str:
+    base = {"integer": "an integer", "number": "a finite number", "boolean": "true or false",
+            "string": "a string", "strings": "a list of names", "object": "an object"}.get(rule.kind, rule.kind)
+    if rule.choices is not None:
+        base = f"one of {list(rule.choices)}"
+    bounds = rule.bounds_text()
+    return base + (f" {bounds}" if bounds else "") + (" or null" if rule.nullable else "")
+
+
+def _check(name: str, value: Any, rule: Rule) -> str:
+    """An error message for options.<name>, or '' when the value obeys the rule."""
+    if value is None:
+        return "" if rule.nullable else f"options.{name} must be {_what(rule)}, not null"
+    ok = {"integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          "boolean": lambda v: isinstance(v, bool),
+          "string": lambda v: isinstance(v, str),
+          "strings": lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v),
+          "object": lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v),
+          "space": lambda v: isinstance(v, Mapping),
+          "warm_start": lambda v: isinstance(v, WarmStart)}[rule.kind](value)
+    if not ok or not _in_bounds(value, rule):
+        return f"options.{name} must be {_what(rule)}, not {_short(value)}"
+    if rule.choices is not None and value not in rule.choices:
+        return f"options.{name} must be {_what(rule)}, not {_short(value)}"
+    if rule.kind == "strings":
+        return _check_names(name, value)
+    if rule.kind == "object":
+        return _check_json(f"options.{name}", value)
+    if rule.kind == "space":
+        return _check_space(value)
+    return ""
+
+
+def _check_space(value: Mapping[str, Any]) -> str:
+    try:
+        SpaceOptions.from_dict(dict(value))
+    except (ValueError, TypeError) as e:
+        return f"options.space: {e}"
+    return ""
+
+
+def _in_bounds(value: Any, rule: Rule) -> bool:
+    if rule.kind not in ("integer", "number"):
+        return True
+    return ((rule.ge is None or value >= rule.ge) and (rule.gt is None or value > rule.gt)
+            and (rule.le is None or value <= rule.le) and (rule.lt is None or value < rule.lt))
+
+
+def _check_names(name: str, values: tuple[str, ...]) -> str:
+    """Baseline and grid names must be ones the library has: a typo would otherwise seed nothing silently."""
+    if name == "baselines":
+        from .. import baselines
+        known = baselines.names()
+    elif name == "baseline_grids":
+        from .. import grids
+        known = grids.names()
+    else:  # pragma: no cover - every "strings" option is listed above
+        return ""
+    if not values:
+        return f"options.{name} must not be empty (null: the default)"
+    bad = [v for v in values if v not in known]
+    return f"options.{name}: {bad[0]!r} is unknown; known: {', '.join(known)}" if bad else ""
+
+
+def _check_json(path: str, value: Any, depth: int = 0) -> str:
+    if depth > 8:
+        return f"{path} is nested too deep"
+    if value is None or isinstance(value, (bool, str, int)):
+        return ""
+    if isinstance(value, float):
+        return "" if math.isfinite(value) else f"{path}={value!r} must be finite"
+    if isinstance(value, (list, tuple)):
+        return next((m for i, v in enumerate(value) if (m := _check_json(f"{path}[{i}]", v, depth + 1))), "")
+    if isinstance(value, Mapping):
+        return next((m for k, v in value.items() if (m := _check_json(f"{path}.{k}", v, depth + 1))), "")
+    return f"{path} holds a {type(value).__name__}, which is not JSON"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ----- conversion from and to JSON data ----------------------------------------------------------------------
+def _convert(name: str, value: Any, rule: Rule) -> Any:
+    """JSON data to the field's Python form (lists to tuples, objects to nested dataclasses)."""
+    if value is None:
+        return None
+    if rule.kind == "strings" and isinstance(value, list):
+        return tuple(value)
+    if rule.kind == "space" and isinstance(value, Mapping):
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    if rule.kind == "warm_start":
+        if isinstance(value, WarmStart):
+            return value
+        return _warm_start(value)
+    if rule.kind == "object" and isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+def _warm_start(value: Any) -> WarmStart:
+    path = "options.warm_start"
+    if not isinstance(value, Mapping) or set(value) - {"studies", "storage"}:
+        raise ConfigError.one(path, f"{path} must be an object with 'studies' (a list of names) and optionally "
+                                    "'storage' (a URL)")
+    studies, storage = value.get("studies", []), value.get("storage")
+    if not isinstance(studies, (list, tuple)) or not all(isinstance(s, str) for s in studies):
+        raise ConfigError.one(f"{path}.studies", f"{path}.studies must be a list of study names")
+    if storage is not None and not isinstance(storage, str):
+        raise ConfigError.one(f"{path}.storage", f"{path}.storage must be a storage URL or null")
+    return WarmStart(studies=tuple(studies), storage=storage)
+
+
+def _to_json(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_to_json(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    return value
+
+
+def space_field_kinds() -> dict[str, tuple[str, Any]]:
+    """SpaceOptions' fields as (JSON kind, default), for the API's generated schema."""
+    hints = typing.get_type_hints(SpaceOptions)
+    out = {}
+    for f in dataclasses.fields(SpaceOptions):
+        hint = hints[f.name]
+        kind = {int: "integer", float: "number"}.get(hint, "strings")
+        out[f.name] = (kind, _to_json(f.default))
+    return out
