@@ -1,77 +1,129 @@
 """Request and response bodies. Responses are built from plain values, never from ORM rows directly."""
 
-from __future__ import annotations
-
-from datetime import datetime
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, StrictInt, StrictStr, StringConstraints, JsonValue
+from pydantic import (AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, StrictBool, StrictFloat, StrictInt,
+                      StrictStr, StringConstraints, create_model, field_validator)
 
-__all__ = ["METHODS", "EXPORT_FORMATS", "NfeRange", "JobCreate", "JobProgress", "JobBest", "JobLinks",
+from s3search.search.config import METHODS, Limits
+from s3search.search.options import Rule, option_defaults, option_rules, space_field_kinds
+
+__all__ = ["METHODS", "EXPORT_FORMATS", "SearchOptionsIn", "job_create_model", "JobProgress", "JobBest", "JobLinks",
            "JobPublic", "JobList", "TrialPublic", "TrialPage", "ModelList", "BaselineList", "Options",
            "ErrorItem", "ErrorBody"]
 
-METHODS = ("s3", "random", "tpe", "cmaes")
 EXPORT_FORMATS = ("json", "diffusers", "k-diffusion", "comfyui")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
 
 
-class NfeRange(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    min: StrictInt = Field(..., description="smallest NFE, inclusive")
-    max: StrictInt = Field(..., description="largest NFE, inclusive")
+def _option_type(name: str, rule: Rule) -> Any:
+    """The pydantic type of one search option, with the contract's bounds (so the OpenAPI shows them)."""
+    bounds = {k: getattr(rule, k) for k in ("ge", "gt", "le", "lt") if getattr(rule, k) is not None}
+    if rule.kind == "integer":
+        base: Any = Annotated[StrictInt, Field(**bounds)]
+    elif rule.kind == "number":
+        base = Annotated[Union[StrictInt, StrictFloat], Field(**bounds)]
+    elif rule.kind == "boolean":
+        base = StrictBool
+    elif rule.kind == "string":
+        base = Literal[rule.choices] if rule.choices else StrictStr   # type: ignore[valid-type]
+    elif rule.kind == "strings":
+        base = Annotated[list[StrictStr], Field(min_length=1, max_length=256)]
+    elif rule.kind == "space":
+        base = SpaceOptionsIn
+    else:
+        base = dict[OptionKey, JsonValue]
+    return Optional[base] if rule.nullable else base
+
+
+def _space_type(kind: str) -> Any:
+    return {"integer": StrictInt, "number": Union[StrictInt, StrictFloat]}.get(
+        kind, Annotated[list[StrictStr], Field(max_length=64)])
 
 
 OptionKey = Annotated[StrictStr, StringConstraints(pattern=NAME_PATTERN)]
-# Search options (s3search.search.context.OPTION_DEFAULTS): any JSON; the key set and values are checked by
-# the search's own validator at submission. The body size limit bounds their size.
-OptionValue = JsonValue
+
+# Generated from s3search.space.SpaceOptions: types here, values checked by SpaceOptions itself.
+SpaceOptionsIn = create_model(
+    "SpaceOptions", __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
+    **{name: (Optional[_space_type(kind)], Field(None, description=f"default {default!r}"))
+       for name, (kind, default) in space_field_kinds().items()})
+
+def _default(name: str) -> Any:
+    return option_defaults()[name]
 
 
-class JobCreate(BaseModel):
-    """A search job. Sizes are checked against the server's limits (GET /v1/options)."""
+# Generated from s3search.search.options.SearchOptions: every option a request may set, with its bounds.
+SearchOptionsIn = create_model(
+    "SearchOptions", __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
+    **{name: (_option_type(name, rule), Field(None if rule.nullable else _default(name), description=rule.doc))
+       for name, rule in option_rules().items() if not rule.server_only})
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: StrictStr = Field(..., pattern=NAME_PATTERN, description="a name from GET /v1/models")
-    nfe: Union[StrictInt, Annotated[list[StrictInt], Field(min_length=1, max_length=256)], NfeRange] = Field(
-        ..., description="one NFE, a list of NFE, or {min, max}")
-    metric: StrictStr = Field("fd", pattern=NAME_PATTERN)
-    n_samples: StrictInt = Field(1000, ge=1)
-    n_test_samples: StrictInt = Field(5000, ge=1)
-    budget: StrictInt = Field(200, ge=1, description="true evaluations in total")
-    method: Literal["s3", "random", "tpe", "cmaes"] = "s3"
-    predictor: StrictStr = Field("lightgbm-rank", pattern=NAME_PATTERN)
-    seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
-    options: dict[OptionKey, OptionValue] = Field(default_factory=dict)
+def job_create_model(limits: Limits) -> type[BaseModel]:
+    """The job body with the server's limits as schema bounds (one model per app: limits come from settings)."""
+    nfe_int = Annotated[StrictInt, Field(ge=limits.min_nfe, le=limits.max_nfe)]
 
-    @field_validator("options")
-    @classmethod
-    def _utf8_only(cls, options: dict[str, Any]) -> dict[str, Any]:
-        # JSON text may carry lone surrogates (\udc00); they cannot be stored or sent back as UTF-8.
-        def walk(x: Any, path: str) -> None:
-            if isinstance(x, str):
-                try:
-                    x.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ValueError(f"{path} is not valid Unicode text") from None
-            elif isinstance(x, list):
-                for i, v in enumerate(x):
-                    walk(v, f"{path}[{i}]")
-            elif isinstance(x, dict):
-                for k, v in x.items():
-                    walk(k, path)
-                    walk(v, f"{path}.{k}")
+    class NfeRange(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        min: nfe_int = Field(..., description="smallest NFE, inclusive")      # type: ignore[valid-type]
+        max: nfe_int = Field(..., description="largest NFE, inclusive")      # type: ignore[valid-type]
 
-        walk(options, "options")
-        return options
+    class JobCreate(BaseModel):
+        """A search job (s3search.search.config.SearchConfig). Sizes are bounded by the server's limits."""
 
-    def nfe_values(self) -> list[int]:
-        if isinstance(self.nfe, int):
-            return [self.nfe]
-        if isinstance(self.nfe, NfeRange):
-            return list(range(self.nfe.min, self.nfe.max + 1))
-        return sorted(set(self.nfe))
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+        model: StrictStr = Field(..., pattern=NAME_PATTERN, description="a name from GET /v1/models")
+        nfe: Union[nfe_int, Annotated[list[nfe_int], Field(min_length=1, max_length=limits.max_nfe_values)],  # type: ignore[valid-type]
+                   NfeRange] = Field(..., description="one NFE, a list of NFE, or {min, max}")
+        metric: Optional[Annotated[StrictStr, Field(pattern=NAME_PATTERN)]] = Field(
+            None, description="a metric name; default: the model's own default metric (as the CLI)")
+        n_samples: StrictInt = Field(1000, ge=2, le=limits.max_samples, description="samples per evaluation")
+        n_test_samples: StrictInt = Field(5000, ge=2, le=limits.max_test_samples)
+        budget: StrictInt = Field(200, ge=1, le=limits.max_budget, description="true evaluations in total")
+        method: Literal["s3", "random", "tpe", "cmaes"] = "s3"
+        predictor: StrictStr = Field("lightgbm-rank", pattern=NAME_PATTERN)
+        seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
+        options: SearchOptionsIn = Field(default_factory=SearchOptionsIn)  # type: ignore[valid-type]
+
+        @field_validator("options", mode="before")
+        @classmethod
+        def _utf8_only(cls, options: Any) -> Any:
+            # JSON text may carry lone surrogates (\udc00); they cannot be stored or sent back as UTF-8.
+            _walk_utf8(options, "options")
+            return options
+
+        def nfe_values(self) -> list[int]:
+            if isinstance(self.nfe, int):
+                return [self.nfe]
+            if isinstance(self.nfe, NfeRange):
+                return list(range(self.nfe.min, self.nfe.max + 1))
+            return sorted(set(self.nfe))
+
+        def nfe_ends(self) -> tuple[int, int]:
+            values = [self.nfe.min, self.nfe.max] if isinstance(self.nfe, NfeRange) else self.nfe_values()
+            return values[0], values[-1]
+
+        def given_options(self) -> dict[str, Any]:
+            return self.options.model_dump(exclude_unset=True)
+
+    return JobCreate
+
+
+def _walk_utf8(x: Any, path: str) -> None:
+    if isinstance(x, str):
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{path} is not valid Unicode text") from None
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            _walk_utf8(v, f"{path}[{i}]")
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            _walk_utf8(k, path)
+            _walk_utf8(v, f"{path}.{k}")
 
 
 class JobProgress(BaseModel):
@@ -106,10 +158,10 @@ class JobPublic(BaseModel):
     cancel_requested: bool
     attempts: int
     study_name: str
-    created_at: datetime
-    started_at: Optional[datetime] = None
-    finished_at: Optional[datetime] = None
-    updated_at: datetime
+    created_at: AwareDatetime
+    started_at: Optional[AwareDatetime] = None
+    finished_at: Optional[AwareDatetime] = None
+    updated_at: AwareDatetime
     links: JobLinks
 
 
@@ -128,8 +180,8 @@ class TrialPublic(BaseModel):
     predicted_score: Optional[float] = None
     schedule: Optional[dict[str, Any]] = None
     user_attrs: dict[str, Any] = Field(default_factory=dict)
-    datetime_start: Optional[datetime] = None
-    datetime_complete: Optional[datetime] = None
+    datetime_start: Optional[AwareDatetime] = None
+    datetime_complete: Optional[AwareDatetime] = None
 
 
 class TrialPage(BaseModel):
@@ -148,7 +200,20 @@ class BaselineList(BaseModel):
     baselines: list[str]
 
 
+class OptionInfo(BaseModel):
+    type: str
+    default: Any = None
+    nullable: bool = False
+    minimum: Optional[float] = None
+    exclusive_minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    exclusive_maximum: Optional[float] = None
+    choices: Optional[list[str]] = None
+    description: str
+
+
 class Options(BaseModel):
+    search_options: dict[str, OptionInfo]
     methods: list[str]
     metrics: Optional[list[str]]
     predictors: Optional[list[str]]

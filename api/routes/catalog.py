@@ -6,7 +6,9 @@ from fastapi import APIRouter
 
 from ..catalog import baseline_names, metric_names, model_names, predictor_names
 from ..deps import OwnerDep, SettingsDep
-from ..schemas import EXPORT_FORMATS, METHODS, BaselineList, ModelList, Options
+from s3search.search.options import option_defaults, option_rules
+
+from ..schemas import EXPORT_FORMATS, METHODS, BaselineList, ModelList, OptionInfo, Options
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
 
@@ -26,5 +28,14 @@ def options(_owner: OwnerDep, settings: SettingsDep) -> Options:
     limits = {k: int(getattr(settings, k)) for k in (
         "min_nfe", "max_nfe", "max_nfe_values", "max_samples", "max_test_samples", "max_budget", "max_options",
         "max_request_bytes", "max_page_size")}
-    return Options(methods=list(METHODS), metrics=metric_names(), predictors=predictor_names(),
+    return Options(search_options=search_options(), methods=list(METHODS), metrics=metric_names(), predictors=predictor_names(),
                    export_formats=list(EXPORT_FORMATS), limits=limits)
+
+
+def search_options() -> dict[str, OptionInfo]:
+    """Every option a request may set, from the search contract (server-only options are left out)."""
+    defaults = option_defaults()
+    return {name: OptionInfo(type=rule.kind, default=defaults[name], nullable=rule.nullable, minimum=rule.ge,
+                             exclusive_minimum=rule.gt, maximum=rule.le, exclusive_maximum=rule.lt,
+                             choices=list(rule.choices) if rule.choices else None, description=rule.doc)
+            for name, rule in option_rules().items() if not rule.server_only}

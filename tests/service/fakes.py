@@ -1,7 +1,8 @@
 """A stand-in for `run_search` with the same signature and study behaviour, cheap and deterministic.
 
 It walks a fixed list of candidate schedules, one Optuna trial per evaluation, and resumes from the trials
-already COMPLETE in the study, as the real search does. `options["eval_seconds"]` sets the time per evaluation.
+already COMPLETE in the study, as the real search does. `paced_fake_search(seconds)` is the same with that much
+time per evaluation (the job contract has no option for it: a test passes the paced one as the runner's search).
 """
 
 from __future__ import annotations
@@ -27,8 +28,16 @@ def value_of(k: int) -> float:
     return 1.0 + 1.0 / (1.0 + k)                   # improves with k: best-so-far moves every evaluation
 
 
-def fake_search(config, study, *, evaluator=None, progress=None, should_stop=None) -> SearchResult:
-    delay = float(config.options.get("eval_seconds", 0.0))
+def paced_fake_search(seconds: float):
+    """`fake_search` taking `seconds` per evaluation."""
+    def search(config, study, *, evaluator=None, progress=None, should_stop=None) -> SearchResult:
+        return fake_search(config, study, evaluator=evaluator, progress=progress, should_stop=should_stop,
+                           delay=seconds)
+    return search
+
+
+def fake_search(config, study, *, evaluator=None, progress=None, should_stop=None, delay: float = 0.0
+                ) -> SearchResult:
     nfe = config.nfe[0]
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):   # left by a dead runner
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)

@@ -64,7 +64,7 @@ CASES = [
     ("options NaN", "POST", "/v1/jobs", json.dumps(GOOD)[:-1] + ', "options": {"batch_size": NaN}}', {}, 422,
      "options.batch_size"),
     ("budget below one per NFE", "POST", "/v1/jobs", {**GOOD, "nfe": [4, 5, 6], "budget": 2}, {}, 422, "budget"),
-    ("options bad key", "POST", "/v1/jobs", {**GOOD, "options": {"bad key!": 1}}, {}, 422, "options"),
+    ("options bad key", "POST", "/v1/jobs", {**GOOD, "options": {"bad key!": 1}}, {}, 422, "options.bad key!"),
     ("body not JSON", "POST", "/v1/jobs", "{model: gmm", {}, 422, "body"),
     ("body nested too deep", "POST", "/v1/jobs", json.dumps(GOOD)[:-1] + ', "options": {"space": '
      + "[" * 1800 + "]" * 1800 + "}}", {}, 422, "body"),
