@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from ..search.config import SearchConfig, field_default
+
 __all__ = ["register", "search", "format_table"]
 
 
@@ -41,16 +43,18 @@ def format_table(result, nfe: int) -> str:
 def search(
     model: str = typer.Option(..., help="Model registry name, e.g. digits, gmm-64d."),
     nfe: str = typer.Option("5", help="NFE, or several separated by commas (the budget is split)."),
-    budget: int = typer.Option(200, help="True evaluations in total (baselines included)."),
+    budget: int = typer.Option(field_default("budget"), help="True evaluations in total (baselines included)."),
     metric: Optional[str] = typer.Option(None, help="Metric name (default: the model's default metric)."),
-    method: str = typer.Option("s3", help="s3 | random | tpe | cmaes"),
-    predictor: str = typer.Option("lightgbm-rank", help="Predictor for method s3 (see predictors.names())."),
-    seed: int = typer.Option(0, help="Seed of the search and of the search-split samples."),
-    n_samples: int = typer.Option(1000, help="Samples per search evaluation."),
-    n_test_samples: int = typer.Option(5000, help="Samples for the final test evaluation (fresh seeds)."),
+    method: str = typer.Option(field_default("method"), help="s3 | random | tpe | cmaes"),
+    predictor: str = typer.Option(field_default("predictor"), help="Predictor for method s3 (see predictors.names())."),
+    seed: int = typer.Option(field_default("seed"), help="Seed of the search and of the search-split samples."),
+    n_samples: int = typer.Option(field_default("n_samples"), help="Samples per search evaluation."),
+    n_test_samples: int = typer.Option(field_default("n_test_samples"),
+                                       help="Samples for the final test evaluation (fresh seeds)."),
     storage: str = typer.Option("sqlite:///s3search.db", help="Optuna storage URL (the study lives here)."),
     study_name: Optional[str] = typer.Option(None, help="Study name; an existing study is resumed."),
-    options: str = typer.Option("{}", help="JSON object of search options (see docs/search.md)."),
+    options: str = typer.Option("{}", help="JSON object of search options (see docs/search.md; bad ones are "
+                                           "refused naming the option)."),
     out: Optional[Path] = typer.Option(None, help="Write the best schedule JSON here."),
     quiet: bool = typer.Option(False, help="Print only the final table."),
 ) -> None:
@@ -58,7 +62,7 @@ def search(
     import optuna
 
     from ..models import registry
-    from ..search.config import ConfigError, Progress, SearchConfig, SearchFailed
+    from ..search.config import ConfigError, Progress, SearchFailed
     from ..search.run import preflight, run_search
 
     nfes = _parse_nfe(nfe)

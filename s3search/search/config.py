@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Optional
 from ..schedule import SolverSchedule
 from .options import ConfigError, FieldProblem, SearchOptions
 
-__all__ = ["SearchConfig", "SearchOptions", "ConfigError", "Limits", "check_limits", "SearchFailed", "METHODS",
+__all__ = ["SearchConfig", "field_default", "SearchOptions", "ConfigError", "Limits", "check_limits", "SearchFailed", "METHODS",
            "Progress", "SearchResult", "ProgressFn", "StopFn"]
 
 
@@ -83,6 +83,11 @@ class SearchConfig:
     def with_model_defaults(self, default_metric: str) -> "SearchConfig":
         """The same config with an unset metric set to the model's default (one rule for CLI, API and runner)."""
         return self if self.metric else dataclasses.replace(self, metric=default_metric)
+
+
+def field_default(name: str) -> Any:
+    """A SearchConfig field's default, for front ends (the CLI's options) that show it."""
+    return next(f.default for f in dataclasses.fields(SearchConfig) if f.name == name)
 
 
 def _is_int(v: Any) -> bool:
