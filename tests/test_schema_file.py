@@ -36,3 +36,25 @@ def test_schema_lists_every_registered_process():
 
     schema = json.loads(SCHEMA_PATH.read_text())
     assert sorted(schema["properties"]["process"]["enum"]) == processes.names()
+
+
+def test_named_schedule_schema_is_current_and_accepts_every_baseline_that_is_a_named_sampler():
+    from s3search import baselines, grids
+    from s3search.named import NamedSchedule
+    from s3search.schema_export import NAMED_SCHEMA_PATH, build_named_schema
+
+    schema = json.loads(NAMED_SCHEMA_PATH.read_text())
+    assert schema == build_named_schema(), "run `make schema` and commit the result"
+    ts = grids.get("logsnr", process="edm", n=5)
+    named = [s for s in (baselines.get(n, timesteps=ts, process="edm") for n in baselines.names())
+             if isinstance(s, NamedSchedule)]
+    assert named
+    solver_schema = json.loads(SCHEMA_PATH.read_text())
+    for sched in named:
+        doc = sched.to_dict()
+        jsonschema.validate(doc, schema)
+        with pytest.raises(jsonschema.ValidationError):    # one document, one schema
+            jsonschema.validate(doc, solver_schema)
+        assert NamedSchedule.from_dict(doc) == sched
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**named[0].to_dict(), "sampler": "no-such"}, schema)

@@ -271,7 +271,11 @@ def build_router(settings: Settings) -> APIRouter:
         return TrialPage(items=[_trial_public(t) for t in page], total=total, limit=size, offset=offset, next=nxt)
 
     @router.get("/{job_id}/schedule", responses={**_ERRORS, 501: {"model": ErrorBody}},
-                response_model=dict[str, Any])
+                response_model=dict[str, Any],
+                description="The best schedule so far (`X-Job-Status` says whether the job is done). format=json "
+                            "is the native document: a solver schedule (s3search/schemas/solver-schedule.schema"
+                            ".json) or, when the best is a named sampler, a named schedule (named-schedule.schema"
+                            ".json); both run with s3search as they are.")
     def get_schedule(job_id: JobId, owner: OwnerDep, session: SessionDep,
                      format: Annotated[Literal["json", "diffusers", "k-diffusion", "comfyui"],
                                        Query(description="json: the native schedule document")] = "json") -> Any:

@@ -116,3 +116,33 @@ def test_nan_and_infinity_never_reach_a_job(server):
         r = server.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 422 and r.json()["errors"][0]["field"].startswith("options."), r.text
     assert math.isfinite(server.get("/v1/jobs").json()["total"]) and server.get("/v1/jobs").json()["total"] == 0
+
+
+def test_schedule_of_a_running_job_is_always_a_schema_valid_native_document(server, db_url):
+    """While a job runs its best may be a named sampler (a baseline the space cannot express); /schedule then
+    returns the named-schedule document, which the shipped named-schedule schema validates."""
+    import jsonschema
+
+    from s3search import baselines, grids
+    from s3search.schema_export import NAMED_SCHEMA_PATH, SCHEMA_PATH
+    from studies import jobs as repo
+    from studies.db import make_engine, make_session_factory
+
+    r = server.post("/v1/jobs", json=GOOD)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    named = baselines.get("edm_heun", timesteps=grids.get("edm", process="edm", n=3), process="edm")
+    engine = make_engine(db_url)
+    try:
+        with make_session_factory(engine)() as s:
+            job = repo.claim_next(s, "test-runner")
+            assert job is not None and job.id == job_id
+            assert repo.record_progress(s, job_id, job.claim_token, evaluations=1, best_value=0.5,
+                                        best_schedule=named.to_dict(), message="running")
+    finally:
+        engine.dispose()
+    doc = server.get(f"/v1/jobs/{job_id}/schedule").json()
+    assert "sampler" in doc
+    jsonschema.validate(doc, json.loads(NAMED_SCHEMA_PATH.read_text()))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, json.loads(SCHEMA_PATH.read_text()))
