@@ -121,3 +121,13 @@ def test_a_search_whose_evaluations_all_fail_alike_stops_within_one_batch(tmp_pa
         run_search(config, study, evaluator=ev)
     failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
     assert 2 <= ev.evaluated <= 5 and len(failed) == ev.evaluated
+
+
+def test_the_docs_list_every_option_with_its_default():
+    import json
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "search.md").read_text()
+    defaults = SearchOptions().to_dict()
+    missing = [name for name in option_rules() if f"| `{name}` | `{json.dumps(defaults[name])}` |" not in text]
+    assert not missing, f"docs/search.md's options table lacks or misstates: {missing}"
