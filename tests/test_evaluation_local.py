@@ -57,37 +57,84 @@ def test_seeds_reject_bad_input():
 
 
 # ----- the reference cache -----------------------------------------------------------------------------------------
-def test_reference_cache_roundtrip_and_refusals(tmp_path, monkeypatch):
+def _counting(spec: ModelSpec) -> list[int]:
+    """Count the reference draws a spec makes (each is a cache miss: a hit reads the file instead)."""
+    draws: list[int] = []
+    sampler = spec.reference_sampler
+
+    def counted(n: int, g: torch.Generator) -> torch.Tensor:
+        draws.append(n)
+        return sampler(n, g)
+
+    spec.reference_sampler = counted
+    return draws
+
+
+def test_reference_cache_hits_the_same_model_and_misses_a_changed_one(tmp_path, monkeypatch):
     monkeypatch.setenv(reference.ENV_CACHE_DIR, str(tmp_path))
     spec = model_spec(mixture("gmm-8x8"), "gmm-8x8", "edm")
+    draws = _counting(spec)
     sw2 = metrics.get("sw2")
     first = reference.load_or_compute(spec, sw2, 64, seed=1)
-    tensor_path, meta_path = reference.reference_paths(tmp_path, "gmm-8x8", "sw2", 64, 1)
+    prov = reference.provenance(spec, sw2, 64, 1)
+    tensor_path, meta_path = reference.reference_paths(tmp_path, prov)
     assert tensor_path.exists() and json.loads(meta_path.read_text())["weights_sha256"] == spec.exact.fingerprint()
-    torch.testing.assert_close(reference.load_or_compute(spec, sw2, 64, seed=1)["samples"], first["samples"])
+    assert reference.provenance_key(prov) in tensor_path.name
+    # The same model, metric and request: read back, not drawn again.
+    again = reference.load_or_compute(spec, sw2, 64, seed=1)
+    assert draws == [64]
+    torch.testing.assert_close(again["samples"], first["samples"], rtol=0, atol=0)
     # A different seed or split is a different reference draw.
     other = reference.load_or_compute(spec, sw2, 64, seed=1, split="test")
-    assert not torch.equal(other["samples"], first["samples"])
+    assert not torch.equal(other["samples"], first["samples"]) and draws == [64, 64]
 
-    # Changed weights under the same name: refused, and rebuilt only when asked.
+    # Other weights under the same name: a miss, computed and stored beside the first file, which still hits.
     changed = model_spec(mixture("gmm-8x4"), "gmm-8x8", "edm")
-    with pytest.raises(reference.StaleReferenceError, match="weights_sha256"):
-        reference.load_or_compute(changed, sw2, 64, seed=1)
-    rebuilt = reference.load_or_compute(changed, sw2, 64, seed=1, recompute=True)
-    assert not torch.equal(rebuilt["samples"], first["samples"])
-    assert reference.load_or_compute(changed, sw2, 64, seed=1)["samples"].shape == (64, 2)
+    changed_draws = _counting(changed)
+    rebuilt = reference.load_or_compute(changed, sw2, 64, seed=1)
+    assert changed_draws == [64] and not torch.equal(rebuilt["samples"], first["samples"])
+    assert len(list((tmp_path / "reference" / "gmm-8x8").glob("sw2-n64-seed1-search-*.safetensors"))) == 2
+    assert reference.load_or_compute(changed, sw2, 64, seed=1)["samples"].shape == (64, 2) and changed_draws == [64]
+    reference.load_or_compute(spec, sw2, 64, seed=1)
+    assert draws == [64, 64]
 
-    # Another library version: refused.
+    # Another library version (or metric version): another key, so another miss.
     real_version = reference._version
     monkeypatch.setattr(reference, "_version", lambda lib: "0.0-other" if lib == "torch" else real_version(lib))
-    with pytest.raises(reference.StaleReferenceError, match="version_torch"):
-        reference.load_or_compute(changed, sw2, 64, seed=1)
+    reference.load_or_compute(spec, sw2, 64, seed=1)
+    assert draws == [64, 64, 64]
     monkeypatch.setattr(reference, "_version", real_version)
 
-    # Tampered tensors: refused.
+    # recompute=True rebuilds a file that checks out.
+    reference.load_or_compute(spec, sw2, 64, seed=1, recompute=True)
+    assert draws == [64, 64, 64, 64]
+
+
+def test_a_damaged_cached_reference_is_recomputed(tmp_path, caplog):
+    spec = model_spec(mixture("gmm-8x8"), "gmm-8x8", "edm")
+    draws = _counting(spec)
+    sw2 = metrics.get("sw2")
+    first = reference.load_or_compute(spec, sw2, 64, seed=1, root=tmp_path)
+    tensor_path, meta_path = reference.reference_paths(tmp_path, reference.provenance(spec, sw2, 64, 1))
+    # Tampered tensors: recomputed (the same draw), rewritten, then a hit again.
     tensor_path.write_bytes(tensor_path.read_bytes()[:-8] + b"\x00" * 8)
-    with pytest.raises(reference.StaleReferenceError, match="sha256"):
-        reference.load_or_compute(changed, sw2, 64, seed=1)
+    with caplog.at_level("WARNING", logger=reference.__name__):
+        again = reference.load_or_compute(spec, sw2, 64, seed=1, root=tmp_path)
+    assert draws == [64, 64] and "sha256" in caplog.text
+    torch.testing.assert_close(again["samples"], first["samples"], rtol=0, atol=0)
+    reference.load_or_compute(spec, sw2, 64, seed=1, root=tmp_path)
+    assert draws == [64, 64]
+    # Provenance that does not match its own file name (an edit): recomputed too.
+    doc = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**doc, "weights_sha256": "0" * 64}))
+    reference.load_or_compute(spec, sw2, 64, seed=1, root=tmp_path)
+    assert draws == [64, 64, 64] and json.loads(meta_path.read_text())["weights_sha256"] == doc["weights_sha256"]
+    # An unreadable provenance file, or one missing beside its tensors: recomputed.
+    meta_path.write_text("{not json")
+    reference.load_or_compute(spec, sw2, 64, seed=1, root=tmp_path)
+    meta_path.unlink()
+    reference.load_or_compute(spec, sw2, 64, seed=1, root=tmp_path)
+    assert draws == [64] * 5 and meta_path.exists()
 
 
 def test_models_without_a_weights_hash_are_not_cached(tmp_path):

@@ -2,31 +2,38 @@
 
 Layout under $S3SEARCH_CACHE_DIR (default ~/.cache/s3search):
 
-    reference/<model>/<metric>-n<n>-seed<seed>-<split>.safetensors   the named float64 tensors of
-                                                                     Metric.reference_stats
-    reference/<model>/<metric>-n<n>-seed<seed>-<split>.json          provenance: model, weights hash, metric and
-                                                                     its version, n, seed, split, feature-network
-                                                                     hash, library versions, sha256 of the tensors
+    reference/<model>/<metric>-n<n>-seed<seed>-<split>-<key>.safetensors   the named float64 tensors of
+                                                                           Metric.reference_stats
+    reference/<model>/<metric>-n<n>-seed<seed>-<split>-<key>.json          the provenance, plus when the file
+                                                                           was written and its sha256
+
+The provenance is everything the stats depend on: model, weights hash, feature-network hash, metric and its
+version, n, seed, split, cache format and library versions. `<key>` is the first 16 hex digits of its sha256,
+so the file name is the whole cache key: another model under the same name, a new metric version or a library
+upgrade is a miss, computed and stored beside the old file, never a refusal. Old files are left for the user
+to delete.
+
+A hit is still checked: a JSON file that is unreadable or names other provenance (a hash collision, an edit),
+or tensors that do not hash to the recorded sha256 (a torn or concurrent write), are recomputed and rewritten
+with a warning in the log, since the cache holds nothing that cannot be computed again. `recompute=True`
+rebuilds a file that checks out.
 
 A model backed by a finite data set (`ModelSpec.reference_set`: real digits, a local model's reference file) has
-a single reference, its whole set: n, seed and split all read "all" there.
-
-The file name holds only the request; everything that could make the stats stale (weights, feature network,
-metric version, libraries) lives in the provenance. A cached file whose provenance differs from the current one,
-or whose tensors do not hash to the recorded value, is refused with `StaleReferenceError`; it is rebuilt only
-when the caller passes `recompute=True`. Models without a weights hash cannot be checked and are never cached.
+a single reference, its whole set: n, seed and split all read "all" there. Models without a weights hash have
+nothing to key the file on and are never cached.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,18 +42,17 @@ from .. import metrics
 from ..models.base import ModelSpec
 from .seeds import reference_seed
 
-__all__ = ["StaleReferenceError", "cache_dir", "provenance", "reference_paths", "load_or_compute",
-           "FORMAT_VERSION", "ENV_CACHE_DIR", "WHOLE_SET"]
+__all__ = ["cache_dir", "provenance", "provenance_key", "reference_paths", "load_or_compute", "FORMAT_VERSION",
+           "ENV_CACHE_DIR", "WHOLE_SET"]
+
+log = logging.getLogger(__name__)
 
 ENV_CACHE_DIR = "S3SEARCH_CACHE_DIR"
-FORMAT_VERSION = "1"
+# 2: the provenance key is part of the file name.
+FORMAT_VERSION = "2"
 _LIBRARIES = ("torch", "numpy", "scipy", "safetensors", "s3search")
 # Provenance fields that are facts about the file rather than about what it must match.
 _UNCHECKED = ("created_at", "file_sha256")
-
-
-class StaleReferenceError(ValueError):
-    """A cached reference does not match the model, metric or libraries it would be used with."""
 
 
 def cache_dir(override: Optional[str | os.PathLike] = None) -> Path:
@@ -84,30 +90,38 @@ def _safe(part: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", part)
 
 
-def reference_paths(root: Path, model: str, metric: str, n: int | str, seed: int | str, split: str = "search"
-                    ) -> tuple[Path, Path]:
-    stem = root / "reference" / _safe(model) / f"{_safe(metric)}-n{n}-seed{seed}-{_safe(split)}"
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+def provenance_key(prov: Mapping[str, str]) -> str:
+    """16 hex digits of the sha256 of the provenance (without the facts about the file itself)."""
+    doc = {k: v for k, v in prov.items() if k not in _UNCHECKED}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reference_paths(root: Path, prov: Mapping[str, str]) -> tuple[Path, Path]:
+    """The tensor and provenance files for the reference that `prov` (from `provenance`) describes."""
+    name = f"{_safe(prov['metric'])}-n{prov['n']}-seed{prov['seed']}-{_safe(prov['split'])}-{provenance_key(prov)}"
+    folder = root / "reference" / _safe(prov["model"])
+    return folder / f"{name}.safetensors", folder / f"{name}.json"
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _load(tensor_path: Path, meta_path: Path, expected: dict[str, str]) -> dict[str, torch.Tensor]:
+def _check(tensor_path: Path, meta_path: Path, expected: Mapping[str, str]) -> Optional[str]:
+    """Why the cached pair cannot be used, or None when it matches `expected` and its recorded sha256."""
     try:
         stored = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise StaleReferenceError(f"reference provenance {meta_path} is unreadable ({e}); "
-                                  "recompute it (recompute=True / --recompute-reference)") from None
-    diffs = [f"{k}: cached {stored.get(k)!r}, now {v!r}" for k, v in expected.items() if stored.get(k) != v]
+        return f"its provenance {meta_path.name} is unreadable ({e})"
+    if not isinstance(stored, dict):
+        return f"its provenance {meta_path.name} is not a JSON object"
+    diffs = [f"{k}: cached {stored.get(k)!r}, now {v!r}" for k, v in expected.items()
+             if k not in _UNCHECKED and stored.get(k) != v]
     if diffs:
-        raise StaleReferenceError(f"cached reference {tensor_path} does not match: {'; '.join(diffs)}. "
-                                  "Recompute it (recompute=True / --recompute-reference) or delete the file")
+        return f"its provenance differs ({'; '.join(diffs)})"
     if not tensor_path.exists() or _sha256(tensor_path) != stored.get("file_sha256"):
-        raise StaleReferenceError(f"cached reference {tensor_path} is missing or does not match its recorded "
-                                  "sha256; recompute it (recompute=True / --recompute-reference)")
-    return load_file(str(tensor_path))
+        return "its tensors are missing or do not match the recorded sha256"
+    return None
 
 
 def _save(tensor_path: Path, meta_path: Path, stats: dict[str, torch.Tensor], prov: dict[str, str]) -> None:
@@ -160,9 +174,12 @@ def load_or_compute(model: ModelSpec, metric: metrics.Metric, n: int, seed: int 
     prov = provenance(model, metric, *key)
     if not prov["weights_sha256"] or (metric.needs_features and not prov["features_sha256"]):
         return _compute(model, metric, n, seed, split)
-    tensor_path, meta_path = reference_paths(cache_dir(root), model.name, metric.name, *key)
+    tensor_path, meta_path = reference_paths(cache_dir(root), prov)
     if not recompute and (tensor_path.exists() or meta_path.exists()):
-        return _load(tensor_path, meta_path, {k: v for k, v in prov.items() if k not in _UNCHECKED})
+        problem = _check(tensor_path, meta_path, prov)
+        if problem is None:
+            return load_file(str(tensor_path))
+        log.warning("cached reference %s is recomputed: %s", tensor_path, problem)
     stats = _compute(model, metric, n, seed, split)
     _save(tensor_path, meta_path, stats, prov)
     return stats

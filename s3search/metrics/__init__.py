@@ -2,6 +2,7 @@
 
     metric = metrics.get("fd")
     metric.check_model(spec)                                   # ValueError if the model lacks what it needs
+    metric.problem(spec.traits, spec.name)                     # the same check as a message (None: fine)
     ref = metric.reference_stats(spec, lambda: spec.reference_sampler(n, g))   # cached by evaluation.reference
     value = metric.compute(samples, MetricContext(spec, ref))
 
@@ -15,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..models.base import ModelSpec
+from ..models.base import ModelSpec, ModelTraits
 from . import frechet, mixture, mmd, sliced, trajectory
 
 __all__ = ["Metric", "MetricContext", "names", "get", "UnknownMetricError", "batched_features"]
@@ -44,21 +45,24 @@ class Metric:
     _stats: Optional[Callable[[ModelSpec, ReferenceDraw], dict[str, torch.Tensor]]] = None
     _compute: Callable[[torch.Tensor, MetricContext], float] = lambda x, ctx: float("nan")
 
-    def check_model(self, model: ModelSpec) -> None:
-        if self.needs_exact and not hasattr(model.exact, "log_prob"):
-            raise ValueError(f"metric={self.name!r} needs a model with an exact density (a Gaussian mixture); "
-                             f"model={model.name!r} has none")
-        if self.needs_features and model.features is None:
-            raise ValueError(f"metric={self.name!r} needs a feature network; model={model.name!r} has none")
-        if self.needs_inception:
-            from .fid import InceptionFeatures
+    def problem(self, traits: ModelTraits, model_name: str) -> Optional[str]:
+        """Why this metric cannot be computed for a model with these traits, or None when it can."""
+        who = f"model={model_name!r}"
+        if self.needs_exact and not traits.exact:
+            return f"metric={self.name!r} needs a model with an exact density (a Gaussian mixture); {who} has none"
+        if self.needs_features and traits.features is None:
+            return f"metric={self.name!r} needs a feature network; {who} has none"
+        if self.needs_inception and traits.features != "inception":
+            return (f"metric={self.name!r} needs Inception features (registry entry features = \"inception\"); "
+                    f"{who} has other features: use fd-features")
+        if self.needs_reference and not traits.reference:
+            return f"metric={self.name!r} needs reference samples; {who} has no reference_sampler"
+        return None
 
-            if not isinstance(model.features, InceptionFeatures):
-                raise ValueError(f"metric={self.name!r} needs Inception features (registry entry features = "
-                                 f"\"inception\"); model={model.name!r} has other features: use fd-features")
-        if self.needs_reference and model.reference_sampler is None and not hasattr(model.exact, "log_prob"):
-            raise ValueError(f"metric={self.name!r} needs reference samples; model={model.name!r} has no "
-                             "reference_sampler")
+    def check_model(self, model: ModelSpec) -> None:
+        problem = self.problem(model.traits, model.name)
+        if problem is not None:
+            raise ValueError(problem)
 
     def reference_stats(self, model: ModelSpec, draw: ReferenceDraw) -> dict[str, torch.Tensor]:
         """What the metric keeps from the reference; `draw()` returns reference samples (called at most once)."""

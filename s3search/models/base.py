@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from ..denoisers import Denoiser
 
-__all__ = ["ModelSpec"]
+__all__ = ["ModelSpec", "ModelTraits", "single_threaded"]
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    """What a metric may need from a model, known without sampling from it (see Metric.problem)."""
+
+    exact: bool                    # an exact density (a GaussianMixture in ModelSpec.exact)
+    features: Optional[str]        # None, "inception" (metrics.fid.InceptionFeatures) or "other" (digits, ...)
+    reference: bool                # reference samples: a sampler, a finite data set or the exact target
 
 
 @dataclass
@@ -33,3 +45,57 @@ class ModelSpec:
     @property
     def process(self):
         return self.denoiser.process
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the provenance (weights and feature-network hashes, source), process and shape.
+
+        Caches keyed by model name also carry this, so a different model registered under an old name is a
+        miss. It is only as good as the provenance: a model without a weights hash (an entry point) keeps the
+        same fingerprint when its weights change.
+        """
+        doc = {"provenance": {str(k): str(v) for k, v in self.provenance.items()},
+               "process": self.process.name, "shape": list(self.shape)}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def traits(self) -> ModelTraits:
+        from ..metrics.fid import InceptionFeatures  # here, not at the top: metrics imports this module
+
+        if self.features is None:
+            features = None
+        elif isinstance(self.features, InceptionFeatures):
+            features = "inception"
+        else:
+            features = "other"
+        exact = hasattr(self.exact, "log_prob")
+        reference = self.reference_sampler is not None or self.reference_set is not None or \
+            hasattr(self.exact, "sample")
+        return ModelTraits(exact=exact, features=features, reference=reference)
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run the block with one torch thread (and one numpy BLAS thread), restoring the counts afterwards.
+
+    LAPACK and BLAS results (a batched eigh, an SVD, a large matmul) depend on how the work is split between
+    threads, so parameters built under OMP_NUM_THREADS=1 and =2 differ in their last bits, and so does the
+    model's fingerprint. Building under one thread gives the same bits under any setting.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _numpy_blas_single_thread():
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _numpy_blas_single_thread() -> contextlib.AbstractContextManager:
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        # threadpoolctl comes with scikit-learn, not with the core install. Without it numpy's BLAS keeps its
+        # threads; OpenBLAS runs products up to 64^3 (the largest the built-in mixtures form) on one thread.
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")

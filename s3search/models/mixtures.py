@@ -7,6 +7,9 @@ Formulas: MATH.md section 6. Each component is stored by its eigendecomposition 
 so a full-rank covariance is r = d and a low-rank-plus-isotropic one (the image test bed) is r << d; every
 operation then costs O(K d r) per sample instead of O(K d^2). All arithmetic is float64; tensors handed back
 to a sampler are in the caller's dtype.
+
+Construction (the eigendecompositions, SVDs and numpy products) runs under `single_threaded()`, so a mixture
+and its `fingerprint()` are the same bits under any OMP_NUM_THREADS on one torch build.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from ..denoisers import Denoiser
 from ..processes import NoiseProcess, get as get_process
-from .base import ModelSpec
+from .base import ModelSpec, single_threaded
 
 __all__ = ["GaussianMixture", "builtin_models", "grid_mixture", "random_mixture", "image_mixture"]
 
@@ -68,7 +71,8 @@ class GaussianMixture:
         mu = _as_f64(means)
         cov = _as_f64(covariances)
         cov = 0.5 * (cov + cov.transpose(-1, -2))
-        lam, vecs = torch.linalg.eigh(cov)
+        with single_threaded():
+            lam, vecs = torch.linalg.eigh(cov)
         k, d = mu.shape
         return cls(w / w.sum(), mu, vecs, lam.clamp_min(0.0), torch.zeros(k, dtype=_F64),
                    tuple(shape) if shape else (d,))
@@ -82,7 +86,8 @@ class GaussianMixture:
         f = _as_f64(factors)
         fl = _as_f64(floors).reshape(-1).expand(mu.shape[0]).clone()
         # Thin SVD: F = U S V^T, so F F^T = U S^2 U^T; the floor adds to every direction, including span(U).
-        u, s, _ = torch.linalg.svd(f, full_matrices=False)
+        with single_threaded():
+            u, s, _ = torch.linalg.svd(f, full_matrices=False)
         return cls(w / w.sum(), mu, u, s**2 + fl[:, None], fl, tuple(shape) if shape else (mu.shape[1],))
 
     @property
@@ -311,10 +316,11 @@ def random_mixture(dim: int = 64, k: int = 6, seed: int = 64) -> GaussianMixture
     rng = np.random.default_rng(seed)
     means = rng.standard_normal((k, dim)) * 1.0
     covs = []
-    for _ in range(k):
-        q, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
-        spectrum = np.exp(rng.uniform(np.log(1e-3), np.log(0.5), dim))
-        covs.append((q * spectrum) @ q.T)
+    with single_threaded():
+        for _ in range(k):
+            q, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+            spectrum = np.exp(rng.uniform(np.log(1e-3), np.log(0.5), dim))
+            covs.append((q * spectrum) @ q.T)
     weights = rng.dirichlet(np.full(k, 5.0))
     return GaussianMixture.from_covariances(weights, means, np.stack(covs))
 

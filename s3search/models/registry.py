@@ -3,17 +3,22 @@
 Providers expose `builtin_models() -> dict[str, Callable[[], ModelSpec]]`; a missing provider module (one not
 written yet) is skipped. The file named by $S3SEARCH_MODEL_REGISTRY is read by `s3search.models.local`, never
 from a request. Models are built on first use and cached.
+
+`metric_error(model, metric)` says before any sampling whether a metric can be computed for a model.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 from .base import ModelSpec
 
-__all__ = ["UnknownModelError", "names", "get", "factories", "clear_cache", "ENV_REGISTRY"]
+if TYPE_CHECKING:
+    from ..metrics import Metric
+
+__all__ = ["UnknownModelError", "names", "get", "factories", "clear_cache", "metric_error", "ENV_REGISTRY"]
 
 ENV_REGISTRY = "S3SEARCH_MODEL_REGISTRY"
 _PROVIDERS = ("s3search.models.mixtures", "s3search.models.digits")
@@ -76,3 +81,44 @@ def get(name: str) -> ModelSpec:
 
 def clear_cache() -> None:
     _SPECS.clear()
+
+
+def metric_error(model_name: str, metric: str) -> Optional[str]:
+    """Why `metric` cannot be computed for the model `model_name`, or None when it can.
+
+    Builds the model (once, as `get` does; what `get` raises for a model that cannot be built propagates) but
+    samples nothing: it checks what the metric needs (an exact density, a feature network, Inception features
+    and their weights file, reference samples) against what the model has. The message names the metrics the
+    model can compute.
+    """
+    from .. import metrics  # here, not at the top: metrics imports the models package
+
+    try:
+        wanted = metrics.get(metric)
+    except metrics.UnknownMetricError as e:
+        return str(e)
+    try:
+        spec = get(model_name)
+    except UnknownModelError as e:
+        return str(e)
+    problem = _metric_problem(wanted, spec)
+    if problem is None:
+        return None
+    able = [name for name in metrics.names() if _metric_problem(metrics.get(name), spec) is None]
+    return f"{problem} (metrics it can compute: {', '.join(able) or 'none'})"
+
+
+def _metric_problem(metric: Metric, spec: ModelSpec) -> Optional[str]:
+    traits = spec.traits
+    problem = metric.problem(traits, spec.name)
+    if problem is not None or not (metric.needs_features and traits.features == "inception"):
+        return problem
+    # The Inception network is loaded on first use, so a missing weights file would otherwise surface only
+    # when the reference statistics are computed, as an error on every evaluation.
+    from ..metrics.fid import resolve_weights_path
+
+    try:
+        resolve_weights_path(getattr(spec.features, "weights_path", None))
+    except FileNotFoundError as e:
+        return f"metric={metric.name!r} on model={spec.name!r} needs its Inception weights file: {e}"
+    return None
