@@ -8,8 +8,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Optional
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Security
 from fastapi.concurrency import run_in_threadpool
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from optuna.storages import RDBStorage
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,7 +19,8 @@ from studies.optuna_storage import optuna_storage
 
 from .settings import Settings
 
-__all__ = ["SettingsDep", "SessionDep", "OwnerDep", "StorageDep", "API_KEY_HEADER", "KeyCache"]
+__all__ = ["SettingsDep", "SessionDep", "OwnerDep", "StorageDep", "API_KEY_HEADER", "API_KEY_SCHEME", "BEARER_SCHEME",
+           "KeyCache"]
 
 API_KEY_HEADER = "X-API-Key"
 _storage_lock = threading.Lock()
@@ -91,14 +93,20 @@ def _verify_owner(sessions: sessionmaker[Session], key: str) -> Optional[str]:
         return None if row is None else row.owner
 
 
+# Declared as security schemes so the OpenAPI document lists them and /docs has an Authorize button; with
+# auto_error=False neither answers by itself, so a missing key gets our 401 (with WWW-Authenticate) below.
+API_KEY_SCHEME = APIKeyHeader(name=API_KEY_HEADER, scheme_name="ApiKey", auto_error=False,
+                              description="an API key from `s3search keys create`")
+BEARER_SCHEME = HTTPBearer(scheme_name="Bearer", auto_error=False,
+                           description="the same API key as `Authorization: Bearer <key>`")
+
+
 async def get_owner(request: Request,
-                    x_api_key: Annotated[Optional[str], Header(alias=API_KEY_HEADER, include_in_schema=True)] = None,
-                    authorization: Annotated[Optional[str], Header(include_in_schema=False)] = None) -> str:
+                    x_api_key: Annotated[Optional[str], Security(API_KEY_SCHEME)] = None,
+                    bearer: Annotated[Optional[HTTPAuthorizationCredentials], Security(BEARER_SCHEME)] = None) -> str:
     # No SessionDep here: a cached key needs no database, and a generator dependency costs a thread-pool hop
     # (its close) on every request. A cache miss opens its own session inside its one hop.
-    key = x_api_key
-    if key is None and authorization and authorization.lower().startswith("bearer "):
-        key = authorization[7:].strip()
+    key = x_api_key or (bearer.credentials.strip() if bearer is not None else None)
     owner = None
     if key:
         cache: KeyCache = request.app.state.key_cache

@@ -1,16 +1,18 @@
-"""Error bodies: every validation error is a 422 naming its field, every other error a JSON `detail`."""
+"""Error bodies: every validation error is a 422 naming its field, every other error a JSON `detail`; a body
+that is not JSON is a 415 naming Content-Type."""
 
 from __future__ import annotations
 
+import email.message
 import logging
-from typing import Any
+from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-__all__ = ["field_errors", "validation_error", "install_error_handlers"]
+__all__ = ["field_errors", "validation_error", "error_response", "is_json_content_type", "install_error_handlers"]
 
 log = logging.getLogger("s3search.api")
 _SOURCES = {"body", "query", "path", "header", "cookie"}
@@ -58,10 +60,43 @@ def validation_error(items: list[dict[str, Any]], status: int = 422) -> JSONResp
     return JSONResponse({"detail": f"invalid request: {fields}", "errors": items}, status_code=status)
 
 
+def error_response(status: int, detail: str, field: str, loc: list[str],
+                   headers: Optional[dict[str, str]] = None) -> JSONResponse:
+    """The declared error body for a request refused on one part of it (a header, the whole body)."""
+    return JSONResponse({"detail": detail, "errors": [{"field": field, "message": detail, "loc": loc}]},
+                        status_code=status, headers=headers)
+
+
+def is_json_content_type(value: Optional[str]) -> bool:
+    """The test FastAPI applies before it parses a body as JSON: application/json or application/*+json."""
+    if not value:
+        return False
+    message = email.message.Message()
+    message["content-type"] = value
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _body_not_parsed(errors: list[dict[str, Any]]) -> bool:
+    # FastAPI hands a body it did not parse as JSON (wrong or missing Content-Type) to the model as bytes, which
+    # fails at loc ("body",); an absent body ("missing") is a plain 422.
+    return any(tuple(e.get("loc", ())) == ("body",) and e.get("type") != "missing" for e in errors)
+
+
+def content_type_error(value: Optional[str]) -> JSONResponse:
+    got = f"got {value[:100]!r}" if value else "none was sent"
+    return error_response(415, f"the body must be JSON sent with Content-Type: application/json ({got})",
+                          "Content-Type", ["header", "content-type"], headers={"Accept-Post": "application/json"})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(field_errors(list(exc.errors())))
+    async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        content_type = request.headers.get("content-type")
+        if _body_not_parsed(errors) and not is_json_content_type(content_type):
+            return content_type_error(content_type)
+        return validation_error(field_errors(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

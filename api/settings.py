@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from studies.db import DEFAULT_DATABASE_URL
@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     model_registry: Optional[str] = Field(None, validation_alias=AliasChoices("S3SEARCH_MODEL_REGISTRY",
                                                                               "S3S_MODEL_REGISTRY"))
     dashboard_url: str = "http://127.0.0.1:8080"
+    # `s3search dashboard`: HTTP basic auth, required when it is bound to anything but loopback. The password
+    # comes only from the environment: on the command line every local user would see it in `ps`.
+    dashboard_user: str = Field("s3search", min_length=1, pattern="^[^:]+$")
+    dashboard_password: Optional[SecretStr] = None
     migrate_on_start: bool = True
     # Verified API keys are remembered this long (seconds): a revoked key works at most this much longer.
     key_cache_ttl_s: float = Field(5.0, ge=0)
@@ -33,6 +37,7 @@ class Settings(BaseSettings):
     max_budget: int = Field(5_000, ge=1)           # true evaluations per job
     max_options: int = Field(32, ge=0)             # keys in the free-form `options` object
     max_request_bytes: int = Field(64 * 1024, ge=1024)
+    max_header_bytes: int = Field(32 * 1024, ge=1024)      # all request header lines together
     max_page_size: int = Field(500, ge=1)
     max_active_jobs_per_owner: int = Field(100, ge=1)
 

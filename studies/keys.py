@@ -14,10 +14,12 @@ from sqlalchemy.orm import Session
 from .db import read_only, utcnow
 from .models import ApiKey
 
-__all__ = ["OWNER_PATTERN", "validate_owner", "create_key", "verify_key", "revoke_key", "list_keys"]
+__all__ = ["OWNER_PATTERN", "validate_owner", "create_key", "verify_key", "key_id_of", "revoke_key",
+           "list_keys"]
 
 OWNER_PATTERN = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 _KEY_PATTERN = re.compile(r"^s3s_([0-9a-f]{12})_([A-Za-z0-9_-]{20,100})$")
+_ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")
 
 
 def validate_owner(owner: str) -> str:
@@ -58,9 +60,19 @@ def verify_key(session: Session, plaintext: Optional[str]) -> Optional[ApiKey]:
     return row
 
 
-def revoke_key(session: Session, key_id: str) -> bool:
-    if key_id.startswith("s3s_"):
-        key_id = key_id.split("_")[1]
+def key_id_of(key_or_id: str) -> Optional[str]:
+    """The key id (12 hex digits) of a key id or of a whole key `s3s_<id>_<secret>`; None for anything else.
+
+    Callers print the id, never what they were given: that may be the whole key."""
+    if key_or_id.startswith("s3s_"):
+        key_or_id = key_or_id.split("_")[1]
+    return key_or_id if _ID_PATTERN.match(key_or_id) else None
+
+
+def revoke_key(session: Session, key_or_id: str) -> bool:
+    key_id = key_id_of(key_or_id)
+    if key_id is None:
+        return False
     res = session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
                           .values(revoked_at=utcnow()))
     session.commit()

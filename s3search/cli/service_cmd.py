@@ -55,12 +55,17 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="bind address"),
     """Run the REST API (uvicorn). Migrates the database on start."""
     import uvicorn
 
+    from api.app import head_limit, http_protocol
+    from api.settings import Settings
+
     if database_url:
         os.environ["DATABASE_URL"] = database_url
     from studies.migrate import upgrade
     upgrade(database_url)           # once, before the workers start
     os.environ["S3S_MIGRATE_ON_START"] = "false"
-    uvicorn.run("api.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level)
+    # The server bounds the whole head so a huge header is cut off while it arrives, not after it is read.
+    uvicorn.run("api.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level,
+                http=http_protocol(), h11_max_incomplete_event_size=head_limit(Settings().max_header_bytes))
 
 
 def runner(database_url: Optional[str] = _db_option(),
@@ -110,17 +115,31 @@ def runner(database_url: Optional[str] = _db_option(),
 
 
 def dashboard(database_url: Optional[str] = _db_option(),
-              host: str = typer.Option("127.0.0.1", "--host", help="bind address (it has no auth: keep it local "
-                                                                   "or behind the proxy)"),
-              port: int = typer.Option(8080, "--port")) -> None:
-    """optuna-dashboard on the service database: one study per job, named s3s-job-<id>."""
-    from optuna_dashboard import run_server
-
+              host: str = typer.Option("127.0.0.1", "--host", help="bind address; any but loopback needs "
+                                                                   "$S3S_DASHBOARD_PASSWORD"),
+              port: int = typer.Option(8080, "--port"),
+              allow_writes: bool = typer.Option(False, "--allow-writes",
+                                                help="let the dashboard rename and delete studies, edit notes "
+                                                     "and tell trials (it is read-only without this)")) -> None:
+    """optuna-dashboard on the service database, read-only: one study per job, named s3s-job-<id>. With
+    $S3S_DASHBOARD_PASSWORD set it asks for HTTP basic auth (user $S3S_DASHBOARD_USER, default s3search)."""
+    from api.settings import Settings
+    from studies.dashboard import Credentials, check_exposure, dashboard_app, serve
     from studies.migrate import upgrade
     from studies.optuna_storage import optuna_storage
 
-    upgrade(database_url)
-    run_server(optuna_storage(database_url), host=host, port=port)
+    settings = Settings(**({"database_url": database_url} if database_url else {}))
+    secret = settings.dashboard_password
+    credentials = Credentials(settings.dashboard_user, secret.get_secret_value()) if secret else None
+    try:
+        check_exposure(host, credentials)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--host") from None
+    upgrade(settings.database_url)
+    app = dashboard_app(optuna_storage(settings.database_url), allow_writes=allow_writes, credentials=credentials)
+    typer.echo(f"dashboard on http://{host}:{port} ({'writes allowed' if allow_writes else 'read-only'}, "
+               f"{'basic auth' if credentials else 'no auth'})", err=True)
+    serve(app, host, port)
 
 
 def migrate(database_url: Optional[str] = _db_option()) -> None:
@@ -174,16 +193,21 @@ def keys_list(owner: Optional[str] = typer.Option(None, "--owner"), database_url
 def keys_revoke(key_id: str = typer.Argument(..., help="the key id (12 hex digits) or the whole key"),
                 database_url: Optional[str] = _db_option()) -> None:
     from studies.db import make_engine, make_session_factory
-    from studies.keys import revoke_key
+    from studies.keys import key_id_of, revoke_key
 
+    # Only the id is ever printed: the argument may be the whole key, and terminals and CI logs keep output.
+    kid = key_id_of(key_id)
+    if kid is None:
+        raise typer.BadParameter("give the key id (12 hex digits, see `s3search keys list`) or the whole key",
+                                 param_hint="KEY_ID")
     engine = make_engine(database_url)
     with make_session_factory(engine)() as s:
-        ok = revoke_key(s, key_id)
+        ok = revoke_key(s, kid)
     engine.dispose()
     if not ok:
-        typer.echo(f"no active key {key_id}", err=True)
+        typer.echo(f"no active key {kid}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"revoked {key_id}")
+    typer.echo(f"revoked {kid}")
 
 
 # ----- clients of the API --------------------------------------------------------------------------------
