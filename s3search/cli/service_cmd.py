@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import typer
 
+from ..search.config import field_default
+
 __all__ = ["register", "parse_nfe"]
 
 DB_HELP = "database URL (default: $DATABASE_URL, else sqlite:///s3search.db)"
@@ -259,10 +261,13 @@ def _wait(client: Any, job_id: str, poll: float, timeout: Optional[float]) -> di
 
 
 def submit(model: str = typer.Option(..., "--model"), nfe: str = typer.Option(..., "--nfe", help="5, 4,5,6 or 4-6"),
-           budget: int = typer.Option(200, "--budget"), metric: str = typer.Option("fd", "--metric"),
-           n_samples: int = typer.Option(1000, "--samples"), n_test_samples: int = typer.Option(5000, "--test-samples"),
-           method: str = typer.Option("s3", "--method"), predictor: str = typer.Option("lightgbm-rank", "--predictor"),
-           seed: int = typer.Option(0, "--seed"),
+           budget: int = typer.Option(field_default("budget"), "--budget"),
+           metric: Optional[str] = typer.Option(None, "--metric", help="default: the model's own default metric"),
+           n_samples: int = typer.Option(field_default("n_samples"), "--samples"),
+           n_test_samples: int = typer.Option(field_default("n_test_samples"), "--test-samples"),
+           method: str = typer.Option(field_default("method"), "--method"),
+           predictor: str = typer.Option(field_default("predictor"), "--predictor"),
+           seed: int = typer.Option(field_default("seed"), "--seed"),
            option: list[str] = typer.Option([], "--option", help="KEY=JSON, repeatable (search options)"),
            idempotency_key: Optional[str] = typer.Option(None, "--idempotency-key"),
            wait: bool = typer.Option(False, "--wait", help="poll until the job ends, then print its result"),
@@ -278,9 +283,11 @@ def submit(model: str = typer.Option(..., "--model"), nfe: str = typer.Option(..
             options[k] = json.loads(v)
         except ValueError:
             options[k] = v
-    body = {"model": model, "nfe": parse_nfe(nfe), "budget": budget, "metric": metric, "n_samples": n_samples,
+    body = {"model": model, "nfe": parse_nfe(nfe), "budget": budget, "n_samples": n_samples,
             "n_test_samples": n_test_samples, "method": method, "predictor": predictor, "seed": seed,
             "options": options}
+    if metric is not None:          # unset: the server picks the model's default, as `s3search search` does
+        body["metric"] = metric
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     with _client(server, key) as c:
         job = _check(c.post("/v1/jobs", json=body, headers=headers))
