@@ -42,12 +42,24 @@ def _field(loc: tuple[Any, ...], kind: str = "") -> str:
     return "".join(out) or "body"
 
 
+def _message(e: dict[str, Any], loc: tuple[Any, ...]) -> str:
+    """pydantic's message, except for an unknown search option, whose message says what to do instead."""
+    if e.get("type") == "extra_forbidden" and loc[:2] == ("body", "options") and len(loc) == 3:
+        from s3search.search.options import option_rules
+
+        rule = option_rules().get(str(loc[2]))
+        if rule is not None and rule.server_only:
+            return f"options.{loc[2]} is set by the server, not by a request"
+        return f"options.{loc[2]} is not a search option; GET /v1/options lists them"
+    return str(e.get("msg", "invalid"))
+
+
 def field_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     seen: set[tuple[str, str]] = set()
     items = []
     for e in errors:
         loc = tuple(e.get("loc", ()))
-        item = {"field": _field(loc, str(e.get("type", ""))), "message": str(e.get("msg", "invalid")),
+        item = {"field": _field(loc, str(e.get("type", ""))), "message": _message(e, loc),
                 "loc": [p if isinstance(p, (int, str)) else str(p) for p in loc]}
         if (item["field"], item["message"]) not in seen:
             seen.add((item["field"], item["message"]))

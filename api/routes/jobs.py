@@ -186,7 +186,7 @@ def build_router(settings: Settings) -> APIRouter:
 
     @router.post("", status_code=202, response_model=JobPublic,
                  responses={**_ERRORS, 409: {"model": ErrorBody}, 413: {"model": ErrorBody},
-                            429: {"model": ErrorBody}})
+                            415: {"model": ErrorBody}, 429: {"model": ErrorBody}, 431: {"model": ErrorBody}})
     def submit_job(body: JobCreate, owner: OwnerDep, session: SessionDep, storage: StorageDep,  # type: ignore[valid-type]
                    settings: SettingsDep, response: Response, idempotency_key: IdempotencyKey = None) -> Any:
         config, errors = config_of(body, settings)

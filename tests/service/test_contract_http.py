@@ -146,3 +146,11 @@ def test_schedule_of_a_running_job_is_always_a_schema_valid_native_document(serv
     jsonschema.validate(doc, json.loads(NAMED_SCHEMA_PATH.read_text()))
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, json.loads(SCHEMA_PATH.read_text()))
+
+
+def test_an_unknown_option_says_where_the_known_ones_are_and_a_server_option_says_whose_it_is(server):
+    r = server.post("/v1/jobs", json={**GOOD, "options": {"bogus": 1, "evaluator": {}}})
+    messages = {e["field"]: e["message"] for e in r.json()["errors"]}
+    assert r.status_code == 422
+    assert "GET /v1/options" in messages["options.bogus"]
+    assert "set by the server" in messages["options.evaluator"]
