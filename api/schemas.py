@@ -2,11 +2,11 @@
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, StrictBool, StrictFloat, StrictInt,
+from pydantic import (AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StrictBool, StrictFloat, StrictInt,
                       StrictStr, StringConstraints, create_model, field_validator)
 
-from s3search.search.config import METHODS, Limits
-from s3search.search.options import Rule, option_defaults, option_rules, space_field_kinds
+from s3search.search.config import MAX_SEED, METHODS, Limits, field_default
+from s3search.search.options import Rule, name_choices, option_defaults, option_rules, space_field_kinds
 
 __all__ = ["METHODS", "EXPORT_FORMATS", "SearchOptionsIn", "job_create_model", "JobProgress", "JobBest", "JobLinks",
            "JobPublic", "JobList", "TrialPublic", "TrialPage", "ModelList", "BaselineList", "Options",
@@ -20,34 +20,57 @@ def _option_type(name: str, rule: Rule) -> Any:
     """The pydantic type of one search option, with the contract's bounds (so the OpenAPI shows them)."""
     bounds = {k: getattr(rule, k) for k in ("ge", "gt", "le", "lt") if getattr(rule, k) is not None}
     if rule.kind == "integer":
-        base: Any = Annotated[StrictInt, Field(**bounds)]
+        base: Any = json_int(**bounds)
     elif rule.kind == "number":
-        base = Annotated[Union[StrictInt, StrictFloat], Field(**bounds)]
+        base = Union[json_int(**bounds), Annotated[StrictFloat, Field(**bounds)]]
     elif rule.kind == "boolean":
         base = StrictBool
     elif rule.kind == "string":
         base = Literal[rule.choices] if rule.choices else StrictStr   # type: ignore[valid-type]
     elif rule.kind == "strings":
-        base = Annotated[list[StrictStr], Field(min_length=1, max_length=256)]
+        base = Annotated[list[Literal[name_choices(name)]], Field(min_length=1, max_length=256)]  # type: ignore[misc]
     elif rule.kind == "space":
         base = SpaceOptionsIn
     else:
-        base = dict[OptionKey, JsonValue]
+        # patternProperties alone would let other keys through in JSON Schema; the server refuses them.
+        base = Annotated[dict[OptionKey, ParamValue], Field(json_schema_extra={"additionalProperties": False})]
     return Optional[base] if rule.nullable else base
 
 
-def _space_type(kind: str) -> Any:
-    return {"integer": StrictInt, "number": Union[StrictInt, StrictFloat]}.get(
-        kind, Annotated[list[StrictStr], Field(max_length=64)])
+def _space_type(kind: str, choices: Optional[tuple[str, ...]]) -> Any:
+    if kind == "integer":
+        return JsonInt
+    if kind == "number":
+        return Union[JsonInt, StrictFloat]
+    return Annotated[list[Literal[choices]], Field(max_length=64)]  # type: ignore[valid-type]
 
 
 OptionKey = Annotated[StrictStr, StringConstraints(pattern=NAME_PATTERN)]
 
+
+def _no_text_or_bool(v: Any) -> Any:
+    # JSON Schema's integer admits 6.0, so an integral float is one; text ("6") and booleans are not.
+    if isinstance(v, (str, bool, bytes)):
+        raise ValueError("Input should be an integer")
+    return v
+
+
+def json_int(**bounds: Any) -> Any:
+    """An integer field with bounds that takes 6.0 as 6 (pydantic puts the bounds into the schema only when
+    they come before the validator)."""
+    return Annotated[int, Field(strict=False, **bounds), BeforeValidator(_no_text_or_bool)]
+
+
+JsonInt = json_int()
+# Keyword arguments of a predictor: numbers, booleans, null or a short name (no free text: it is stored).
+ParamValue = Union[JsonInt, StrictFloat, StrictBool, None, Annotated[StrictStr, StringConstraints(
+    pattern=NAME_PATTERN)]]
+
 # Generated from s3search.space.SpaceOptions: types here, values checked by SpaceOptions itself.
 SpaceOptionsIn = create_model(
     "SpaceOptions", __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
-    **{name: (Optional[_space_type(kind)], Field(None, description=f"default {default!r}"))
-       for name, (kind, default) in space_field_kinds().items()})
+    **{name: (Optional[_space_type(kind, choices)], Field(None, description=f"default {default!r}"))
+       for name, (kind, default, choices) in space_field_kinds().items()})
 
 def _default(name: str) -> Any:
     return option_defaults()[name]
@@ -62,7 +85,7 @@ SearchOptionsIn = create_model(
 
 def job_create_model(limits: Limits) -> type[BaseModel]:
     """The job body with the server's limits as schema bounds (one model per app: limits come from settings)."""
-    nfe_int = Annotated[StrictInt, Field(ge=limits.min_nfe, le=limits.max_nfe)]
+    nfe_int = json_int(ge=limits.min_nfe, le=limits.max_nfe)
 
     class NfeRange(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -79,12 +102,17 @@ def job_create_model(limits: Limits) -> type[BaseModel]:
                    NfeRange] = Field(..., description="one NFE, a list of NFE, or {min, max}")
         metric: Optional[Annotated[StrictStr, Field(pattern=NAME_PATTERN)]] = Field(
             None, description="a metric name; default: the model's own default metric (as the CLI)")
-        n_samples: StrictInt = Field(1000, ge=2, le=limits.max_samples, description="samples per evaluation")
-        n_test_samples: StrictInt = Field(5000, ge=2, le=limits.max_test_samples)
-        budget: StrictInt = Field(200, ge=1, le=limits.max_budget, description="true evaluations in total")
-        method: Literal["s3", "random", "tpe", "cmaes"] = "s3"
-        predictor: StrictStr = Field("lightgbm-rank", pattern=NAME_PATTERN)
-        seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
+        # Defaults are the contract's, lowered to the server's limit where it is smaller: a default must be a
+        # value the server accepts.
+        n_samples: json_int(ge=2, le=limits.max_samples) = Field(  # type: ignore[valid-type]
+            min(field_default("n_samples"), limits.max_samples), description="samples per evaluation")
+        n_test_samples: json_int(ge=2, le=limits.max_test_samples) = Field(  # type: ignore[valid-type]
+            min(field_default("n_test_samples"), limits.max_test_samples))
+        budget: json_int(ge=1, le=limits.max_budget) = Field(  # type: ignore[valid-type]
+            min(field_default("budget"), limits.max_budget), description="true evaluations in total")
+        method: Literal[METHODS] = field_default("method")  # type: ignore[valid-type]
+        predictor: StrictStr = Field(field_default("predictor"), pattern=NAME_PATTERN)
+        seed: json_int(ge=0, le=MAX_SEED) = field_default("seed")  # type: ignore[valid-type]
         options: SearchOptionsIn = Field(default_factory=SearchOptionsIn)  # type: ignore[valid-type]
 
         @field_validator("options", mode="before")

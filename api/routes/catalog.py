@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 
 from ..catalog import baseline_names, metric_names, model_names, predictor_names
 from ..deps import OwnerDep, SettingsDep
 from s3search.search.options import option_defaults, option_rules
 
-from ..schemas import EXPORT_FORMATS, METHODS, BaselineList, ModelList, OptionInfo, Options
+from ..schemas import EXPORT_FORMATS, METHODS, BaselineList, ErrorBody, ModelList, OptionInfo, Options
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
+_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}}
 
 
-@router.get("/models", response_model=ModelList)
+@router.get("/models", response_model=ModelList, responses=_ERRORS)
 def list_models(_owner: OwnerDep) -> ModelList:
     return ModelList(models=model_names())
 
 
-@router.get("/baselines", response_model=BaselineList)
+@router.get("/baselines", response_model=BaselineList, responses=_ERRORS)
 def list_baselines(_owner: OwnerDep) -> BaselineList:
     return BaselineList(baselines=baseline_names())
 
 
-@router.get("/options", response_model=Options)
+@router.get("/options", response_model=Options, responses=_ERRORS)
 def options(_owner: OwnerDep, settings: SettingsDep) -> Options:
     limits = {k: int(getattr(settings, k)) for k in (
         "min_nfe", "max_nfe", "max_nfe_values", "max_samples", "max_test_samples", "max_budget", "max_options",

@@ -189,13 +189,13 @@ def build_router(settings: Settings) -> APIRouter:
                             415: {"model": ErrorBody}, 429: {"model": ErrorBody}, 431: {"model": ErrorBody}})
     def submit_job(body: JobCreate, owner: OwnerDep, session: SessionDep, storage: StorageDep,  # type: ignore[valid-type]
                    settings: SettingsDep, response: Response, idempotency_key: IdempotencyKey = None) -> Any:
-        config, errors = config_of(body, settings)
-        if errors:
-            return validation_error(errors)
         known = model_names()
         if body.model not in known:
             return JSONResponse({"detail": f"model={body.model!r} is unknown; known models: {', '.join(known)}",
                                  "errors": [_err("model", "unknown model")], "known": known}, status_code=404)
+        config, errors = config_of(body, settings)
+        if errors:
+            return validation_error(errors)
         config, errors = preflight_errors(config)
         if errors:
             return validation_error(errors)

@@ -323,12 +323,27 @@ def _to_json(value: Any) -> Any:
     return value
 
 
-def space_field_kinds() -> dict[str, tuple[str, Any]]:
-    """SpaceOptions' fields as (JSON kind, default), for the API's generated schema."""
+def space_field_kinds() -> dict[str, tuple[str, Any, Optional[tuple[str, ...]]]]:
+    """SpaceOptions' fields as (JSON kind, default, allowed names for a list of names), for the API's schema."""
+    from .. import space as space_module
+    from ..schedule import CORRECTORS, DERIVATIVES, FINALS, FIRST_STEPS, PREDICTIONS
+
+    allowed = {"predictions": PREDICTIONS, "derivatives": DERIVATIVES, "correctors": CORRECTORS,
+               "first_steps": FIRST_STEPS, "finals": FINALS, "base_grids": space_module.BASE_GRIDS}
     hints = typing.get_type_hints(SpaceOptions)
     out = {}
     for f in dataclasses.fields(SpaceOptions):
-        hint = hints[f.name]
-        kind = {int: "integer", float: "number"}.get(hint, "strings")
-        out[f.name] = (kind, _to_json(f.default))
+        kind = {int: "integer", float: "number"}.get(hints[f.name], "strings")
+        out[f.name] = (kind, _to_json(f.default), allowed.get(f.name))
     return out
+
+
+def name_choices(option: str) -> Optional[tuple[str, ...]]:
+    """The names a list-of-names option may hold (baselines, grids), for the API's schema."""
+    if option == "baselines":
+        from .. import baselines
+        return tuple(baselines.names())
+    if option == "baseline_grids":
+        from .. import grids
+        return tuple(grids.names())
+    return None
