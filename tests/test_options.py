@@ -131,3 +131,22 @@ def test_the_docs_list_every_option_with_its_default():
     defaults = SearchOptions().to_dict()
     missing = [name for name in option_rules() if f"| `{name}` | `{json.dumps(defaults[name])}` |" not in text]
     assert not missing, f"docs/search.md's options table lacks or misstates: {missing}"
+
+
+def test_the_cli_stops_at_once_with_one_line_when_every_evaluation_fails(tmp_path, monkeypatch):
+    """An unwritable cache makes every real evaluation fail the same way: one line, exit code 1."""
+    from typer.testing import CliRunner
+
+    from s3search.cli import app
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("S3SEARCH_CACHE_DIR", str(not_a_dir))
+    args = ["search", "--model", "gmm-8x4", "--nfe", "4", "--budget", "40", "--n-samples", "64",
+            "--n-test-samples", "64", "--metric", "fd", "--storage", f"sqlite:///{tmp_path / 'cli.db'}"]
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 1, run.output
+    errors = [line for line in run.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "NotADirectoryError" in errors[0] and "Traceback" not in run.output
+    study = optuna.load_study(study_name="gmm-8x4-nfe4-s3-fd-seed0", storage=f"sqlite:///{tmp_path / 'cli.db'}")
+    assert len(study.get_trials(states=(optuna.trial.TrialState.FAIL,))) <= 10     # one batch, not the budget
