@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional, Sequence
 
-from sqlalchemy import Engine, Row, and_, bindparam, func, or_, select, update
+from sqlalchemy import Engine, Row, and_, bindparam, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .db import READ_ONLY, read_only, utcnow
 from .models import FINAL_STATUSES, JOB_STATUSES, Job
 
-__all__ = ["IdempotencyConflict", "HeartbeatState", "study_name_for", "create_job", "get_job", "read_job", "PUBLIC_COLUMNS", "PUBLIC_JOB_SELECT", "list_jobs",
+__all__ = ["IdempotencyConflict", "QuotaExceeded", "HeartbeatState", "study_name_for", "create_job", "get_job", "read_job", "PUBLIC_COLUMNS", "PUBLIC_JOB_SELECT", "list_jobs",
            "count_jobs", "count_active", "claim_next", "heartbeat", "cancel_requested", "record_progress", "set_study_id", "finish", "release", "request_cancel"]
 
 
@@ -30,6 +30,14 @@ class IdempotencyConflict(Exception):
     def __init__(self, job_id: str):
         super().__init__(f"Idempotency-Key already used for job {job_id} with a different body")
         self.job_id = job_id
+
+
+class QuotaExceeded(Exception):
+    """The owner already has `limit` queued or running jobs; nothing was inserted."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"at most {limit} queued or running jobs per owner")
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -43,12 +51,26 @@ def study_name_for(job_id: str) -> str:
 
 
 def create_job(session: Session, *, owner: str, spec: dict[str, Any], budget: int,
-               idempotency_key: Optional[str] = None, request_hash: Optional[str] = None) -> tuple[Job, bool]:
-    """Insert a queued job; with an idempotency key, a retry returns the first job. Returns (job, created)."""
+               idempotency_key: Optional[str] = None, request_hash: Optional[str] = None,
+               max_active: Optional[int] = None) -> tuple[Job, bool]:
+    """Insert a queued job; with an idempotency key, a retry returns the first job. Returns (job, created).
+
+    With `max_active`, raise QuotaExceeded instead of inserting when the owner already has that many queued or
+    running jobs; a retry of an existing key still returns its job. The count and the insert are one transaction
+    that holds the owner's lock (PostgreSQL: an advisory lock on the owner; SQLite: BEGIN IMMEDIATE holds the
+    database), so concurrent submissions cannot both pass the limit.
+    """
+    if max_active is not None:
+        _lock_owner(session, owner)
     if idempotency_key is not None:
-        existing = _by_idempotency_key(session, owner, idempotency_key)
+        # Inside the owner's lock when there is one: a concurrent first use of the key has committed by now.
+        existing = session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key))
         if existing is not None:
+            session.commit()
             return _same_or_conflict(existing, request_hash), False
+    if max_active is not None and _active(session, owner) >= max_active:
+        session.rollback()
+        raise QuotaExceeded(max_active)
     job_id = uuid.uuid4().hex
     now = utcnow()
     job = Job(id=job_id, owner=owner, spec=spec, status="queued", cancel_requested=False,
@@ -65,6 +87,18 @@ def create_job(session: Session, *, owner: str, spec: dict[str, Any], budget: in
             raise
         return _same_or_conflict(existing, request_hash), False
     return job, True
+
+
+def _lock_owner(session: Session, owner: str) -> None:
+    """Serialise this owner's submissions until the transaction ends (PostgreSQL; on SQLite the transaction's
+    BEGIN IMMEDIATE already holds the whole database)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(733106, hashtext(:owner))"), {"owner": owner})
+
+
+def _active(session: Session, owner: str) -> int:
+    return int(session.scalar(select(func.count()).select_from(Job).where(
+        Job.owner == owner, Job.status.in_(("queued", "running")))) or 0)
 
 
 def _by_idempotency_key(session: Session, owner: str, key: str) -> Optional[Job]:
@@ -89,7 +123,7 @@ def get_job(session: Session, job_id: str, owner: Optional[str] = None) -> Optio
 
 # What a job's public document shows (api.routes.jobs.to_public): not the owner, claim token, runner or hashes.
 PUBLIC_COLUMNS = ("id", "status", "spec", "error", "result", "best_value", "best_schedule", "evaluations", "budget",
-                  "message", "predictor_tau", "cancel_requested", "attempts", "study_name", "optuna_study_id",
+                  "message", "predictor_tau", "fraction", "cancel_requested", "attempts", "study_name", "optuna_study_id",
                   "created_at", "started_at", "finished_at", "updated_at")
 # Built once with bound parameters: the statement's compiled form is then found in the engine's cache at once.
 PUBLIC_JOB_SELECT = select(*(Job.__table__.c[name] for name in PUBLIC_COLUMNS)).where(
@@ -133,8 +167,7 @@ def count_jobs(session: Session, *, owner: Optional[str] = None, status: Optiona
 
 def count_active(session: Session, owner: str) -> int:
     """Queued and running jobs of `owner` (for the per-owner limit)."""
-    n = int(session.scalar(select(func.count()).select_from(Job).where(
-        Job.owner == owner, Job.status.in_(("queued", "running")))) or 0)
+    n = _active(session, owner)
     session.commit()
     return n
 
@@ -202,11 +235,14 @@ def cancel_requested(session: Session, job_id: str, token: str) -> bool:
 
 def record_progress(session: Session, job_id: str, token: str, *, evaluations: int,
                     best_value: Optional[float], best_schedule: Optional[dict[str, Any]], message: str = "",
-                    predictor_tau: Optional[float] = None) -> bool:
+                    predictor_tau: Optional[float] = None, fraction: Optional[float] = None) -> bool:
+    """Store a progress report; `fraction` (0..1 of the whole job) is kept as it was when the report has none."""
     now = utcnow()
-    res = session.execute(update(Job).where(_owned(job_id, token)).values(
-        evaluations=evaluations, best_value=best_value, best_schedule=best_schedule, message=message,
-        predictor_tau=predictor_tau, heartbeat_at=now, updated_at=now))
+    values: dict[str, Any] = dict(evaluations=evaluations, best_value=best_value, best_schedule=best_schedule,
+                                  message=message, predictor_tau=predictor_tau, heartbeat_at=now, updated_at=now)
+    if fraction is not None:
+        values["fraction"] = fraction
+    res = session.execute(update(Job).where(_owned(job_id, token)).values(**values))
     session.commit()
     return res.rowcount == 1
 
@@ -227,6 +263,8 @@ def finish(session: Session, job_id: str, token: str, status: str, *, result: Op
                                   finished_at=now, updated_at=now, heartbeat_at=now)
     if best is not None:
         values.update(best_value=best[0], best_schedule=best[1])
+    if status == "succeeded":
+        values["fraction"] = 1.0        # validation and test are done too
     res = session.execute(update(Job).where(_owned(job_id, token)).values(**values))
     session.commit()
     return res.rowcount == 1

@@ -52,6 +52,8 @@ class Job(Base):
     best_value: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     best_schedule: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
     predictor_tau: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    # Of the whole job's work, validation and test included (0..1); NULL until the search reports one.
+    fraction: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     message: Mapped[str] = mapped_column(Text, default="")
     result: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
     error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)

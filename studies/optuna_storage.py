@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import time
+from typing import Any, Callable
 
 import optuna
 from optuna.storages import RDBStorage
@@ -22,13 +21,16 @@ def optuna_storage_url(url: str | None = None) -> str:
     return database_url(url)
 
 
-def optuna_storage(url: str | None = None, **engine_kwargs: Any) -> RDBStorage:
+StorageFactory = Callable[..., RDBStorage]     # (url, *, engine_kwargs) -> storage: RDBStorage or a subclass
+
+
+def optuna_storage(url: str | None = None, *, factory: StorageFactory = RDBStorage, **engine_kwargs: Any) -> RDBStorage:
     url = optuna_storage_url(url)
     if is_sqlite(url):
         engine_kwargs.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
     else:
         engine_kwargs.setdefault("pool_pre_ping", True)
-    storage = _create(url, engine_kwargs)
+    storage = _create(url, engine_kwargs, factory)
     if is_sqlite(url):
         # Optuna's transactions read and then write; in a process that also heartbeats, a deferred SQLite
         # transaction would fail with "database is locked" instead of waiting. Pooled connections were made
@@ -38,7 +40,7 @@ def optuna_storage(url: str | None = None, **engine_kwargs: Any) -> RDBStorage:
     return storage
 
 
-def _create(url: str, engine_kwargs: dict[str, Any], attempts: int = 5) -> RDBStorage:
+def _create(url: str, engine_kwargs: dict[str, Any], factory: StorageFactory, attempts: int = 5) -> RDBStorage:
     """RDBStorage creates Optuna's tables on first use; two processes doing that at once on a fresh database
     collide. Serialise with an advisory lock on PostgreSQL, and retry (the loser then finds the tables)."""
     lock_engine = None if is_sqlite(url) else create_engine(url, poolclass=NullPool)
@@ -46,11 +48,11 @@ def _create(url: str, engine_kwargs: dict[str, Any], attempts: int = 5) -> RDBSt
         for attempt in range(attempts):
             try:
                 if lock_engine is None:
-                    return RDBStorage(url, engine_kwargs=dict(engine_kwargs))
+                    return factory(url, engine_kwargs=dict(engine_kwargs))
                 with lock_engine.connect() as conn:
                     conn.execute(text("SELECT pg_advisory_lock(733105)"))
                     try:
-                        return RDBStorage(url, engine_kwargs=dict(engine_kwargs))
+                        return factory(url, engine_kwargs=dict(engine_kwargs))
                     finally:
                         conn.execute(text("SELECT pg_advisory_unlock(733105)"))
                         conn.commit()

@@ -3,6 +3,12 @@
 Several runners may share a database; `studies.jobs.claim_next` makes each claim exclusive. While a job runs, a
 heartbeat thread keeps the claim alive; a runner that dies stops heartbeating and the next runner to look
 re-claims the job and resumes it: the job's Optuna study keeps every finished trial, and the search reuses them.
+
+Fencing: the job row is written only under the claim token (`studies.jobs`), and the study only through a
+`FencedStorage` holding the same token, so a runner that lost its claim (frozen past `stale_after_s`, then woken)
+writes nothing more to either: its next write raises `ClaimLost`, and it drops the job silently. Settling: when a
+search ends (succeeded, failed, cancelled) the runner ends the trials still WAITING or RUNNING before it
+finishes the job, so a final job's study holds only trials its result accounts for.
 """
 
 from __future__ import annotations
@@ -18,15 +24,17 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import optuna
+from sqlalchemy.exc import SQLAlchemyError
 
 from s3search.evaluation.base import Evaluator
 from s3search.search.config import Progress, SearchConfig, SearchResult
+from s3search.search.study import settle
 
 from . import jobs as repo
 from .db import make_engine, make_session_factory
+from .fenced_storage import Claim, ClaimLost, FencedStorage, claim_lost_in, fenced_storage
 from .migrate import upgrade
 from .models import Job
-from .optuna_storage import optuna_storage
 
 __all__ = ["RunnerOptions", "Runner", "config_from_spec", "SearchFn", "evaluator_factory"]
 
@@ -80,16 +88,18 @@ def _finite(x: Any) -> Optional[float]:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
+def _fraction(x: Any) -> Optional[float]:
+    """A progress fraction as stored: finite, within [0, 1], else None (a search that reports none)."""
+    f = _finite(x)
+    return None if f is None else min(1.0, max(0.0, f))
+
+
 @dataclass(frozen=True)
 class RunnerOptions:
     heartbeat_interval_s: float = 5.0
     stale_after_s: float = 60.0
     poll_interval_s: float = 1.0
     max_attempts: int = 3
-
-
-class _Stopped(Exception):
-    pass
 
 
 class Runner:
@@ -106,7 +116,6 @@ class Runner:
         self.search_fn = search_fn
         self.evaluator_factory = evaluator_factory
         self.shutdown = threading.Event()     # set by SIGTERM: stop the current search, give the job back
-        self._storage: Any = None
 
     # ----- the loop ----------------------------------------------------------------------------------------
     def run_forever(self, max_jobs: Optional[int] = None) -> int:
@@ -120,24 +129,29 @@ class Runner:
 
     def run_once(self) -> Optional[str]:
         """Claim and run one job; its id, or None when nothing was claimable."""
-        with self.sessions() as s:
-            job = repo.claim_next(s, self.runner_id, stale_after_s=self.options.stale_after_s,
-                                  max_attempts=self.options.max_attempts)
+        try:
+            with self.sessions() as s:
+                job = repo.claim_next(s, self.runner_id, stale_after_s=self.options.stale_after_s,
+                                      max_attempts=self.options.max_attempts)
+        except SQLAlchemyError:
+            # The database is busy or away (SQLite locked by a frozen process, PostgreSQL restarting): the loop
+            # asks again after its poll interval instead of ending the runner.
+            log.exception("runner %s: could not claim a job", self.runner_id)
+            return None
         if job is None:
             return None
         self._run_job(job)
         return job.id
 
     def close(self) -> None:
-        if self._storage is not None:
-            self._storage.engine.dispose()
         self.engine.dispose()
 
     # ----- one job -----------------------------------------------------------------------------------------
-    def storage(self) -> Any:
-        if self._storage is None:
-            self._storage = optuna_storage(self.database_url)
-        return self._storage
+    def storage(self, job: Job) -> FencedStorage:
+        """The job's study storage, fenced by its claim: one per job, so no claim outlives its job."""
+        assert job.claim_token is not None
+        return fenced_storage(self.database_url, Claim(job.id, job.claim_token),
+                              idle_timeout_s=max(10.0, self.options.stale_after_s))
 
     def _run_job(self, job: Job) -> None:
         token = job.claim_token
@@ -168,9 +182,16 @@ class Runner:
 
     def _search(self, job: Job, token: str, lost: threading.Event) -> None:
         self._evaluator: Any = None
+        storage = self.storage(job)
         try:
-            self._search_inner(job, token, lost)
+            self._search_inner(job, token, lost, storage)
+        except Exception as e:
+            if not claim_lost_in(e):
+                raise
+            # Nothing was written after the loss (the storage rolled the write back); the new owner carries on.
+            log.warning("job %s: claim lost (%s); another runner owns it now", job.id, e)
         finally:
+            storage.engine.dispose()
             close = getattr(getattr(self._evaluator, "inner", self._evaluator), "close", None)
             if callable(close):
                 try:
@@ -178,7 +199,7 @@ class Runner:
                 except Exception:  # noqa: BLE001 - releasing workers must not hide the job's outcome
                     log.exception("closing the evaluator failed")
 
-    def _search_inner(self, job: Job, token: str, lost: threading.Event) -> None:
+    def _search_inner(self, job: Job, token: str, lost: threading.Event, storage: FencedStorage) -> None:
         cancelled = threading.Event()
 
         def should_stop() -> bool:
@@ -199,7 +220,8 @@ class Runner:
                 with self.sessions() as s:
                     ok = repo.record_progress(s, job.id, token, evaluations=p.evaluations,
                                               best_value=_finite(p.best_value), best_schedule=best,
-                                              message=p.message or "running", predictor_tau=_finite(p.predictor_tau))
+                                              message=p.message or "running", predictor_tau=_finite(p.predictor_tau),
+                                              fraction=_fraction(getattr(p, "fraction", None)))
             except Exception:  # noqa: BLE001 - progress is advisory; the trials are in the study already
                 log.exception("could not store progress")
                 return
@@ -207,47 +229,70 @@ class Runner:
                 lost.set()
 
         evaluator = None
+        study: Optional[optuna.Study] = None
         try:
             config = config_from_spec(job.spec)
-            study = self._open_study(job, token, config)
+            study = self._open_study(job, token, storage)
             evaluator = self.evaluator_factory(config) if self.evaluator_factory else None
             self._evaluator = evaluator
             search = self.search_fn or _default_search()
             result = search(config, study, evaluator=evaluator, progress=progress, should_stop=should_stop)
         except Exception as e:  # noqa: BLE001 - any failure ends the job with its reason
+            if claim_lost_in(e) or lost.is_set():
+                raise ClaimLost(job.id) from e
             if self.shutdown.is_set() and not cancelled.is_set():
                 self._release(job.id, token)
                 return
             status = "cancelled" if cancelled.is_set() else "failed"
             log.warning("job %s %s: %s", job.id, status, e)
-            with self.sessions() as s:
-                repo.finish(s, job.id, token, status, error=f"{type(e).__name__}: {e}", message=status)
+            self._settle(study, job)
+            self._finish(job, token, status, error=f"{type(e).__name__}: {e}", message=status)
             if status == "failed":
                 log.debug("%s", traceback.format_exc())
             return
         if lost.is_set():
-            log.warning("job %s: claim lost; another runner owns it now", job.id)
-            return
+            raise ClaimLost(job.id)
         if self.shutdown.is_set() and not cancelled.is_set() and result.evaluations < config.budget:
+            # The queue stays: the runner that resumes the job evaluates it first.
             self._release(job.id, token)
             return
         doc = _result_doc(result)
         status = "cancelled" if cancelled.is_set() else "succeeded"
-        with self.sessions() as s:
-            repo.finish(s, job.id, token, status, result=doc, message=status,
-                        best=(doc["best_value"], doc["best"]))
+        self._settle(study, job)
+        self._finish(job, token, status, result=doc, message=status, best=(doc["best_value"], doc["best"]))
         self._note(study, job, doc)
+
+    def _settle(self, study: Optional[optuna.Study], job: Job) -> None:
+        """End the trials the search left WAITING or RUNNING (before the job is final, under the claim)."""
+        if study is None:
+            return
+        try:
+            n = settle(study)
+        except Exception as e:  # noqa: BLE001 - a job that failed on a database error still ends failed
+            if claim_lost_in(e):
+                raise
+            log.exception("job %s: could not settle its trials", job.id)
+            return
+        if n:
+            log.info("job %s: %d trial(s) the search left unfinished were discarded", job.id, n)
+
+    def _finish(self, job: Job, token: str, status: str, **kwargs: Any) -> None:
+        with self.sessions() as s:
+            if repo.finish(s, job.id, token, status, **kwargs):
+                return
+        # The fencing refused it: another runner re-claimed the job after this one's settle.
+        raise ClaimLost(job.id)
 
     def _release(self, job_id: str, token: str) -> None:
         with self.sessions() as s:
             repo.release(s, job_id, token, message="released by a runner shutting down; will resume")
 
-    def _open_study(self, job: Job, token: str, config: SearchConfig) -> optuna.Study:
-        storage = self.storage()
+    def _open_study(self, job: Job, token: str, storage: FencedStorage) -> optuna.Study:
         study = optuna.create_study(study_name=job.study_name, storage=storage, direction="minimize",
                                     load_if_exists=True)
         # Trials a dead runner left RUNNING are the search's to settle: its Ledger ends them FAIL and re-queues
-        # their schedules (the claim fencing guarantees that runner can no longer write to this job).
+        # their schedules (the claim fencing guarantees that runner can no longer write to this job, nor to its
+        # study).
         if job.attempts == 1 or "job_id" not in study.user_attrs:
             study.set_user_attr("job_id", job.id)
             study.set_user_attr("spec", job.spec)
@@ -275,7 +320,9 @@ class Runner:
             lines += ["Baseline scores appear here when the job finishes."]
         try:
             save_note(study, "\n".join(lines))
-        except Exception:  # noqa: BLE001 - the note is a convenience; never fail a job for it
+        except Exception as e:  # noqa: BLE001 - the note is a convenience; never fail a job for it
+            if claim_lost_in(e):
+                raise
             log.exception("could not save the dashboard note")
 
 

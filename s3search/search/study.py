@@ -6,8 +6,12 @@ optuna-dashboard shows the search while it runs. Baselines are enqueued trials l
 
 Resume: `Ledger.load` reads every trial already in the study. COMPLETE trials (and trials whose evaluation
 itself failed, state FAIL with an `error` attribute) count as done and are never evaluated again; a RUNNING
-trial left by a runner that died ends FAIL and its schedule goes back into the queue (a WAITING trial), which
-the next batch picks up first.
+trial left by a runner that died ends FAIL (marked `stale`) and its schedule goes back into the queue (a WAITING
+trial), which the next batch picks up first.
+
+Trials that change underneath (another process finished one first) never crash the search: that process's
+outcome stands and ours is dropped. When a search ends, `settle` ends every trial still WAITING or RUNNING
+(marked `discarded`), so a finished study holds only trials its result accounts for.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import optuna
 from optuna.trial import TrialState
@@ -25,7 +29,7 @@ from optuna.trial import TrialState
 from ..evaluation.base import EvalRequest, EvalResult, Evaluator
 from ..schedule import SolverSchedule
 
-__all__ = ["AnySchedule", "Evaluated", "Candidate", "Ledger", "schedule_from_json", "ATTR", "chash"]
+__all__ = ["AnySchedule", "Evaluated", "Candidate", "Ledger", "schedule_from_json", "ATTR", "chash", "settle"]
 
 try:  # NamedSchedule is the baselines' type for samplers the space cannot express.
     from ..named import NamedSchedule
@@ -54,6 +58,7 @@ class ATTR:
     FLAT = "flat"                  # the flat encoding of TPE / CMA-ES trials
     EXTRAS = "extras"
     STALE = "stale"                # a RUNNING trial found on resume, ended FAIL and re-queued
+    DISCARDED = "discarded"        # why a trial ended unevaluated (the search ended while it waited or ran)
 
 
 @functools.lru_cache(maxsize=1 << 18)
@@ -100,10 +105,12 @@ class Candidate:
 class Ledger:
     """The study's evaluations, by canonical hash; the only path by which schedules get evaluated."""
 
-    def __init__(self, study: optuna.Study, evaluator: Evaluator, request: EvalRequest) -> None:
+    def __init__(self, study: optuna.Study, evaluator: Evaluator, request: EvalRequest,
+                 should_stop: Optional[Callable[[], bool]] = None) -> None:
         self.study = study
         self.evaluator = evaluator
         self.request = request
+        self.should_stop = should_stop       # enqueue nothing once it says stop (the queue would outlive the search)
         self.done: dict[str, Evaluated] = {}
         self.history: list[Evaluated] = []       # in evaluation order (for best-so-far curves)
 
@@ -111,22 +118,38 @@ class Ledger:
     def load(self, requeue_stale: bool = True) -> int:
         """Read the trials already in the study; returns how many evaluations they hold."""
         trials = sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number)
+        stale = []
         for t in trials:
-            attrs = t.user_attrs
-            if ATTR.SCHEDULE not in attrs:
+            if ATTR.SCHEDULE not in t.user_attrs:
                 continue
-            if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and ATTR.ERROR in attrs):
-                value = float(t.value) if t.state == TrialState.COMPLETE and t.value is not None else math.inf
-                self._record(t.number, attrs, value)
+            if _is_done(t):
+                self._record_trial(t)
             elif t.state == TrialState.RUNNING and requeue_stale:
-                self.study.tell(t.number, state=TrialState.FAIL)
-                h = attrs.get(ATTR.HASH)
-                if h not in self.done:
-                    self.study.enqueue_trial({}, user_attrs={k: v for k, v in attrs.items()
-                                                             if k in (ATTR.SCHEDULE, ATTR.HASH, ATTR.NFE,
-                                                                      ATTR.SOURCE, ATTR.BASELINE, ATTR.PREDICTED,
-                                                                      ATTR.GENERATION, ATTR.FLAT)})
+                stale.append(t)
+        # After every done trial is known, so a stale copy of a done schedule is not queued again.
+        for t in stale:
+            self._requeue_stale(t)
         return len(self.done)
+
+    def _requeue_stale(self, t: optuna.trial.FrozenTrial) -> None:
+        """End a trial a dead runner left RUNNING (FAIL, marked stale) and queue its schedule again."""
+        storage = self.study._storage
+        try:
+            storage.set_trial_user_attr(t._trial_id, ATTR.STALE, True)
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            now = storage.get_trial(t._trial_id)   # finished elsewhere meanwhile: take its outcome as it is
+            if _is_done(now):
+                self._record_trial(now)
+            return
+        h = t.user_attrs.get(ATTR.HASH)
+        if h not in self.done and h not in {w.user_attrs.get(ATTR.HASH) for w in self.waiting()}:
+            self.study.enqueue_trial({}, user_attrs={k: v for k, v in t.user_attrs.items()
+                                                     if k in _REQUEUED_ATTRS})
+
+    def _record_trial(self, t: optuna.trial.FrozenTrial) -> Evaluated:
+        value = float(t.value) if t.state == TrialState.COMPLETE and t.value is not None else math.inf
+        return self._record(t.number, t.user_attrs, value)
 
     def _record(self, number: int, attrs: dict[str, Any], value: float) -> Evaluated:
         sched = schedule_from_json(attrs[ATTR.SCHEDULE])
@@ -162,7 +185,10 @@ class Ledger:
 
     # ----- evaluation ---------------------------------------------------------------------------------
     def enqueue(self, candidates: Iterable[Candidate]) -> int:
-        """Put candidates into the study's queue (labelled WAITING trials); skips known and queued hashes."""
+        """Put candidates into the study's queue (labelled WAITING trials); skips known and queued hashes, and
+        queues nothing once `should_stop` says stop."""
+        if self.should_stop is not None and self.should_stop():
+            return 0
         queued = {t.user_attrs.get(ATTR.HASH) for t in self.waiting()}
         n = 0
         for c in candidates:
@@ -184,12 +210,15 @@ class Ledger:
         for _ in pending:
             trial = self.study.ask()
             attrs = trial.user_attrs
-            if ATTR.SCHEDULE not in attrs:           # a queued trial from someone else: leave it alone
-                self.study.tell(trial, state=TrialState.FAIL)
+            if ATTR.SCHEDULE not in attrs:
+                # The queue emptied under us (someone else popped it) and ask() made a fresh trial: end it.
+                trial.set_user_attr(ATTR.DISCARDED, "not a queued schedule")
+                self._tell(trial, state=TrialState.FAIL)
                 continue
             sched = schedule_from_json(attrs[ATTR.SCHEDULE])
             if chash(sched) in self.done:
-                self.study.tell(trial, state=TrialState.PRUNED)
+                trial.set_user_attr(ATTR.DISCARDED, "already evaluated")
+                self._tell(trial, state=TrialState.PRUNED)
                 continue
             trials.append(trial)
             scheds.append(sched)
@@ -219,18 +248,40 @@ class Ledger:
         out = []
         for trial, sched, res in zip(trials, scheds, results):
             value = float(res.value) if res.ok and res.value is not None and math.isfinite(res.value) else math.inf
+            if self._store(trial, res, value):
+                out.append(self._record(trial.number, trial.user_attrs, value))
+        return out
+
+    def _store(self, trial: optuna.Trial, res: EvalResult, value: float) -> bool:
+        """Write one evaluation to its trial; False when another process finished the trial first (it then holds
+        that process's outcome, and this one is dropped rather than counted twice)."""
+        try:
             # Metric, seeds, sample count and split were written when the trial was queued (one commit each
             # set_user_attr costs on SQLite, so only what the evaluation produced is written here).
             trial.set_user_attr(ATTR.SECONDS, float(res.seconds))
             if res.extras:
                 trial.set_user_attr(ATTR.EXTRAS, {k: float(v) for k, v in res.extras.items()})
-            if math.isfinite(value):
-                self.study.tell(trial, value)
-            else:
+            if not math.isfinite(value):
                 trial.set_user_attr(ATTR.ERROR, res.error or f"non-finite metric {res.value!r}")
-                self.study.tell(trial, state=TrialState.FAIL)
-            out.append(self._record(trial.number, trial.user_attrs, value))
-        return out
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        return self._tell(trial, value) if math.isfinite(value) else self._tell(trial, state=TrialState.FAIL)
+
+    def _tell(self, trial: optuna.Trial, value: Optional[float] = None,
+              state: Optional[TrialState] = None) -> bool:
+        """`study.tell`; False when the trial was already finished by another process."""
+        try:
+            self.study.tell(trial, value, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        except ValueError:           # "Cannot tell a FAIL trial": finished before tell looked
+            if not self.study._storage.get_trial(trial._trial_id).state.is_finished():
+                raise
+            return False
+        return True
+
+    def settle(self, reason: str = "search ended") -> int:
+        return settle(self.study, reason)
 
     @staticmethod
     def _attrs(c: Candidate, h: str) -> dict[str, Any]:
@@ -243,3 +294,31 @@ class Ledger:
         if c.predicted is not None and math.isfinite(c.predicted):
             attrs[ATTR.PREDICTED] = float(c.predicted)
         return attrs
+
+
+_REQUEUED_ATTRS = (ATTR.SCHEDULE, ATTR.HASH, ATTR.NFE, ATTR.SOURCE, ATTR.BASELINE, ATTR.PREDICTED, ATTR.GENERATION,
+                   ATTR.FLAT, ATTR.METRIC, ATTR.SEED, ATTR.N_SAMPLES, ATTR.SPLIT)
+
+
+def _is_done(t: optuna.trial.FrozenTrial) -> bool:
+    """An evaluation the search counts: COMPLETE, or FAIL with the evaluation's own error."""
+    return t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and ATTR.ERROR in t.user_attrs)
+
+
+def settle(study: optuna.Study, reason: str = "search ended") -> int:
+    """End every trial of `study` still WAITING (PRUNED) or RUNNING (FAIL), each marked `discarded` with `reason`;
+    returns how many. For when the search is over (finished, cancelled, failed): its queue would otherwise stay
+    WAITING and an interrupted evaluation RUNNING for good. Neither counts as an evaluation on a later load."""
+    storage = study._storage
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)):
+        try:
+            if t.state == TrialState.WAITING:
+                storage.set_trial_state_values(t._trial_id, TrialState.RUNNING)   # sets its start time
+            storage.set_trial_user_attr(t._trial_id, ATTR.DISCARDED, reason)
+            storage.set_trial_state_values(
+                t._trial_id, TrialState.PRUNED if t.state == TrialState.WAITING else TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue             # finished meanwhile by whoever held it: its outcome stands
+        n += 1
+    return n

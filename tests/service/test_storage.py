@@ -91,6 +91,69 @@ def test_concurrent_same_idempotency_key_makes_one_job(sessions):
         assert repo.count_jobs(s, owner="o") == 1
 
 
+def test_quota_refuses_a_new_job_at_the_limit_but_replays_an_existing_key(sessions):
+    with sessions() as s:
+        first, _ = repo.create_job(s, owner="o", spec=_spec(), budget=4, idempotency_key="k1", request_hash="h",
+                                   max_active=2)
+        repo.create_job(s, owner="o", spec=_spec(1), budget=4, max_active=2)             # no key: counted too
+        with pytest.raises(repo.QuotaExceeded) as exc:
+            repo.create_job(s, owner="o", spec=_spec(2), budget=4, idempotency_key="k2", request_hash="h",
+                            max_active=2)
+        assert exc.value.limit == 2 and repo.count_jobs(s, owner="o") == 2
+        again, created = repo.create_job(s, owner="o", spec=_spec(), budget=4, idempotency_key="k1",
+                                         request_hash="h", max_active=2)
+        assert not created and again.id == first.id                 # a retry at the limit gets its job
+        with pytest.raises(repo.IdempotencyConflict):
+            repo.create_job(s, owner="o", spec=_spec(9), budget=4, idempotency_key="k1", request_hash="other",
+                            max_active=2)
+        assert repo.create_job(s, owner="p", spec=_spec(), budget=4, max_active=2)[1]     # per owner
+        claimed = repo.claim_next(s, "r")                            # running still counts ...
+        with pytest.raises(repo.QuotaExceeded):
+            repo.create_job(s, owner="o", spec=_spec(3), budget=4, max_active=2)
+        assert repo.finish(s, claimed.id, claimed.claim_token, "succeeded")   # ... a final job does not
+        assert repo.create_job(s, owner="o", spec=_spec(3), budget=4, max_active=2)[1]
+        assert repo.count_active(s, "o") == 2
+
+
+def test_concurrent_submissions_never_pass_the_quota(sessions):
+    start = threading.Barrier(8)
+
+    def submit(i: int) -> str:
+        start.wait(10)
+        with sessions() as s:
+            try:
+                return repo.create_job(s, owner="o", spec=_spec(i), budget=4, idempotency_key=f"fresh-{i}",
+                                       request_hash="h", max_active=3)[0].id
+            except repo.QuotaExceeded:
+                return "refused"
+
+    with ThreadPoolExecutor(8) as ex:
+        outcomes = list(ex.map(submit, range(8)))
+    assert outcomes.count("refused") == 5
+    with sessions() as s:
+        assert repo.count_active(s, "o") == 3
+
+
+def test_progress_fraction_is_public_kept_without_a_report_and_one_on_success(engine, sessions):
+    with sessions() as s:
+        job, _ = repo.create_job(s, owner="o", spec=_spec(), budget=4)
+        assert repo.get_job(s, job.id).fraction is None
+        c = repo.claim_next(s, "r")
+        assert repo.record_progress(s, job.id, c.claim_token, evaluations=1, best_value=None, best_schedule=None,
+                                    fraction=0.3)
+        assert repo.record_progress(s, job.id, c.claim_token, evaluations=2, best_value=None, best_schedule=None)
+        assert repo.get_job(s, job.id).fraction == 0.3
+        assert repo.read_job(engine, job.id, "o").fraction == 0.3
+        assert repo.finish(s, job.id, c.claim_token, "succeeded")
+        assert repo.get_job(s, job.id).fraction == 1.0
+        other, _ = repo.create_job(s, owner="o", spec=_spec(1), budget=4)
+        c = repo.claim_next(s, "r")
+        repo.record_progress(s, other.id, c.claim_token, evaluations=1, best_value=None, best_schedule=None,
+                             fraction=0.4)
+        assert repo.finish(s, other.id, c.claim_token, "cancelled")
+        assert repo.get_job(s, other.id).fraction == 0.4               # a cancelled job did not get there
+
+
 def test_each_job_claimed_once_by_concurrent_runners(sessions):
     with sessions() as s:
         ids = {repo.create_job(s, owner="o", spec=_spec(i), budget=4)[0].id for i in range(10)}
