@@ -114,6 +114,12 @@ def job_create_model(limits: Limits) -> type[BaseModel]:
         predictor: StrictStr = Field(field_default("predictor"), pattern=NAME_PATTERN)
         seed: json_int(ge=0, le=MAX_SEED) = field_default("seed")  # type: ignore[valid-type]
         options: SearchOptionsIn = Field(default_factory=SearchOptionsIn)  # type: ignore[valid-type]
+        prompt_set: Optional[Annotated[StrictStr, Field(pattern=NAME_PATTERN)]] = Field(
+            None, description="text-to-image models: one of the model's prompt sets (GET /v1/models); "
+                              "default: its default set")
+        guidance_scale: Optional[Union[json_int(ge=0, le=limits.max_guidance_scale),  # type: ignore[valid-type]
+                                       Annotated[StrictFloat, Field(ge=0, le=limits.max_guidance_scale)]]] = Field(
+            None, description="text-to-image models: classifier-free guidance scale; default: the model's")
 
         @field_validator("options", mode="before")
         @classmethod

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     max_samples: int = Field(50_000, ge=1)         # n_samples per search evaluation
     max_test_samples: int = Field(50_000, ge=1)
     max_budget: int = Field(5_000, ge=1)           # true evaluations per job
+    max_guidance_scale: float = Field(30.0, ge=0, le=100)   # classifier-free guidance of text-to-image jobs
     max_options: int = Field(32, ge=0)             # keys in the free-form `options` object
     max_request_bytes: int = Field(64 * 1024, ge=1024)
     max_header_bytes: int = Field(32 * 1024, ge=1024)      # all request header lines together

@@ -58,7 +58,7 @@ def replay(args, trials: list, policy: dict, draw: int) -> tuple[float, float, f
     for t in trials[: config.budget - keep]:
         study.add_trial(t)
     ledger = Ledger(study, default_evaluator(options),
-                    EvalRequest(config.model, config.metric, config.n_samples, config.seed, "search"))
+                    config.eval_request(config.n_samples, "search"))
     ledger.load()
     space = build_space(config, model.process.name, options,
                         has_data_mean=getattr(model.denoiser, "data_mean", None) is not None)

@@ -31,8 +31,11 @@ _FINGERPRINT_CHARS = 16
 
 
 def metric_key(request: EvalRequest, fingerprint: str = "") -> str:
-    # The split stays last: readers select a split's rows with LIKE '%split=<split>'.
-    return (f"{request.metric}|n={request.n_samples}|model={fingerprint[:_FINGERPRINT_CHARS]}"
+    # The split stays last: readers select a split's rows with LIKE '%split=<split>'. The conditioning is part
+    # of the key only when set, so unconditional rows keep their keys.
+    conditioning = "".join(f"|{k}={v}" for k, v in (("prompts", request.prompt_set),
+                                                    ("cfg", request.guidance_scale)) if v is not None)
+    return (f"{request.metric}|n={request.n_samples}|model={fingerprint[:_FINGERPRINT_CHARS]}{conditioning}"
             f"|split={request.split}")
 
 

@@ -57,7 +57,7 @@ def _err(field: str, message: str) -> dict[str, Any]:
 def limits_of(settings: Settings) -> Limits:
     return Limits(min_nfe=settings.min_nfe, max_nfe=settings.max_nfe, max_nfe_values=settings.max_nfe_values,
                   max_samples=settings.max_samples, max_test_samples=settings.max_test_samples,
-                  max_budget=settings.max_budget)
+                  max_budget=settings.max_budget, max_guidance_scale=settings.max_guidance_scale)
 
 
 def _problems(e: ConfigError) -> list[dict[str, Any]]:
@@ -75,7 +75,8 @@ def config_of(body: Any, settings: Settings) -> tuple[Optional[SearchConfig], li
         return None, [_err("nfe", f"{hi - lo + 1} NFE values; at most {settings.max_nfe_values} per job")]
     doc = {"model": body.model, "nfe": body.nfe_values(), "metric": body.metric, "n_samples": body.n_samples,
            "n_test_samples": body.n_test_samples, "budget": body.budget, "method": body.method,
-           "predictor": body.predictor, "seed": body.seed, "options": body.given_options()}
+           "predictor": body.predictor, "seed": body.seed, "options": body.given_options(),
+           "prompt_set": body.prompt_set, "guidance_scale": body.guidance_scale}
     try:
         config = SearchConfig.from_dict(doc, allow_server_only=False)
         check_limits(config, limits_of(settings))
@@ -84,14 +85,17 @@ def config_of(body: Any, settings: Settings) -> tuple[Optional[SearchConfig], li
     return config, []
 
 
-def preflight_errors(config: SearchConfig) -> tuple[Optional[SearchConfig], list[dict[str, Any]]]:
-    """What a runner would fail on, found now: the model's metric, the search space, the predictor."""
-    from s3search.search.run import preflight
+def preflight_errors(config: SearchConfig) -> tuple[Optional[SearchConfig], Optional[JSONResponse]]:
+    """What a runner would fail on, found now: the model's metric, prompts, search space and predictor. An
+    unknown prompt set is a 404 (like an unknown model), the rest 422s naming their field."""
+    from s3search.search.run import UnknownPromptSet, preflight
 
     try:
-        return preflight(config), []
+        return preflight(config), None
+    except UnknownPromptSet as e:
+        return None, JSONResponse({"detail": str(e), "errors": _problems(e)}, status_code=404)
     except ConfigError as e:
-        return None, _problems(e)
+        return None, validation_error(_problems(e))
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
@@ -196,9 +200,9 @@ def build_router(settings: Settings) -> APIRouter:
         config, errors = config_of(body, settings)
         if errors:
             return validation_error(errors)
-        config, errors = preflight_errors(config)
-        if errors:
-            return validation_error(errors)
+        config, refusal = preflight_errors(config)
+        if refusal is not None:
+            return refusal
         spec = config.to_dict(include_server_only=False)
         try:
             job, created = repo.create_job(session, owner=owner, spec=spec, budget=config.budget,

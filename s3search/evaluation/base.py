@@ -24,6 +24,10 @@ class EvalRequest:
     n_samples: int
     seed: int = 0                 # sample i uses seed (seed, split, i); see evaluation.seeds
     split: Split = "search"
+    # Text-to-image models: sample i's prompt comes from this set of the model's by the rule of
+    # models.prompts (None: the model's default set), guided with this scale (None: the model's default).
+    prompt_set: str | None = None
+    guidance_scale: float | None = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
+from ..evaluation.base import EvalRequest
 from ..schedule import SolverSchedule
 from .options import ConfigError, FieldProblem, SearchOptions
 
@@ -16,6 +17,7 @@ __all__ = ["SearchConfig", "field_default", "SearchOptions", "ConfigError", "Lim
 
 METHODS = ("s3", "random", "tpe", "cmaes")
 MAX_SEED = 2**31 - 1
+MAX_GUIDANCE = 100.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class SearchConfig:
     predictor: str = "lightgbm-rank"    # see predictors.names()
     seed: int = 0
     options: SearchOptions = field(default_factory=SearchOptions)
+    # Text-to-image models only: which of the model's prompt sets, and the guidance scale (None: the model's).
+    prompt_set: Optional[str] = None
+    guidance_scale: Optional[float] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.nfe, int) and not isinstance(self.nfe, bool):
@@ -75,10 +80,18 @@ class SearchConfig:
         return cls(**values)
 
     def to_dict(self, *, include_server_only: bool = True) -> dict[str, Any]:
-        return {"model": self.model, "nfe": list(self.nfe), "metric": self.metric, "n_samples": self.n_samples,
-                "n_test_samples": self.n_test_samples, "budget": self.budget, "method": self.method,
-                "predictor": self.predictor, "seed": self.seed,
-                "options": self.options.to_dict(include_server_only=include_server_only)}
+        doc = {"model": self.model, "nfe": list(self.nfe), "metric": self.metric, "n_samples": self.n_samples,
+               "n_test_samples": self.n_test_samples, "budget": self.budget, "method": self.method,
+               "predictor": self.predictor, "seed": self.seed,
+               "options": self.options.to_dict(include_server_only=include_server_only)}
+        # Written only when set, so the specs of unconditional jobs stay as they were.
+        doc.update({k: getattr(self, k) for k in ("prompt_set", "guidance_scale") if getattr(self, k) is not None})
+        return doc
+
+    def eval_request(self, n_samples: int, split: str) -> EvalRequest:
+        """The evaluation request of this job on one split: every path builds it here."""
+        return EvalRequest(self.model, str(self.metric), n_samples, self.seed, split,  # type: ignore[arg-type]
+                           prompt_set=self.prompt_set, guidance_scale=self.guidance_scale)
 
     def with_model_defaults(self, default_metric: str) -> "SearchConfig":
         """The same config with an unset metric set to the model's default (one rule for CLI, API and runner)."""
@@ -125,6 +138,12 @@ def _config_problems(c: SearchConfig) -> list[FieldProblem]:
         bad("predictor", f"predictor={c.predictor!r} must be a predictor name")
     if not _is_int(c.seed) or not 0 <= c.seed <= MAX_SEED:
         bad("seed", f"seed={c.seed!r} must be an integer in [0, {MAX_SEED}]")
+    if c.prompt_set is not None and (not isinstance(c.prompt_set, str) or not c.prompt_set):
+        bad("prompt_set", f"prompt_set={c.prompt_set!r} must be the name of one of the model's prompt sets")
+    g = c.guidance_scale
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)
+                          or not 0 <= g <= MAX_GUIDANCE):
+        bad("guidance_scale", f"guidance_scale={g!r} must be a number in [0, {MAX_GUIDANCE}] or null")
     return out
 
 
@@ -138,6 +157,7 @@ class Limits:
     max_samples: int = 10**9
     max_test_samples: int = 10**9
     max_budget: int = 10**9
+    max_guidance_scale: float = MAX_GUIDANCE
 
 
 def check_limits(config: SearchConfig, limits: Limits) -> None:
@@ -157,6 +177,9 @@ def check_limits(config: SearchConfig, limits: Limits) -> None:
                              ("options.batch_size", o.batch_size, limits.max_budget)):
         if value is not None and value > cap:
             out.append(FieldProblem(name, f"{name}={value} is above the limit {cap}"))
+    if config.guidance_scale is not None and config.guidance_scale > limits.max_guidance_scale:
+        out.append(FieldProblem("guidance_scale", f"guidance_scale={config.guidance_scale} is above the limit "
+                                                  f"{limits.max_guidance_scale}"))
     if out:
         raise ConfigError(out)
 

@@ -32,7 +32,8 @@ from .options import SearchOptions
 from .s3 import run_s3
 from .study import AnySchedule, Candidate, Evaluated, Ledger, chash
 
-__all__ = ["run_search", "METHODS", "MultiNFEResult", "preflight", "build_space", "default_evaluator"]
+__all__ = ["run_search", "METHODS", "MultiNFEResult", "preflight", "UnknownPromptSet", "build_space",
+           "default_evaluator"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ def preflight(config: SearchConfig) -> SearchConfig:
     problem = registry.metric_error(config.model, config.metric)
     if problem:
         raise ConfigError.one("metric", problem)
+    _check_conditioning(config, model)
     try:
         build_space(config, model.process.name, config.options,
                     has_data_mean=getattr(model.denoiser, "data_mean", None) is not None)
@@ -66,6 +68,23 @@ def preflight(config: SearchConfig) -> SearchConfig:
         except (TypeError, ValueError) as e:
             raise ConfigError.one("options.predictor_params", f"options.predictor_params: {e}") from None
     return config
+
+
+class UnknownPromptSet(ConfigError):
+    """The job names a prompt set the model does not have (the service answers 404, as for a model)."""
+
+
+def _check_conditioning(config: SearchConfig, model: Any) -> None:
+    if not getattr(model, "conditional", False):
+        given = [k for k in ("prompt_set", "guidance_scale") if getattr(config, k) is not None]
+        if given:
+            raise ConfigError.one(given[0], f"{given[0]}: model={config.model!r} is not text-conditioned")
+        return
+    sets = dict(getattr(model, "prompt_sets", None) or {})
+    if config.prompt_set is not None and config.prompt_set not in sets:
+        known = ", ".join(sorted(sets)) or "none"
+        raise UnknownPromptSet.one("prompt_set", f"prompt_set={config.prompt_set!r} is not a prompt set of "
+                                                 f"model={config.model!r} (known: {known})")
 
 
 def build_space(config: SearchConfig, process: str | processes.NoiseProcess, options: SearchOptions,
@@ -174,7 +193,7 @@ def _test_scores(ctx: SearchContext, study: optuna.Study, nfe: int, best: AnySch
     cfg = ctx.config
     stored = dict(study.user_attrs.get("test", {}))
     entry = dict(stored.get(str(nfe), {}))
-    req = EvalRequest(cfg.model, cfg.metric, cfg.n_test_samples, cfg.seed, "test")
+    req = cfg.eval_request(cfg.n_test_samples, "test")
     want = {"searched:" + chash(best): best}
     want.update({"baseline:" + name: s for name, s in baselines.items()})
     cached = _score_missing(ctx, dict(entry.get("values", {})), want, req)
@@ -237,7 +256,7 @@ def _validated_best(ctx: SearchContext, study: optuna.Study, nfe: int) -> tuple[
     n = ctx.options.validation_samples or cfg.n_test_samples
     stored = dict(study.user_attrs.get("validation", {}))
     before = dict(stored.get(str(nfe), {}))
-    req = EvalRequest(cfg.model, cfg.metric, n, cfg.seed, "validation")
+    req = cfg.eval_request(n, "validation")
     ctx.report(f"nfe={nfe}: validating the top {len(top)} on fresh seeds")
     cached = _score_missing(ctx, dict(before), {chash(e.schedule): e.schedule for e in top}, req)
     ctx.final_done += len(top) * n / cfg.n_samples
@@ -262,7 +281,7 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
     process = model.process.name
     space = build_space(config, process, options, has_data_mean=getattr(model.denoiser, "data_mean", None) is not None)
     evaluator = evaluator if evaluator is not None else default_evaluator(options)
-    request = EvalRequest(config.model, config.metric, config.n_samples, config.seed, "search")
+    request = config.eval_request(config.n_samples, "search")
     for key, value in (("model", config.model), ("metric", config.metric), ("n_samples", config.n_samples),
                        ("seed", config.seed), ("nfe", list(config.nfe)), ("method", config.method),
                        ("predictor", config.predictor), ("budget", config.budget), ("process", process)):

@@ -66,7 +66,7 @@ def test_invalid_option_sets_are_422s_naming_their_field_and_write_nothing(serve
         r = server.post("/v1/jobs", content=json.dumps(_body(change)), headers={"Content-Type": "application/json"})
         fields = [e["field"] for e in r.json().get("errors", [])] if r.status_code == 422 else []
         # A more precise path names the field too ("options.space.bogus" for options.space).
-        if r.status_code != 422 or not any(f == field or f.startswith(field + ".") for f in fields):
+        if r.status_code != 422 or not any(f == field or f.startswith((field + ".", field + "[")) for f in fields):
             failures.append(f"{change}: {r.status_code} {r.text[:300]}")
     assert not failures, "\n".join(failures)
     assert server.get("/v1/jobs").json()["total"] == 0           # nothing half-written
@@ -154,3 +154,15 @@ def test_an_unknown_option_says_where_the_known_ones_are_and_a_server_option_say
     assert r.status_code == 422
     assert "GET /v1/options" in messages["options.bogus"]
     assert "set by the server" in messages["options.evaluator"]
+
+
+def test_conditioning_fields_are_refused_for_a_model_without_prompts_and_bounded(server):
+    r = server.post("/v1/jobs", json={**GOOD, "guidance_scale": 7.5})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "guidance_scale"
+    assert "not text-conditioned" in r.text
+    r = server.post("/v1/jobs", json={**GOOD, "prompt_set": "coco"})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "prompt_set"
+    r = server.post("/v1/jobs", json={**GOOD, "guidance_scale": 500})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "guidance_scale"
+    r = server.post("/v1/jobs", json={**GOOD, "prompt_set": "../captions.txt"})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "prompt_set"     # a name, never a path

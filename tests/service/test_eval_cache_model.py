@@ -81,3 +81,14 @@ def test_unknown_names_are_keyed_by_name_and_unbuildable_models_bypass_the_cache
     assert len(inner.seen) == 3 and ev.hits == 1
     with sessions() as s:
         assert [row.model for row in s.scalars(select(EvalCacheEntry))] == ["not-registered"]
+
+
+def test_the_conditioning_of_a_request_is_part_of_its_cache_key():
+    from studies.cache import metric_key
+
+    plain = EvalRequest(model="m", metric="fid", n_samples=10)
+    keys = {metric_key(plain, "f" * 64), metric_key(EvalRequest("m", "fid", 10, guidance_scale=7.5), "f" * 64),
+            metric_key(EvalRequest("m", "fid", 10, guidance_scale=3.0), "f" * 64),
+            metric_key(EvalRequest("m", "fid", 10, prompt_set="coco"), "f" * 64)}
+    assert len(keys) == 4 and all(k.endswith("|split=search") for k in keys)
+    assert metric_key(plain, "f" * 64) == f"fid|n=10|model={'f' * 16}|split=search"   # unchanged for old rows
