@@ -1,21 +1,23 @@
-"""Timestep grids: N + 1 process times, noisiest first, inside [process.t_min, process.t_max].
+"""Timestep grids: N + 1 process times, noisiest first, inside the process's range [t_min, t_top].
 
 Our schedules end at t_N > 0 (the final rule returns D(x_N, t_N)), so every grid runs from `t_start`
 (default process.t_max) down to `t_end` (default process.t_min). Grids defined on a noise level (EDM rho,
 KL-optimal, Align Your Steps) work in the VE noise level sigma = exp(-lambda) = sigma_t / alpha_t and are mapped
 back to the process's own time, so the same grid means the same noise levels on VP, VE and flow processes.
+The flow-pipeline grids (flow-shift, flow-dynamic, flow-dpm, flow-unipc) are diffusers' flow-matching sigmas; on
+the flow process their default ends are the pipeline's own (docs/grids.md).
 All arithmetic is float64 on Python floats / numpy arrays.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from . import processes
-from .processes import EDM, NoiseProcess, VPDiscrete
+from .processes import EDM, NoiseProcess, RectifiedFlow, VPDiscrete
 
 __all__ = [
     "time_uniform",
@@ -28,12 +30,21 @@ __all__ = [
     "ays_native_process",
     "loglinear_interp",
     "from_sigmas",
+    "flow_shift",
+    "flow_unshift",
+    "flux_mu",
+    "flow_shifted",
+    "flow_pipeline",
+    "from_flow_sigmas",
+    "FLOW_TRAIN_STEPS",
+    "FLOW_PIPELINE_GRIDS",
     "AYS_TABLES",
     "names",
     "get",
 ]
 
 Grid = tuple[float, ...]
+GridFn = Callable[..., Grid]
 
 # Align Your Steps, paper Table 3 (arXiv 2404.14507): 10-step VE sigmas of the named model, noisiest first.
 # The paper lists the last value (sigma_min of the model); diffusers / ComfyUI replace it by 0 because their
@@ -91,7 +102,7 @@ def from_sigmas(process: NoiseProcess, sigmas: Sequence[float]) -> Grid:
     for i, s in enumerate(sigmas):
         t = process.t_of_sigma_ve(float(s))
         process.check_time(t, f"sigmas[{i}]")
-        ts.append(min(max(t, process.t_min), process.t_max))
+        ts.append(min(max(t, process.t_min), process.t_top))
     return _finish(ts, ts[0], ts[-1], "sigmas")
 
 
@@ -213,10 +224,163 @@ def ays(table: str, n: int, process: NoiseProcess, t_start: Optional[float] = No
     return _finish([process.t_of_sigma_ve(float(s)) for s in stretched], start, end, f"table={table!r}")
 
 
+# ----- flow-matching pipeline grids -----------------------------------------------------------------------
+# num_train_timesteps of the SD3 / FLUX / Wan flow schedulers; their sigma ranges are set in 1/1000 units.
+FLOW_TRAIN_STEPS = 1000
+
+
+def flow_shift(sigma: float, shift: float) -> float:
+    """The shifted flow sigma shift s / (1 + (shift - 1) s).
+
+    SD3's static shift; FLUX's exponential time shift e^mu / (e^mu + 1/s - 1) is the same map with shift = e^mu.
+    """
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def flow_unshift(sigma: float, shift: float) -> float:
+    """The inverse of `flow_shift`."""
+    return sigma / (shift - (shift - 1.0) * sigma)
+
+
+def flux_mu(image_seq_len: float, base_seq_len: float = 256, max_seq_len: float = 4096,
+            base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """FLUX's dynamic-shift exponent mu, linear in the packed latent sequence length (diffusers' calculate_shift)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + (base_shift - slope * base_seq_len)
+
+
+def _flow_sigma(process: NoiseProcess, t: float) -> float:
+    """The flow sigma with the noise level of process time t: sigma_VE / (1 + sigma_VE) (t itself on flow)."""
+    if isinstance(process, RectifiedFlow):
+        return t
+    sv = process.sigma_ve(t)
+    return sv / (1.0 + sv)
+
+
+def _time_of_flow_sigma(process: NoiseProcess, s: float) -> float:
+    if isinstance(process, RectifiedFlow):
+        # Pure noise (s = 1) has no finite lambda; it is stood for by t_top (processes.FLOW_T_TOP).
+        return min(s, process.t_top)
+    return process.t_of_sigma_ve(s / (1.0 - s))
+
+
+def _time_arg(process: NoiseProcess, value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")
+    process.check_time(float(value), name)
+    return float(value)
+
+
+def flow_shifted(process: NoiseProcess, n: int, shift: float, t_start: Optional[float] = None,
+                 t_end: Optional[float] = None, native: Optional[tuple[float, float]] = None) -> Grid:
+    """flow_shift(u, shift) for u uniform between the unshifted flow sigmas of t_start and t_end.
+
+    `native` holds a pipeline's own unshifted first and last u; on the flow process they replace a t_start /
+    t_end that is not given, so the grid is that pipeline's sigmas (its u = 1 lands on t_top). Elsewhere the
+    defaults are the process's t_max / t_min.
+    """
+    n = _check_n(n)
+    shift = _positive(shift, "shift")
+    flow = isinstance(process, RectifiedFlow) and native is not None
+    us: list[float] = []
+    pinned: list[Optional[float]] = []   # the ends kept exactly; None where the pipeline's own end is used
+    for name, value, default, k in (("t_start", t_start, process.t_max, 0), ("t_end", t_end, process.t_min, 1)):
+        if value is None and flow:
+            us.append(native[k])  # type: ignore[index]
+            pinned.append(None)
+        else:
+            t = default if value is None else _time_arg(process, value, name)
+            us.append(flow_unshift(_flow_sigma(process, t), shift))
+            pinned.append(t)
+    if pinned[0] is not None and pinned[1] is not None and not pinned[1] < pinned[0]:
+        raise ValueError(f"t_end={pinned[1]!r} must be below t_start={pinned[0]!r} "
+                         "(grids run from noisiest to cleanest)")
+    ts = [_time_of_flow_sigma(process, flow_shift(float(u), shift)) for u in np.linspace(us[0], us[1], n + 1)]
+    start = ts[0] if pinned[0] is None else pinned[0]
+    end = ts[-1] if pinned[1] is None else pinned[1]
+    process.check_time(start, "t_start")
+    process.check_time(end, "t_end")
+    return _finish(ts, start, end)
+
+
+def _native_ends(kind: str, m: int, shift: float) -> tuple[float, float]:
+    """A pipeline's first and last unshifted sigma with m sigmas before its final 0."""
+    step = 1.0 / FLOW_TRAIN_STEPS
+    if kind == "flow-shift":
+        # FlowMatchEuler / FlowMatchHeun keep the shifted sigma_min of their 1000 training sigmas and shift the
+        # inference sigmas again: the last sigma is flow_shift(flow_shift(1/1000)).
+        return 1.0, flow_shift(step, shift)
+    if kind == "flow-dynamic":
+        return 1.0, 1.0 / m                     # FluxPipeline passes linspace(1, 1/m, m)
+    if kind == "flow-dpm":
+        return 1.0 - step, (1.0 - step) / m     # DPMSolverMultistep: 1 - linspace(1, 1/1000, m + 1), zero dropped
+    if kind == "flow-unipc":
+        return 1.0, float(np.linspace(1.0, step, m + 1)[m - 1])   # UniPCMultistep: linspace(1, 1/1000, m + 1)[:-1]
+    raise ValueError(f"grid={kind!r} is not a flow pipeline grid")
+
+
+FLOW_PIPELINE_GRIDS = ("flow-shift", "flow-dynamic", "flow-dpm", "flow-unipc")
+
+
+def flow_pipeline(kind: str, process: NoiseProcess, n: int, t_start: Optional[float] = None,
+                  t_end: Optional[float] = None, shift: float = 3.0) -> Grid:
+    """A diffusers flow-matching schedule with n + 1 sigmas before its final 0 (num_inference_steps = n + 1).
+
+    On the flow process with no t_start / t_end it is that scheduler's set_timesteps sigmas, a first sigma of 1
+    mapped to t_top; see docs/grids.md for which scheduler each kind is.
+    """
+    n = _check_n(n)
+    shift = _positive(shift, "shift")
+    return flow_shifted(process, n, shift, t_start, t_end, native=_native_ends(kind, n + 1, shift))
+
+
+def _flow_entry(kind: str) -> GridFn:
+    def fn(process: NoiseProcess, n: int, t_start: Optional[float] = None, t_end: Optional[float] = None,
+           shift: float = 3.0) -> Grid:
+        return flow_pipeline(kind, process, n, t_start, t_end, shift)
+
+    fn.__doc__ = f"diffusers' {kind} flow-matching sigmas (shift, default 3.0 as SD3)."
+    return fn
+
+
+def _flow_dynamic(process: NoiseProcess, n: int, t_start: Optional[float] = None, t_end: Optional[float] = None,
+                  mu: Optional[float] = None, image_seq_len: Optional[float] = None) -> Grid:
+    """FluxPipeline's sigmas: linspace(1, 1/m, m) under the exponential time shift e^mu (mu from image_seq_len)."""
+    if mu is not None and image_seq_len is not None:
+        raise ValueError("params.image_seq_len: give mu or image_seq_len, not both")
+    if mu is None:
+        seq = 4096.0 if image_seq_len is None else _positive(image_seq_len, "image_seq_len")
+        mu = flux_mu(seq)
+    elif isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu):
+        raise ValueError(f"mu={mu!r} must be a finite number")
+    return flow_pipeline("flow-dynamic", process, n, t_start, t_end, math.exp(mu))
+
+
+def from_flow_sigmas(sigmas: Sequence[float], process: Union[str, NoiseProcess] = "flow") -> Grid:
+    """A flow pipeline's sigmas (noisiest first) as times of the flow process.
+
+    A trailing 0 is dropped (the step to sigma 0 is our final denoise, x = D(x_N, t_N)), and sigmas above t_top
+    (the pipeline's pure-noise sigma 1) become t_top. Heun's repeated sigmas must be passed once each.
+    """
+    proc = processes.get(process)
+    if not isinstance(proc, RectifiedFlow):
+        raise ValueError(f"process={proc.name!r}: flow sigmas are times of the flow process")
+    values = [float(s) for s in sigmas]
+    if values and values[-1] == 0.0:
+        values = values[:-1]
+    if len(values) < 2:
+        raise ValueError("sigmas must hold at least 2 nonzero values")
+    ts = []
+    for i, s in enumerate(values):
+        if not math.isfinite(s) or s > 1.0:
+            raise ValueError(f"sigmas[{i}]={s!r} must be a finite flow sigma in (0, 1]")
+        t = min(s, proc.t_top)
+        proc.check_time(t, f"sigmas[{i}]")
+        ts.append(t)
+    return _finish(ts, ts[0], ts[-1], "sigmas")
+
+
 # ----- registry -------------------------------------------------------------------------------------------
-GridFn = Callable[..., Grid]
-
-
 def _ays_entry(table: str) -> GridFn:
     def fn(process: NoiseProcess, n: int, t_start: Optional[float] = None, t_end: Optional[float] = None) -> Grid:
         return ays(table, n, process, t_start, t_end)
@@ -232,6 +396,8 @@ _REGISTRY: dict[str, tuple[GridFn, tuple[str, ...]]] = {
     "edm": (edm, ("rho",)),
     "kl-optimal": (kl_optimal, ("c",)),
     **{f"ays-{table}": (_ays_entry(table), ()) for table in AYS_TABLES},
+    **{kind: (_flow_entry(kind), ("shift",)) for kind in FLOW_PIPELINE_GRIDS if kind != "flow-dynamic"},
+    "flow-dynamic": (_flow_dynamic, ("mu", "image_seq_len")),
 }
 
 
@@ -241,7 +407,7 @@ def names() -> list[str]:
 
 def get(name: str, process: str | NoiseProcess, n: int, t_start: Optional[float] = None,
         t_end: Optional[float] = None, **params: Any) -> Grid:
-    """The grid registered under `name` for `process` with n steps; extra params (rho, c) go to the grid."""
+    """The grid registered under `name` for `process` with n steps; extra params (rho, c, shift, mu) go to it."""
     if name not in _REGISTRY:
         raise ValueError(f"grid={name!r} is unknown; known grids: {', '.join(names())}")
     fn, allowed = _REGISTRY[name]

@@ -1,7 +1,8 @@
 """Noise processes: x_t = alpha(t) x0 + sigma(t) eps, with half-logSNR lambda = log(alpha / sigma).
 
 Every coefficient of an update rule is computed from these functions in float64 on Python floats; tensors
-never pass through here. Each process declares the time range its schedules may use.
+never pass through here. Each process declares [t_min, t_max], the range grids and searches use by default,
+and `t_top`, the largest time a schedule may use (t_max, except for flow: see RectifiedFlow).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["NoiseProcess", "VPLinear", "VPCosine", "VPDiscrete", "EDM", "RectifiedFlow", "get", "names"]
+__all__ = ["NoiseProcess", "VPLinear", "VPCosine", "VPDiscrete", "EDM", "RectifiedFlow", "FLOW_T_TOP", "get",
+           "names"]
 
 
 class NoiseProcess(ABC):
@@ -46,10 +48,15 @@ class NoiseProcess(ABC):
     def t_of_sigma_ve(self, sigma_ve: float) -> float:
         return self.t_of_lambda(-math.log(sigma_ve))
 
+    @property
+    def t_top(self) -> float:
+        """The largest time a schedule may use."""
+        return self.t_max
+
     def check_time(self, t: float, field: str) -> None:
-        tol = 1e-9 * max(1.0, abs(self.t_max))
-        if not (self.t_min - tol <= t <= self.t_max + tol):
-            raise ValueError(f"{field}={t!r} is outside the {self.name} time range [{self.t_min}, {self.t_max}]")
+        tol = 1e-9 * max(1.0, abs(self.t_top))
+        if not (self.t_min - tol <= t <= self.t_top + tol):
+            raise ValueError(f"{field}={t!r} is outside the {self.name} time range [{self.t_min}, {self.t_top}]")
 
 
 def _vp_sigma(log_alpha: float) -> float:
@@ -176,13 +183,35 @@ class EDM(NoiseProcess):
         return math.exp(-lam)
 
 
+# t = 1 is pure noise, where lambda = -inf and no exponential-integrator step can start. diffusers' UniPC moves a
+# flow schedule's first sigma from 1 to 1 - 1e-6 for that reason; the flow process reaches that far and no
+# further, and a pipeline's sigma 1 (FlowMatchEuler, FLUX) maps there (grids.from_flow_sigmas).
+FLOW_T_TOP = 1.0 - 1e-6
+
+
 @dataclass(frozen=True)
 class RectifiedFlow(NoiseProcess):
-    """Linear interpolation x_t = (1 - t) x0 + t eps (rectified flow / flow matching models)."""
+    """Linear interpolation x_t = (1 - t) x0 + t eps (rectified flow / flow matching models).
+
+    [t_min, t_max] is the default range of grids and searches (t_max = 1 - 1/1000, DPMSolverMultistep's first
+    unshifted flow sigma). Schedules may go up to t_top = FLOW_T_TOP, where a pipeline schedule that starts at
+    sigma 1 starts here.
+    """
 
     t_min: float = 1e-3
     t_max: float = 0.999
     name: str = "flow"
+
+    @property
+    def t_top(self) -> float:
+        return max(FLOW_T_TOP, self.t_max)
+
+    def check_time(self, t: float, field: str) -> None:
+        if isinstance(t, (int, float)) and self.t_top + 1e-9 < t <= 1.0:
+            raise ValueError(f"{field}={t!r} is outside the flow time range [{self.t_min}, {self.t_top}]: t = 1 "
+                             f"is pure noise (lambda = -inf); a pipeline's sigma 1 runs from t = {self.t_top} "
+                             "(grids.from_flow_sigmas)")
+        super().check_time(t, field)
 
     def log_alpha(self, t: float) -> float:
         return math.log1p(-t)

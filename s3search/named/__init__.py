@@ -1,4 +1,4 @@
-"""Samplers that the solver-schedule space cannot express (multi-stage SEEDS, EDM Heun, ...), run by name.
+"""Samplers that the solver-schedule space cannot express (multi-stage SEEDS, EDM Heun, flow Heun, ...), run by name.
 
     from s3search.named import NamedSchedule, run_named
     sched = NamedSchedule(sampler="seeds_2", process="edm", timesteps=(80.0, 10.0, 1.0, 0.1))
@@ -18,7 +18,7 @@ from .. import processes
 from ..noise import GeneratorArg
 from .registry import NamedSampler, Param, get_sampler, register, sampler_names
 from .schedule import NAMED_SCHEMA_VERSION, NamedSchedule
-from . import deis, edm, er_sde, ipndm, li_accelerated, seeds  # noqa: F401  (each registers its samplers)
+from . import deis, edm, er_sde, flow, ipndm, li_accelerated, seeds  # noqa: F401  (each registers its samplers)
 
 __all__ = ["NamedSchedule", "NamedSampler", "Param", "run_named", "get_sampler", "sampler_names", "register",
            "NAMED_SCHEMA_VERSION"]

@@ -16,8 +16,8 @@ from typing import Iterable, Optional, Sequence
 from .. import baselines, grids, processes
 from .study import AnySchedule, Candidate, Evaluated
 
-__all__ = ["CONVENTIONAL_GRID", "SEED_GRIDS", "label", "parse_label", "conventional", "on_grids",
-           "best_per_baseline", "best_grids"]
+__all__ = ["CONVENTIONAL_GRID", "SEED_GRIDS", "FLOW_SEED_GRIDS", "seed_grids", "label", "parse_label",
+           "conventional", "on_grids", "best_per_baseline", "best_grids"]
 
 # The grid each method's reference code uses by default (DPM-Solver / UniPC: logSNR; EDM-family codes: rho = 7;
 # Li et al. and DDIM on discrete models: time-uniform).
@@ -27,6 +27,14 @@ CONVENTIONAL_GRID: dict[str, str] = {
     "seeds_3": "logsnr", "li_accelerated_ode": "time-uniform", "li_accelerated_ddpm": "time-uniform",
 }
 SEED_GRIDS = ("logsnr", "edm", "time-uniform", "quadratic", "kl-optimal", "ays-sdxl")
+# SD3's shifted grid (shift 3). On the search's range the other flow pipeline grids are this one again
+# (flow-dpm, flow-unipc) or nearly (flow-dynamic, shift e^1.15), so one is enough.
+FLOW_SEED_GRIDS = ("flow-shift",)
+
+
+def seed_grids(process: str) -> tuple[str, ...]:
+    """The standard grids for `process`: SEED_GRIDS, plus the flow pipeline grid on the flow process."""
+    return SEED_GRIDS + FLOW_SEED_GRIDS if processes.get(process).name == "flow" else SEED_GRIDS
 
 
 def label(name: str, grid: str) -> str:
