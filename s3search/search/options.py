@@ -96,7 +96,7 @@ class SearchOptions:
     baselines: Optional[tuple[str, ...]] = _opt(None, "strings", "restrict seeding to these baseline names",
                                                 nullable=True)
     baseline_grids: Optional[tuple[str, ...]] = _opt(None, "strings", "grids of seeding stage 2 (default: six "
-                                                     "standard grids)", nullable=True)
+                                                     "standard grids, and flow-shift on the flow process)", nullable=True)
     top_baselines_on_grids: int = _opt(5, "integer", "how many stage-1 baselines go on to stage 2", ge=0, le=100)
     baseline_spread_grids: int = _opt(1, "integer", "stage 3: every baseline on this many of the best grids",
                                       ge=0, le=50)

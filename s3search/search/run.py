@@ -127,7 +127,7 @@ def _seed_baselines(ctx: SearchContext, nfe: int, process: str) -> None:
                                                             t_end=t_end))
     best = baselines_seed.best_per_baseline(ctx.ledger.done.values(), nfe)
     top = [name for name, _ in sorted(best.items(), key=lambda kv: kv[1].value)][: o.top_baselines_on_grids]
-    grids = tuple(o.baseline_grids or baselines_seed.SEED_GRIDS)
+    grids = tuple(o.baseline_grids or baselines_seed.seed_grids(process))
     _seed_stage(ctx, nfe, cap, baselines_seed.on_grids(top, nfe, process, grid_names=grids, t_start=t_start,
                                                         t_end=t_end))
     # Stage 3: every baseline on the grids that served the best ones: a grid that lifts one method often lifts
