@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -12,7 +13,41 @@ import torch
 
 from ..denoisers import Denoiser
 
-__all__ = ["ModelSpec", "ModelTraits", "single_threaded"]
+__all__ = ["Conditions", "ModelSpec", "ModelTraits", "single_threaded"]
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """One batch of text conditioning for `ModelSpec.denoiser_for`; None fields take the model's defaults.
+
+    The prompts apply to the rows of x in order, each to len(x) / len(prompts) consecutive rows (as a pipeline's
+    num_images_per_prompt does), so one prompt conditions a batch of any size. The names and meanings are those
+    of the pipelines' __call__ arguments: guidance_scale is the classifier-free guidance weight, except for FLUX
+    where it is the distilled guidance the transformer embeds and true_cfg_scale (with negative prompts) is CFG.
+    """
+
+    prompts: tuple[str, ...]
+    negative_prompts: Optional[tuple[str, ...]] = None   # one, or one per prompt
+    guidance_scale: Optional[float] = None
+    true_cfg_scale: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        prompts = (self.prompts,) if isinstance(self.prompts, str) else tuple(self.prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts={self.prompts!r} must be a non-empty sequence of strings")
+        object.__setattr__(self, "prompts", prompts)
+        if self.negative_prompts is not None:
+            negative = (self.negative_prompts,) if isinstance(self.negative_prompts, str) else \
+                tuple(self.negative_prompts)
+            if len(negative) not in (1, len(prompts)) or not all(isinstance(p, str) for p in negative):
+                raise ValueError(f"negative_prompts must be one string or {len(prompts)} (one per prompt); "
+                                 f"got {self.negative_prompts!r}")
+            object.__setattr__(self, "negative_prompts", negative * (len(prompts) // len(negative)))
+        for name in ("guidance_scale", "true_cfg_scale"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ValueError(f"{name}={value!r} must be a finite number")
 
 
 @dataclass(frozen=True)
@@ -41,10 +76,22 @@ class ModelSpec:
     features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     exact: Any = None                        # e.g. the GaussianMixture, for exact metrics (NLL, mode weights)
     provenance: dict[str, str] = field(default_factory=dict)  # weights hash, source path, ...
+    # Text-conditioned models (kind diffusers-pipeline): `denoiser` is then the model at its default prompt, and
+    # denoiser_for(conditions) the model for one batch of prompts, on the same process and shape.
+    denoiser_for: Optional[Callable[[Conditions], Denoiser]] = None
+    # Latent models: latents [B, *shape] -> images [B, 3, H, W] in [-1, 1] (the data_range image metrics expect).
+    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # The times, on this process, at which the model's own sampler evaluates it for n steps (a pipeline's
+    # scheduler with its shift), for comparing a searched schedule with the shipped one.
+    scheduler_times: Optional[Callable[[int], list[float]]] = None
 
     @property
     def process(self):
         return self.denoiser.process
+
+    @property
+    def conditional(self) -> bool:
+        return self.denoiser_for is not None
 
     @property
     def fingerprint(self) -> str:

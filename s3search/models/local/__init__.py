@@ -1,7 +1,7 @@
 """Models from a local path, named in a server-side registry file (TOML or JSON), never in a request.
 
     [models.cifar10-ddpm]                  # TOML: one table per model, keyed by name
-    kind = "diffusers-unet"                # diffusers-unet | torchscript | entrypoint
+    kind = "diffusers-unet"                # diffusers-unet | torchscript | entrypoint | diffusers-pipeline
     path = "/models/ddpm-cifar10"          # relative paths are relative to the registry file
     reference = "/data/cifar10-50k.npy"    # optional: [N, *shape] images (uint8 0..255 or floats in data_range)
     features = "inception"                 # optional: inception | digits | "module:factory"
@@ -19,10 +19,12 @@ Kinds:
   net(x, time_input, class_labels); `process` and `prediction_type` are required.
 - entrypoint: "package.module:factory"; factory(**options) returns a `Denoiser` (or a ModelSpec). For guidance
   it is called as factory(class_label=..., **options) for the conditional and unconditional denoisers.
+- diffusers-pipeline: a text-to-image pipeline folder (model_index.json: SD 1.x/2.x, SDXL, SD3, FLUX); the
+  ModelSpec is text-conditioned (`denoiser_for`, `decode`, `scheduler_times`; see s3search.models.pipelines).
 
 The package is split by job: `registry_file` (the format, `LocalModelEntry`, parsing), `noise` (processes and
 time inputs), `common` (paths, device, reference data, features, hashes), one module per kind
-(`diffusers_unet`, `torchscript`, `entrypoint`) and `build` (entry -> ModelSpec).
+(`diffusers_unet`, `torchscript`, `entrypoint`, `diffusers_pipeline`) and `build` (entry -> ModelSpec).
 """
 
 from .build import build_model

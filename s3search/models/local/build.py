@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ..base import ModelSpec
-from . import diffusers_unet, torchscript
+from . import diffusers_pipeline, diffusers_unet, torchscript
 from .common import features_hashes, features_of, load_reference
 from .entrypoint import entrypoint_denoiser
 from .network import network_denoiser
@@ -34,6 +34,8 @@ def _hashes(entry: LocalModelEntry) -> dict[str, str]:
 
 def build_model(entry: LocalModelEntry) -> ModelSpec:
     """Load the weights and assemble the ModelSpec for one registry entry."""
+    if entry.kind == "diffusers-pipeline":
+        return diffusers_pipeline.build(entry)
     spec: Optional[ModelSpec] = None
     if entry.kind == "entrypoint":
         denoiser, shape, spec = entrypoint_denoiser(entry)

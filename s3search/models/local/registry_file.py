@@ -14,10 +14,10 @@ from ..guidance import check_guidance
 if TYPE_CHECKING:
     from ..base import ModelSpec
 
-__all__ = ["KINDS", "FIELDS", "PREDICTION_TYPES", "TIME_INPUTS", "LocalModelEntry", "parse_registry",
-           "load_registry_file"]
+__all__ = ["KINDS", "FIELDS", "NETWORK_ONLY_FIELDS", "PIPELINE_ONLY_FIELDS", "DTYPES", "PREDICTION_TYPES",
+           "TIME_INPUTS", "LocalModelEntry", "parse_registry", "load_registry_file"]
 
-KINDS = ("diffusers-unet", "torchscript", "entrypoint")
+KINDS = ("diffusers-unet", "torchscript", "entrypoint", "diffusers-pipeline")
 # Accepted spellings -> the adapter in s3search.denoisers.
 PREDICTION_TYPES = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v", "x0": "x0",
                     "sample": "x0", "flow": "flow"}
@@ -25,7 +25,15 @@ PREDICTION_TYPES = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v
 TIME_INPUTS = ("auto", "t", "t*1000", "step", "sigma")
 FIELDS = ("name", "kind", "path", "process", "prediction_type", "time_input", "shape", "data_range",
           "guidance_scale", "class_label", "null_label", "reference", "features", "inception_weights",
-          "metric", "description", "options", "device", "expose_process")
+          "metric", "description", "options", "device", "expose_process", "height", "width", "prompt",
+          "negative_prompt", "true_cfg_scale", "max_sequence_length", "dtype", "batch_size", "variant")
+# A pipeline reads its process, prediction type, time input and latent shape from its own folder, and has no
+# class labels; these fields belong to the other kinds.
+NETWORK_ONLY_FIELDS = ("process", "prediction_type", "time_input", "shape", "data_range", "class_label",
+                       "null_label", "reference", "features", "inception_weights", "options")
+PIPELINE_ONLY_FIELDS = ("height", "width", "prompt", "negative_prompt", "true_cfg_scale", "max_sequence_length",
+                        "dtype", "batch_size", "variant")
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,16 @@ class LocalModelEntry:
     options: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     expose_process: Optional[str] = None        # the registered process schedules name (see noise.process_view)
+    # kind diffusers-pipeline (see diffusers_pipeline.py); None takes the pipeline's own default
+    height: Optional[int] = None                # pixels
+    width: Optional[int] = None
+    prompt: str = ""                            # the prompt of ModelSpec.denoiser
+    negative_prompt: Optional[str] = None
+    true_cfg_scale: Optional[float] = None      # FLUX
+    max_sequence_length: Optional[int] = None   # SD3, FLUX
+    dtype: str = "float32"
+    batch_size: int = 8
+    variant: Optional[str] = None               # e.g. fp16: loads *.fp16.safetensors
 
     def err(self, field_name: str, message: str) -> str:
         return f"{self.where}.{field_name}: {message}"
@@ -121,6 +139,15 @@ def _parse_entry(name: str, raw: dict[str, Any], source: str, base_dir: Path) ->
         raise ValueError(f"{where}.path={path!r} must be a non-empty string")
     if kind == "entrypoint" and (path.count(":") != 1 or not all(path.split(":"))):
         raise ValueError(f"{where}.path={path!r} must be 'package.module:factory'")
+    if kind == "diffusers-pipeline":
+        misplaced = [f for f in NETWORK_ONLY_FIELDS if f in raw]
+        if misplaced:
+            raise ValueError(f"{where}.{misplaced[0]} does not apply to kind=diffusers-pipeline (the pipeline "
+                             "folder gives its process, prediction type and latent shape)")
+    else:
+        misplaced = [f for f in PIPELINE_ONLY_FIELDS if f in raw]
+        if misplaced:
+            raise ValueError(f"{where}.{misplaced[0]} applies to kind=diffusers-pipeline only")
     kw: dict[str, Any] = {}
 
     process = raw.get("process")
@@ -151,7 +178,7 @@ def _parse_entry(name: str, raw: dict[str, Any], source: str, base_dir: Path) ->
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
             raise ValueError(f"{where}.shape={shape!r} must be a list of positive integers")
         kw["shape"] = tuple(shape)
-    elif kind != "diffusers-unet":
+    elif kind not in ("diffusers-unet", "diffusers-pipeline"):
         raise ValueError(f"{where}.shape is required for kind={kind} (one sample, e.g. [3, 32, 32])")
     if "data_range" in raw:
         dr = raw["data_range"]
@@ -171,7 +198,7 @@ def _parse_entry(name: str, raw: dict[str, Any], source: str, base_dir: Path) ->
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{where}.{label}={v!r} must be a non-negative integer")
             kw[label] = v
-    if "guidance_scale" in kw:
+    if "guidance_scale" in kw and kind != "diffusers-pipeline":
         if "class_label" not in kw:
             raise ValueError(f"{where}.class_label is required with guidance_scale")
         if kind != "entrypoint" and "null_label" not in kw and kw["guidance_scale"] != 1.0:
@@ -189,7 +216,38 @@ def _parse_entry(name: str, raw: dict[str, Any], source: str, base_dir: Path) ->
                          f"{', '.join(processes.names())}")
     if "options" in raw:
         kw["options"] = dict(_typed(where, "options", raw["options"], dict, "a table of keyword arguments"))
+    if kind == "diffusers-pipeline":
+        kw.update(_pipeline_fields(where, raw))
     return LocalModelEntry(name=name, kind=kind, path=path, where=where, base_dir=base_dir, **kw)
+
+
+def _positive_int(where: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{where}.{name}={value!r} must be a positive integer")
+    return value
+
+
+def _pipeline_fields(where: str, raw: dict[str, Any]) -> dict[str, Any]:
+    kw: dict[str, Any] = {"device": raw.get("device", "auto")}
+    for name in ("height", "width", "batch_size", "max_sequence_length"):
+        if name in raw:
+            kw[name] = _positive_int(where, name, raw[name])
+    for name in ("prompt", "negative_prompt"):
+        if name in raw:
+            kw[name] = _typed(where, name, raw[name], str, "a string")
+    if "true_cfg_scale" in raw:
+        kw["true_cfg_scale"] = check_guidance(raw["true_cfg_scale"], f"{where}.true_cfg_scale")
+    if "dtype" in raw:
+        if raw["dtype"] not in DTYPES:
+            raise ValueError(f"{where}.dtype={raw['dtype']!r} must be one of {', '.join(DTYPES)}")
+        kw["dtype"] = raw["dtype"]
+    if "variant" in raw:
+        variant = raw["variant"]
+        if not isinstance(variant, str) or not variant or not all(c.isalnum() or c == "_" for c in variant):
+            raise ValueError(f"{where}.variant={variant!r} must be a variant name such as fp16 (the part of "
+                             "'*.fp16.safetensors' between the dots)")
+        kw["variant"] = variant
+    return kw
 
 
 def parse_registry(path: str | Path) -> list[LocalModelEntry]:

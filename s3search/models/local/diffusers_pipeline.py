@@ -1,0 +1,211 @@
+"""Kind `diffusers-pipeline`: a text-to-image pipeline folder (model_index.json), loaded with diffusers' classes.
+
+The folder is checked before anything is loaded: the pipeline class must be one of `pipelines.FAMILIES`, every
+component the pipeline needs must be listed and present, and every model component must hold safetensors
+weights (of the entry's `variant`, or plain); a pickled file (.bin, .pt, ...) is refused by name, since loading
+it could run code. The safety checker, feature extractor and image encoder are never loaded. The ModelSpec's
+`denoiser` is the model at the entry's `prompt`; `denoiser_for`, `decode` and `scheduler_times` come from
+`s3search.models.pipelines`, put on a registered process as the diffusers-unet kind is (noise.registered).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from ... import processes
+from ...denoisers import Denoiser
+from ..base import Conditions, ModelSpec
+from ..pipelines import FAMILIES, PipelineModel, PipelineSettings, SizeError, pipeline_model
+from .common import device_of, existing, file_sha256, read_json
+from .noise import exposure, registered, target_name
+from .registry_file import LocalModelEntry
+
+__all__ = ["REQUIRED", "SKIPPED", "load", "build"]
+
+# What each pipeline needs to turn prompts into latents and latents into images.
+REQUIRED = {
+    "StableDiffusionPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "StableDiffusionXLPipeline": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                  "scheduler"),
+    "StableDiffusion3Pipeline": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                 "scheduler"),
+    "FluxPipeline": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                     "scheduler"),
+}
+# Components a sampler of latents never calls; they are passed as None so that nothing of theirs is read.
+SKIPPED = ("safety_checker", "feature_extractor", "image_encoder")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# name[.variant][-00001-of-00003].safetensors, as diffusers and transformers write weights and their shards
+_SAFETENSORS = re.compile(r"^[^.]+(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:-\d+-of-\d+)?\.safetensors$")
+
+
+def _index(entry: LocalModelEntry) -> tuple[Path, dict[str, Any]]:
+    root = existing(entry, "path", entry.path, want_dir=True,
+                    what_dir="a diffusers pipeline folder holding model_index.json")
+    index_file = root / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(entry.err("path", f"{root} holds no model_index.json (a pipeline folder as "
+                                                  "written by save_pretrained)"))
+    index = read_json(entry, index_file)
+    name = index.get("_class_name")
+    if name not in FAMILIES:
+        raise ValueError(entry.err("path", f"{index_file} names {name!r}; kind=diffusers-pipeline loads "
+                                           f"{', '.join(FAMILIES)}"))
+    return root, index
+
+
+def _components(entry: LocalModelEntry, root: Path, index: dict[str, Any]) -> dict[str, Path]:
+    """name -> folder of every component that will be loaded, after checking the required ones are there."""
+    pipeline = index["_class_name"]
+    listed = {k: v for k, v in index.items()
+              if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and k not in SKIPPED}
+    for name in REQUIRED[pipeline]:
+        if name not in listed or listed[name][1] is None:
+            raise ValueError(entry.err("path", f"{root / 'model_index.json'} lists no {name}; {pipeline} needs "
+                                               f"its {name} to sample and decode from prompts"))
+    out = {}
+    for name, (_, cls) in sorted(listed.items()):
+        if cls is None:
+            continue  # an optional component saved as absent (SD3's text_encoder_3, ...)
+        folder = root / name
+        if not folder.is_dir():
+            raise FileNotFoundError(entry.err("path", f"{folder} is missing (model_index.json lists {name} = "
+                                                      f"{cls})"))
+        out[name] = folder
+    return out
+
+
+def _weights(entry: LocalModelEntry, folder: Path) -> list[Path]:
+    """The safetensors files of a model component that from_pretrained will read; [] for a tokenizer or scheduler."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    safetensors = {p: m.group("variant") for p in files if (m := _SAFETENSORS.match(p.name))}
+    chosen = [p for p, v in safetensors.items() if entry.variant is not None and v == entry.variant]
+    plain = [p for p, v in safetensors.items() if v is None]
+    if chosen or plain:
+        return chosen or plain
+    pickled = [p for p in files if p.suffix in _PICKLED]
+    variants = sorted({v for v in safetensors.values() if v is not None})
+    if variants:
+        raise FileNotFoundError(entry.err("variant", f"{folder} holds only {', '.join(variants)} variant weights "
+                                                     f"({next(iter(safetensors)).name}); set variant = "
+                                                     f"\"{variants[0]}\""))
+    if pickled:
+        raise FileNotFoundError(entry.err("path", f"{pickled[0]} is pickled weights, which are never loaded (they "
+                                                  "can run code); convert the component to .safetensors"))
+    if (folder / "config.json").is_file():
+        raise FileNotFoundError(entry.err("path", f"{folder} holds a config.json but no .safetensors weights"))
+    return []
+
+
+def load(entry: LocalModelEntry) -> tuple[PipelineModel, list[Path]]:
+    """The pipeline with its family adapter, and the files it was read from (for the weights hash)."""
+    import diffusers
+
+    root, index = _index(entry)
+    folders = _components(entry, root, index)
+    weights = {name: _weights(entry, folder) for name, folder in folders.items()}
+    cls = getattr(diffusers, index["_class_name"])
+    params = inspect.signature(cls.__init__).parameters
+    kwargs: dict[str, Any] = {name: None for name in SKIPPED if name in params}
+    # diffusers insists on every expected component; one saved as absent (SD3 without T5) is passed as None
+    kwargs.update({name: None for name, value in index.items()
+                   if name in params and isinstance(value, list) and len(value) == 2 and value[1] is None})
+    if "requires_safety_checker" in params:
+        kwargs["requires_safety_checker"] = False
+    if "add_watermarker" in params:
+        kwargs["add_watermarker"] = False  # applied to decoded images by the pipeline's postprocessing, not here
+    try:
+        with warnings.catch_warnings():
+            # newer diffusers renamed torch_dtype to dtype; the old name works in every version >= 0.30
+            warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
+            pipe = cls.from_pretrained(str(root), local_files_only=True, use_safetensors=True,
+                                       torch_dtype=_DTYPES[entry.dtype], variant=entry.variant, **kwargs)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+        raise ValueError(entry.err("path", f"{root} could not be loaded as a {cls.__name__}: {e}")) from None
+    pipe = pipe.to(device_of(entry))
+    settings = PipelineSettings(height=entry.height, width=entry.width, guidance_scale=entry.guidance_scale,
+                                negative_prompt=entry.negative_prompt,
+                                true_cfg_scale=1.0 if entry.true_cfg_scale is None else entry.true_cfg_scale,
+                                max_sequence_length=entry.max_sequence_length, batch_size=entry.batch_size,
+                                prompt=entry.prompt)
+    try:
+        model = pipeline_model(pipe, settings)
+    except SizeError as e:
+        raise ValueError(entry.err("height", str(e))) from None
+    except ValueError as e:
+        raise ValueError(entry.err("path", f"{root}: {e}")) from None
+    files = [root / "model_index.json"]
+    for name, folder in folders.items():
+        files += [p for p in sorted(folder.iterdir()) if p.is_file() and not _is_weights(p)] + weights[name]
+    return model, files
+
+
+def _is_weights(path: Path) -> bool:
+    return path.suffix in _PICKLED or path.name.endswith(".safetensors")
+
+
+def _weights_sha256(root: Path, files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def _exposed_times(model: PipelineModel, target: processes.NoiseProcess) -> Callable[[int], list[float]]:
+    src = model.process
+
+    def times(n: int) -> list[float]:
+        out = []
+        for t in model.scheduler_times(n):
+            t_dst = t if target == src else target.t_of_lambda(src.lambda_(min(max(t, src.t_min), src.t_max)))
+            out.append(min(max(t_dst, target.t_min), target.t_max))
+        return out
+
+    return times
+
+
+def build(entry: LocalModelEntry) -> ModelSpec:
+    model, files = load(entry)
+    same, process_note = exposure(model.process, entry)
+    target = same if same is not None else processes.get(target_name(entry))
+
+    def denoiser_for(conditions: Conditions) -> Denoiser:
+        denoiser, _ = registered(model.denoiser_for(conditions), entry)
+        denoiser.name = entry.name
+        return denoiser
+
+    default = Conditions((entry.prompt,))
+    held: list[Optional[Denoiser]] = [None]
+
+    def at_default_prompt(x: torch.Tensor, t: float) -> torch.Tensor:
+        if held[0] is None:  # on first use, so that building the spec encodes no prompt
+            held[0] = denoiser_for(default)
+        return held[0](x, t)
+
+    root = files[0].parent
+    pipeline = type(model.pipe).__name__
+    provenance = {"registry_entry": entry.where, "kind": entry.kind, "path": entry.path, "pipeline": pipeline,
+                  "process": target.name, "process_note": process_note,
+                  "weights_sha256": _weights_sha256(root, files), "dtype": entry.dtype,
+                  "variant": entry.variant or "", "height": str(model.height), "width": str(model.width),
+                  "prompt": entry.prompt, "negative_prompt": "" if entry.negative_prompt is None
+                  else entry.negative_prompt, "guidance_scale": str(model.guidance(default))}
+    if isinstance(model, FAMILIES["FluxPipeline"]):
+        provenance["true_cfg_scale"] = str(model.settings.true_cfg_scale)
+    if model.shift_note():
+        provenance["shift"] = model.shift_note()
+    return ModelSpec(name=entry.name, denoiser=Denoiser(fn=at_default_prompt, process=target, name=entry.name),
+                     shape=tuple(model.shape),
+                     description=entry.description or f"{pipeline} {entry.path} at {model.height}x{model.width}",
+                     default_metric=entry.metric or "trajectory", provenance=provenance,
+                     denoiser_for=denoiser_for, decode=model.decode,
+                     scheduler_times=_exposed_times(model, target))
