@@ -56,3 +56,9 @@ def test_conditions_carry_the_negative_prompt_or_the_default(tmp_path):
     c = conditions_for(ps, seed=0, split="test", start=0, n=4, guidance_scale=7.5, default_negative="ugly")
     assert len(c.prompts) == 4 and c.guidance_scale == 7.5
     assert {(p, n) for p, n in zip(c.prompts, c.negative_prompts)} == {("a", "n"), ("b", "ugly")}
+
+
+def test_without_any_negative_prompt_the_pipeline_default_is_kept(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("a\nb\n")
+    assert conditions_for(load_prompt_set(txt), 0, "search", 0, 3).negative_prompts is None

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..evaluation.seeds import SPLITS
+from .base import Conditions
 
-__all__ = ["Prompt", "PromptSet", "Conditions", "load_prompt_set", "prompt_indices", "conditions_for"]
+__all__ = ["Prompt", "PromptSet", "load_prompt_set", "prompt_indices", "conditions_for"]
 
 MAX_PROMPT_CHARS = 2000
 
@@ -40,19 +41,6 @@ class PromptSet:
     def __post_init__(self) -> None:
         if not self.prompts:
             raise ValueError(f"prompt set {self.name!r} is empty")
-
-
-@dataclass(frozen=True)
-class Conditions:
-    """What a conditional denoiser is built for: one prompt (and negative prompt) per row, and the guidance."""
-
-    prompts: tuple[str, ...]
-    negative_prompts: tuple[str, ...]
-    guidance_scale: float
-
-    def __post_init__(self) -> None:
-        if len(self.prompts) != len(self.negative_prompts):
-            raise ValueError("conditions need one negative prompt per prompt")
 
 
 def _parse_line(line: str, path: Path, number: int, jsonl: bool) -> Optional[Prompt]:
@@ -116,11 +104,15 @@ def prompt_indices(n_prompts: int, seed: int, split: str, start: int, n: int) ->
     return [(start + i + offset) % n_prompts for i in range(n)]
 
 
-def conditions_for(prompt_set: PromptSet, seed: int, split: str, start: int, n: int, guidance_scale: float,
-                   default_negative: str = "") -> Conditions:
-    """The conditions of rows start .. start + n - 1: their prompts by the rule above, and the guidance."""
+def conditions_for(prompt_set: PromptSet, seed: int, split: str, start: int, n: int,
+                   guidance_scale: Optional[float] = None, default_negative: str = "") -> Conditions:
+    """The conditions of rows start .. start + n - 1 (one prompt a row), by the rule above; guidance None is
+    the model's default."""
     chosen: Sequence[Prompt] = [prompt_set.prompts[i]
                                 for i in prompt_indices(len(prompt_set.prompts), seed, split, start, n)]
+    negatives = tuple(p.negative or default_negative for p in chosen)
+    # No negative prompt at all: None, so the pipeline uses its own default (SDXL zeroes the negative
+    # embeddings, which is not what encoding "" gives).
     return Conditions(prompts=tuple(p.text for p in chosen),
-                      negative_prompts=tuple(p.negative or default_negative for p in chosen),
-                      guidance_scale=float(guidance_scale))
+                      negative_prompts=negatives if any(negatives) else None,
+                      guidance_scale=None if guidance_scale is None else float(guidance_scale))
