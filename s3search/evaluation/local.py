@@ -20,6 +20,7 @@ import torch
 from .. import metrics, processes
 from ..models import registry
 from ..models.base import ModelSpec
+from ..models.prompts import conditions_for
 from ..noise import generators_for, randn_rows
 from .base import EvalRequest, EvalResult
 from .reference import load_or_compute
@@ -106,25 +107,55 @@ class LocalEvaluator:
         like = torch.empty((len(gens), *model.shape), dtype=dtype)
         return process.sigma(t0) * randn_rows(like, gens)
 
+    def _batches(self, model: ModelSpec, request: EvalRequest) -> list[tuple[int, list[int], Any]]:
+        """(first row, seeds, denoiser) per batch. A text-to-image model gets each batch's own prompts by the
+        rule of models.prompts, so a row meets the same prompt whatever batch or worker it lands in."""
+        seeds = sample_seeds(request.seed, request.split, request.n_samples)
+        prompt_set = self._prompt_set(model, request)
+        out = []
+        for i in range(0, len(seeds), self.batch_size):
+            rows = seeds[i:i + self.batch_size]
+            denoiser = model.denoiser
+            if prompt_set is not None:
+                denoiser = model.denoiser_for(conditions_for(prompt_set, request.seed, request.split, i, len(rows),
+                                                             request.guidance_scale))
+            out.append((i, rows, denoiser))
+        return out
+
+    @staticmethod
+    def _prompt_set(model: ModelSpec, request: EvalRequest) -> Any:
+        if not model.conditional:
+            if request.prompt_set is not None or request.guidance_scale is not None:
+                raise ValueError(f"model={model.name!r} is not text-conditioned: it takes no prompt set or "
+                                 "guidance scale")
+            return None
+        name = request.prompt_set or model.default_prompt_set
+        if name is None:
+            raise ValueError(f"model={model.name!r} has no prompt set: name one in its registry entry "
+                             "(prompts = \"captions.txt\")")
+        if name not in model.prompt_sets:
+            raise ValueError(f"prompt_set={name!r} is not a prompt set of model={model.name!r} "
+                             f"(known: {', '.join(model.prompt_sets)})")
+        return model.prompt_sets[name]
+
     def _generate(self, model: ModelSpec, schedule: Any, request: EvalRequest,
                   keep_x_T: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         process = processes.get(schedule.process)
-        seeds = sample_seeds(request.seed, request.split, request.n_samples)
         outs, starts = [], []
         sample = self._sample_fn()
-        for i in range(0, len(seeds), self.batch_size):
-            gens = generators_for(seeds[i:i + self.batch_size])
+        for _, rows, denoiser in self._batches(model, request):
+            gens = generators_for(rows)
             x_T = self._x_T(model, process, schedule.timesteps[0], gens)
             if keep_x_T:
                 starts.append(x_T.clone())
-            outs.append(sample(model.denoiser, x_T.to(self.device), schedule, gens).detach().cpu())
+            outs.append(sample(denoiser, x_T.to(self.device), schedule, gens).detach().cpu())
         return torch.cat(outs), (torch.cat(starts) if keep_x_T else None)
 
     def _trajectory_reference(self, model: ModelSpec, schedule: Any, request: EvalRequest,
                               x_T: torch.Tensor) -> torch.Tensor:
         t0, t_end = schedule.timesteps[0], schedule.timesteps[-1]
         key = (model.name, schedule.process, request.n_samples, request.seed, request.split, self.prior,
-               float(t0), float(t_end), schedule.final)
+               float(t0), float(t_end), schedule.final, request.prompt_set, request.guidance_scale)
         if key not in self._trajectories:
             process = processes.get(schedule.process)
             if hasattr(model.exact, "exact_pf_ode"):
@@ -132,12 +163,23 @@ class LocalEvaluator:
                 if schedule.final == "denoise":
                     ref = model.exact.denoise(ref, process, t_end)
             else:
+                # The teacher is the same model, conditions and x_T on a fine grid: one (prompt, noise) pair,
+                # one reference, computed once per process and reused by every schedule of the study.
                 hi = trajectory_reference_schedule(schedule.process, t0, t_end, schedule.final,
                                                    self.trajectory_steps)
-                ref = torch.cat([self._sample_fn()(model.denoiser, x_T[i:i + self.batch_size].to(self.device), hi,
-                                                   None).cpu() for i in range(0, len(x_T), self.batch_size)])
+                ref = torch.cat([self._sample_fn()(denoiser, x_T[i:i + len(rows)].to(self.device), hi, None).cpu()
+                                 for i, rows, denoiser in self._batches(model, request)])
             self._trajectories[key] = ref.to(x_T.dtype)
         return self._trajectories[key]
+
+    @staticmethod
+    def _for_metric(model: ModelSpec, metric: metrics.Metric, samples: torch.Tensor) -> torch.Tensor:
+        """Latent models: images from the model's decoder for image metrics; `trajectory` compares the latents
+        themselves (the data-free objective, with no decode to pay)."""
+        if model.decode is None or metric.needs_trajectory_reference:
+            return samples
+        return torch.cat([model.decode(samples[i:i + model_decode_batch(model)])
+                          for i in range(0, len(samples), model_decode_batch(model))])
 
     def _extras(self, model: ModelSpec, samples: torch.Tensor) -> dict[str, float]:
         if not self.extras or not hasattr(model.exact, "log_prob"):
@@ -161,7 +203,8 @@ class LocalEvaluator:
             if bad:
                 raise FloatingPointError(f"{bad} of {len(samples)} samples are NaN or infinite")
             traj = self._trajectory_reference(model, schedule, request, x_T) if x_T is not None else None
-            value = metric.compute(samples, metrics.MetricContext(model, reference, traj))
+            value = metric.compute(self._for_metric(model, metric, samples),
+                                   metrics.MetricContext(model, reference, traj))
             if not math.isfinite(value):
                 raise FloatingPointError(f"metric {metric.name} is {value}")
             extras = self._extras(model, samples)
@@ -184,12 +227,17 @@ class LocalEvaluator:
         out = []
         for schedule in schedules:
             key = (schedule_hash(schedule), request.model, request.metric, request.n_samples, request.seed,
-                   request.split, self.prior, self.reference_n)
+                   request.split, request.prompt_set, request.guidance_scale, self.prior, self.reference_n)
             result = self._results.get(key) or self._one(schedule, request, model, metric)
             if result.ok:  # errors may be transient (memory, a dying worker): they are not memoised
                 self._results[key] = result
             out.append(result)
         return out
+
+
+def model_decode_batch(model: ModelSpec) -> int:
+    """Rows per decoder call: the model's own evaluation batch size where it declares one."""
+    return int(getattr(model, "batch_size", None) or 64)
 
 
 def _safe_nfe(schedule: Any) -> int:

@@ -84,6 +84,9 @@ class ModelSpec:
     # The times, on this process, at which the model's own sampler evaluates it for n steps (a pipeline's
     # scheduler with its shift), for comparing a searched schedule with the shipped one.
     scheduler_times: Optional[Callable[[int], list[float]]] = None
+    # Text-to-image models: the prompt sets a job may name (models.prompts.PromptSet by name) and the default.
+    prompt_sets: dict[str, Any] = field(default_factory=dict)
+    default_prompt_set: Optional[str] = None
 
     @property
     def process(self):

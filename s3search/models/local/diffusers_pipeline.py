@@ -23,6 +23,7 @@ from ... import processes
 from ...denoisers import Denoiser
 from ..base import Conditions, ModelSpec
 from ..pipelines import FAMILIES, PipelineModel, PipelineSettings, SizeError, pipeline_model
+from ..prompts import PromptSet, load_prompt_set
 from .common import device_of, existing, file_sha256, read_json
 from .noise import exposure, registered, target_name
 from .registry_file import LocalModelEntry
@@ -173,6 +174,16 @@ def _exposed_times(model: PipelineModel, target: processes.NoiseProcess) -> Call
     return times
 
 
+def _prompt_sets(entry: LocalModelEntry) -> dict[str, PromptSet]:
+    out = {}
+    for name, file in entry.prompts.items():
+        try:
+            out[name] = load_prompt_set(entry.resolve(file), name)
+        except ValueError as e:
+            raise ValueError(entry.err("prompts", str(e))) from None
+    return out
+
+
 def build(entry: LocalModelEntry) -> ModelSpec:
     model, files = load(entry)
     same, process_note = exposure(model.process, entry)
@@ -203,9 +214,13 @@ def build(entry: LocalModelEntry) -> ModelSpec:
         provenance["true_cfg_scale"] = str(model.settings.true_cfg_scale)
     if model.shift_note():
         provenance["shift"] = model.shift_note()
+    prompt_sets = _prompt_sets(entry)
+    # The prompts decide the metric's value: caches keyed by the fingerprint must follow the files.
+    provenance.update({f"prompts:{name}": ps.sha256 for name, ps in prompt_sets.items()})
     return ModelSpec(name=entry.name, denoiser=Denoiser(fn=at_default_prompt, process=target, name=entry.name),
                      shape=tuple(model.shape),
                      description=entry.description or f"{pipeline} {entry.path} at {model.height}x{model.width}",
                      default_metric=entry.metric or "trajectory", provenance=provenance,
                      denoiser_for=denoiser_for, decode=model.decode,
-                     scheduler_times=_exposed_times(model, target))
+                     scheduler_times=_exposed_times(model, target), prompt_sets=prompt_sets,
+                     default_prompt_set=next(iter(prompt_sets), None))

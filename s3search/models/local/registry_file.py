@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +27,14 @@ TIME_INPUTS = ("auto", "t", "t*1000", "step", "sigma")
 FIELDS = ("name", "kind", "path", "process", "prediction_type", "time_input", "shape", "data_range",
           "guidance_scale", "class_label", "null_label", "reference", "features", "inception_weights",
           "metric", "description", "options", "device", "expose_process", "height", "width", "prompt",
-          "negative_prompt", "true_cfg_scale", "max_sequence_length", "dtype", "batch_size", "variant")
+          "negative_prompt", "true_cfg_scale", "max_sequence_length", "dtype", "batch_size", "variant",
+          "prompts")
 # A pipeline reads its process, prediction type, time input and latent shape from its own folder, and has no
 # class labels; these fields belong to the other kinds.
 NETWORK_ONLY_FIELDS = ("process", "prediction_type", "time_input", "shape", "data_range", "class_label",
                        "null_label", "reference", "features", "inception_weights", "options")
 PIPELINE_ONLY_FIELDS = ("height", "width", "prompt", "negative_prompt", "true_cfg_scale", "max_sequence_length",
-                        "dtype", "batch_size", "variant")
+                        "dtype", "batch_size", "variant", "prompts")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -69,6 +71,7 @@ class LocalModelEntry:
     dtype: str = "float32"
     batch_size: int = 8
     variant: Optional[str] = None               # e.g. fp16: loads *.fp16.safetensors
+    prompts: dict[str, str] = field(default_factory=dict)   # prompt-set name -> .txt / .jsonl file; first: default
 
     def err(self, field_name: str, message: str) -> str:
         return f"{self.where}.{field_name}: {message}"
@@ -227,6 +230,23 @@ def _positive_int(where: str, name: str, value: Any) -> int:
     return value
 
 
+def _prompt_files(where: str, value: Any) -> dict[str, str]:
+    """`prompts = "captions.txt"` (one set, named after the file) or a table of named sets; the first is the
+    default. Set names are what a job may name, so they follow the job's name pattern."""
+    if isinstance(value, str) and value.strip():
+        files = {Path(value).stem: value}
+    elif isinstance(value, dict) and value and all(isinstance(v, str) and v.strip() for v in value.values()):
+        files = dict(value)
+    else:
+        raise ValueError(f"{where}.prompts={value!r} must be a prompt file (.txt / .jsonl) or a table of "
+                         "name = file")
+    bad = [n for n in files if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}", n)]
+    if bad:
+        raise ValueError(f"{where}.prompts: set name {bad[0]!r} must be letters, digits and ._:+- "
+                         "(it is what a job names)")
+    return files
+
+
 def _pipeline_fields(where: str, raw: dict[str, Any]) -> dict[str, Any]:
     kw: dict[str, Any] = {"device": raw.get("device", "auto")}
     for name in ("height", "width", "batch_size", "max_sequence_length"):
@@ -235,6 +255,8 @@ def _pipeline_fields(where: str, raw: dict[str, Any]) -> dict[str, Any]:
     for name in ("prompt", "negative_prompt"):
         if name in raw:
             kw[name] = _typed(where, name, raw[name], str, "a string")
+    if "prompts" in raw:
+        kw["prompts"] = _prompt_files(where, raw["prompts"])
     if "true_cfg_scale" in raw:
         kw["true_cfg_scale"] = check_guidance(raw["true_cfg_scale"], f"{where}.true_cfg_scale")
     if "dtype" in raw:

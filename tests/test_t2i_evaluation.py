@@ -1,0 +1,109 @@
+"""Text-to-image evaluation end to end on a tiny random Stable Diffusion pipeline loaded through a registry file
+with a prompt set: each row meets the same (prompt, noise) pair whatever the batching, the prompt set and the
+guidance scale change the result, a job's fields reach the evaluator, and a short search runs on it."""
+
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+
+import optuna
+import pytest
+
+from s3search import baselines
+from s3search.evaluation.base import EvalRequest
+from s3search.evaluation.local import LocalEvaluator
+from s3search.models import registry
+from s3search.models.base import single_threaded
+from s3search.search.config import ConfigError, SearchConfig
+from s3search.search.run import UnknownPromptSet, preflight, run_search
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from test_pipelines import _eval, _sd  # noqa: E402  (tests/ is on sys.path; the tiny pipeline builders)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def t2i_model(tmp_path_factory):
+    """A registry file with one tiny SD pipeline and two prompt sets, active for this module."""
+    root = tmp_path_factory.mktemp("t2i")
+    with single_threaded():
+        _eval(_sd(root / "parts")).save_pretrained(root / "pipe", safe_serialization=True)
+    (root / "digits.txt").write_text("a handwritten 7\nthe digit three\na bold 1\n")
+    (root / "other.jsonl").write_text('{"prompt": "a cat", "negative_prompt": "blurry"}\n')
+    (root / "models.toml").write_text(textwrap.dedent("""
+        [models.tiny-sd]
+        kind = "diffusers-pipeline"
+        path = "pipe"
+        height = 16
+        width = 16
+        guidance_scale = 5.0
+        device = "cpu"
+        prompts = { digits = "digits.txt", other = "other.jsonl" }
+    """))
+    old = os.environ.get("S3SEARCH_MODEL_REGISTRY")
+    os.environ["S3SEARCH_MODEL_REGISTRY"] = str(root / "models.toml")
+    registry.clear_cache()
+    try:
+        with single_threaded():
+            yield registry.get("tiny-sd")
+    finally:
+        if old is None:
+            os.environ.pop("S3SEARCH_MODEL_REGISTRY", None)
+        else:
+            os.environ["S3SEARCH_MODEL_REGISTRY"] = old
+        registry.clear_cache()
+
+
+def _schedule(spec, n: int = 3):
+    return baselines.get("dpmpp_2m", timesteps=spec.scheduler_times(n), process=spec.process.name)
+
+
+def test_the_model_carries_its_prompt_sets(t2i_model):
+    assert t2i_model.conditional and t2i_model.default_prompt_set == "digits"
+    assert [p.text for p in t2i_model.prompt_sets["digits"].prompts][0] == "a handwritten 7"
+    assert "prompts:digits" in t2i_model.provenance
+
+
+def test_rows_meet_the_same_prompt_and_noise_whatever_the_batching(t2i_model):
+    sched = _schedule(t2i_model)
+    request = EvalRequest("tiny-sd", "trajectory", 6, seed=1, split="search")
+    whole = LocalEvaluator(batch_size=6, trajectory_steps=12).evaluate([sched], request)[0]
+    pieces = LocalEvaluator(batch_size=2, trajectory_steps=12).evaluate([sched], request)[0]
+    assert whole.ok and pieces.ok, (whole.error, pieces.error)
+    assert math.isclose(whole.value, pieces.value, rel_tol=1e-4)
+
+
+def test_prompt_set_and_guidance_change_the_evaluation(t2i_model):
+    sched = _schedule(t2i_model)
+    ev = LocalEvaluator(batch_size=4, trajectory_steps=12)
+    values = {(ps, g): ev.evaluate([sched], EvalRequest("tiny-sd", "trajectory", 4, prompt_set=ps,
+                                                         guidance_scale=g))[0]
+              for ps, g in ((None, None), ("other", None), (None, 1.0))}
+    assert all(r.ok for r in values.values()), {k: r.error for k, r in values.items()}
+    assert len({round(r.value, 9) for r in values.values()}) == 3
+    bad = ev.evaluate([sched], EvalRequest("tiny-sd", "trajectory", 4, prompt_set="nope"))[0]
+    assert not bad.ok and "nope" in bad.error
+
+
+def test_a_job_names_only_prompt_sets_the_model_has(t2i_model):
+    assert preflight(SearchConfig(model="tiny-sd", nfe=(3,), prompt_set="other")).metric == "trajectory"
+    with pytest.raises(UnknownPromptSet) as info:
+        preflight(SearchConfig(model="tiny-sd", nfe=(3,), prompt_set="coco"))
+    assert info.value.fields == ["prompt_set"] and "digits" in str(info.value)
+    with pytest.raises(ConfigError):
+        SearchConfig(model="tiny-sd", nfe=(3,), guidance_scale=-2.0)
+
+
+def test_a_short_search_runs_on_the_pipeline(t2i_model, tmp_path):
+    config = SearchConfig(model="tiny-sd", nfe=(3,), n_samples=4, n_test_samples=4, budget=6, predictor="ridge",
+                          guidance_scale=3.0, options={"batch_size": 3, "validate_top": 0, "test_baselines": False,
+                                                       "baselines": ["ddim", "dpmpp_2m"]})
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="minimize")
+    result = run_search(config, study, evaluator=LocalEvaluator(batch_size=4, trajectory_steps=12))
+    assert result.evaluations == 6 and math.isfinite(result.test_value)
+    assert {t.user_attrs["metric"] for t in study.trials} == {"trajectory"}
