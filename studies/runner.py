@@ -57,13 +57,12 @@ def evaluator_factory(kind: str, sessions: Any = None) -> EvaluatorFactory:
         raise ValueError(f"evaluator={kind!r} must be local or ray")
 
     def make(config: SearchConfig) -> Evaluator:
-        from s3search.search.context import check_options
         from s3search.search.run import default_evaluator
 
-        options = check_options(dict(config.options))
+        options = config.options
         if kind == "ray":
             from s3search.distributed import RayEvaluator
-            inner: Evaluator = RayEvaluator(factory_kwargs=options.get("evaluator") or {})
+            inner: Evaluator = RayEvaluator(factory_kwargs=dict(options.evaluator))
         else:
             inner = default_evaluator(options)
         if sessions is None:
@@ -75,13 +74,8 @@ def evaluator_factory(kind: str, sessions: Any = None) -> EvaluatorFactory:
 
 
 def config_from_spec(spec: dict[str, Any]) -> SearchConfig:
-    """The job spec stored by the API (validated there) as the search's config."""
-    nfe = spec["nfe"]
-    return SearchConfig(model=spec["model"], nfe=tuple(int(n) for n in (nfe if isinstance(nfe, list) else [nfe])),
-                        metric=spec.get("metric", "fd"), n_samples=int(spec.get("n_samples", 1000)),
-                        n_test_samples=int(spec.get("n_test_samples", 5000)), budget=int(spec["budget"]),
-                        method=spec.get("method", "s3"), predictor=spec.get("predictor", "lightgbm-rank"),
-                        seed=int(spec.get("seed", 0)), options=dict(spec.get("options") or {}))
+    """The job spec the API stored (`SearchConfig.to_dict`, checked at submission) as the search's config."""
+    return SearchConfig.from_dict(spec)
 
 
 def _finite(x: Any) -> Optional[float]:
