@@ -101,7 +101,8 @@ def test_submit_poll_fetch_sample_and_dashboard(service):
                    "--server", str(client.base_url), "--key", key], env)
     assert sub.returncode == 0, sub.stderr
     second = client.get(f"/v1/jobs/{sub.stdout.strip()}").json()
-    assert second["spec"]["nfe"] == [4, 5] and second["spec"]["options"] == {"batch_size": 2}
+    assert second["spec"]["nfe"] == [4, 5] and second["spec"]["options"]["batch_size"] == 2
+    assert second["spec"]["metric"] == "fd"               # unset by the CLI: the model's default, set by the server
     client.post(f"/v1/jobs/{second['id']}/cancel")
 
     # The dashboard reads the same database: the job's study is there with its trials and note.
