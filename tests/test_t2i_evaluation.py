@@ -107,3 +107,19 @@ def test_a_short_search_runs_on_the_pipeline(t2i_model, tmp_path):
     result = run_search(config, study, evaluator=LocalEvaluator(batch_size=4, trajectory_steps=12))
     assert result.evaluations == 6 and math.isfinite(result.test_value)
     assert {t.user_attrs["metric"] for t in study.trials} == {"trajectory"}
+
+
+def test_the_command_line_searches_a_pipeline_with_a_prompt_set(t2i_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from s3search.cli import app
+
+    args = ["search", "--model", "tiny-sd", "--nfe", "3", "--budget", "4", "--n-samples", "4",
+            "--n-test-samples", "4", "--predictor", "ridge", "--prompt-set", "other", "--guidance-scale", "2",
+            "--storage", f"sqlite:///{tmp_path / 'cli.db'}",
+            "--options", '{"batch_size": 2, "validate_top": 0, "test_baselines": false, "baselines": ["ddim"]}']
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0, run.output
+    assert "metric trajectory" in run.output
+    bad = CliRunner().invoke(app, [*args[:13], "--prompt-set", "coco", *args[15:]])
+    assert bad.exit_code == 2 and "coco" in bad.output and "digits" in bad.output

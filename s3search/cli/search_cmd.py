@@ -53,6 +53,10 @@ def search(
                                        help="Samples for the final test evaluation (fresh seeds)."),
     storage: str = typer.Option("sqlite:///s3search.db", help="Optuna storage URL (the study lives here)."),
     study_name: Optional[str] = typer.Option(None, help="Study name; an existing study is resumed."),
+    prompt_set: Optional[str] = typer.Option(None, help="Text-to-image models: one of the model's prompt sets "
+                                                        "(default: its first)."),
+    guidance_scale: Optional[float] = typer.Option(None, help="Text-to-image models: classifier-free guidance "
+                                                              "scale (default: the model's)."),
     options: str = typer.Option("{}", help="JSON object of search options (see docs/search.md; bad ones are "
                                            "refused naming the option)."),
     out: Optional[Path] = typer.Option(None, help="Write the best schedule JSON here."),
@@ -80,7 +84,7 @@ def search(
         config = preflight(SearchConfig.from_dict(
             {"model": model, "nfe": list(nfes), "metric": metric, "n_samples": n_samples,
              "n_test_samples": n_test_samples, "budget": budget, "method": method, "predictor": predictor,
-             "seed": seed, "options": opts}))
+             "seed": seed, "options": opts, "prompt_set": prompt_set, "guidance_scale": guidance_scale}))
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

@@ -268,6 +268,10 @@ def submit(model: str = typer.Option(..., "--model"), nfe: str = typer.Option(..
            method: str = typer.Option(field_default("method"), "--method"),
            predictor: str = typer.Option(field_default("predictor"), "--predictor"),
            seed: int = typer.Option(field_default("seed"), "--seed"),
+           prompt_set: Optional[str] = typer.Option(None, "--prompt-set",
+                                                    help="text-to-image models: a prompt set of the model"),
+           guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale",
+                                                          help="text-to-image models: guidance scale"),
            option: list[str] = typer.Option([], "--option", help="KEY=JSON, repeatable (search options)"),
            idempotency_key: Optional[str] = typer.Option(None, "--idempotency-key"),
            wait: bool = typer.Option(False, "--wait", help="poll until the job ends, then print its result"),
@@ -288,6 +292,7 @@ def submit(model: str = typer.Option(..., "--model"), nfe: str = typer.Option(..
             "options": options}
     if metric is not None:          # unset: the server picks the model's default, as `s3search search` does
         body["metric"] = metric
+    body.update({k: v for k, v in (("prompt_set", prompt_set), ("guidance_scale", guidance_scale)) if v is not None})
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     with _client(server, key) as c:
         job = _check(c.post("/v1/jobs", json=body, headers=headers))
