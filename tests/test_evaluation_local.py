@@ -251,3 +251,30 @@ def test_named_schedules_are_evaluated_batch_invariantly(tmp_path):
     a = LocalEvaluator(cache_dir=str(tmp_path), batch_size=6).evaluate([sched], req)[0]
     b = LocalEvaluator(cache_dir=str(tmp_path), batch_size=40).evaluate([sched], req)[0]
     assert a.ok and a.nfe == 9 and a.value == b.value and a.extras == b.extras
+
+
+def test_out_of_memory_halves_the_batch_and_retries_with_the_same_result():
+    """A model that runs out of memory above 4 rows a batch: the evaluation retries with 512, 256, ... 4 rows and
+    gives exactly what a 4-row evaluation gives (one generator per row)."""
+    import dataclasses
+
+    from s3search import baselines
+    from s3search.models import registry
+
+    base = registry.get("gmm-8x4")
+
+    def picky(x, t):
+        if len(x) > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return base.denoiser(x, t)
+
+    spec = dataclasses.replace(base, name="picky", denoiser=Denoiser(picky, base.process, name="picky",
+                                                                      data_mean=base.denoiser.data_mean))
+    sched = baselines.get("dpmpp_2m", timesteps=grids.get("logsnr", process="edm", n=4), process="edm")
+    request = EvalRequest("picky", "sw2", 10, seed=3)
+    ev = LocalEvaluator(models={"picky": spec})
+    (res,) = ev.evaluate([sched], request)
+    assert res.ok, res.error
+    assert ev.batch_size == 4
+    (small,) = LocalEvaluator(batch_size=4, models={"picky": spec}).evaluate([sched], request)
+    assert small.value == res.value

@@ -11,6 +11,7 @@ The constructor takes only JSON-able arguments so a Ray actor can build one from
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -25,6 +26,8 @@ from ..noise import generators_for, randn_rows
 from .base import EvalRequest, EvalResult
 from .reference import load_or_compute
 from .seeds import EVAL_SPLITS, sample_seeds
+
+log = logging.getLogger("s3search.evaluation")
 
 __all__ = ["LocalEvaluator", "schedule_hash", "trajectory_reference_schedule"]
 
@@ -212,6 +215,19 @@ class LocalEvaluator:
         except Exception as e:  # a failed candidate is a result, never the end of a search
             return EvalResult(h, math.inf, nfe, time.perf_counter() - start, f"{type(e).__name__}: {e}")
 
+    def _one_within_memory(self, schedule: Any, request: EvalRequest, model: ModelSpec,
+                           metric: metrics.Metric) -> EvalResult:
+        """`_one`, retried with half the batch after a CUDA out-of-memory error, down to one row a batch. The
+        smaller batch is kept for later evaluations; results do not depend on it (one generator per row)."""
+        result = self._one(schedule, request, model, metric)
+        while _out_of_memory(result) and self.batch_size > 1:
+            self.batch_size //= 2
+            log.warning("out of memory on %s: retrying with batch_size=%d", model.name, self.batch_size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            result = self._one(schedule, request, model, metric)
+        return result
+
     def evaluate(self, schedules: Sequence[Any], request: EvalRequest) -> list[EvalResult]:
         try:
             if isinstance(request.n_samples, bool) or not isinstance(request.n_samples, int) or request.n_samples < 2:
@@ -228,11 +244,15 @@ class LocalEvaluator:
         for schedule in schedules:
             key = (schedule_hash(schedule), request.model, request.metric, request.n_samples, request.seed,
                    request.split, request.prompt_set, request.guidance_scale, self.prior, self.reference_n)
-            result = self._results.get(key) or self._one(schedule, request, model, metric)
+            result = self._results.get(key) or self._one_within_memory(schedule, request, model, metric)
             if result.ok:  # errors may be transient (memory, a dying worker): they are not memoised
                 self._results[key] = result
             out.append(result)
         return out
+
+
+def _out_of_memory(result: EvalResult) -> bool:
+    return not result.ok and str(result.error).startswith(("OutOfMemoryError", "torch.OutOfMemoryError"))
 
 
 def model_decode_batch(model: ModelSpec) -> int:
