@@ -22,7 +22,7 @@ from s3search.search.run import UnknownPromptSet, preflight, run_search
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from test_pipelines import _eval, _sd  # noqa: E402  (tests/ is on sys.path; the tiny pipeline builders)
+from s3search.models.tiny_pipelines import tiny_pipeline  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -32,7 +32,7 @@ def t2i_model(tmp_path_factory):
     """A registry file with one tiny SD pipeline and two prompt sets, active for this module."""
     root = tmp_path_factory.mktemp("t2i")
     with single_threaded():
-        _eval(_sd(root / "parts")).save_pretrained(root / "pipe", safe_serialization=True)
+        tiny_pipeline("sd", root / "parts").save_pretrained(root / "pipe", safe_serialization=True)
     (root / "digits.txt").write_text("a handwritten 7\nthe digit three\na bold 1\n")
     (root / "other.jsonl").write_text('{"prompt": "a cat", "negative_prompt": "blurry"}\n')
     (root / "models.toml").write_text(textwrap.dedent("""
