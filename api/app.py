@@ -17,6 +17,7 @@ from studies.job_reader import JobReader
 from studies.migrate import upgrade
 
 from .deps import KeyCache
+from .docs import install_docs
 from .errors import error_response, install_error_handlers
 from .routes import catalog, health, jobs
 from .settings import Settings
@@ -45,7 +46,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         await reader.aclose()
 
     # No `max_body_size`: its 413 is plain text. RequestLimits enforces the same limit with the JSON error body.
-    app = FastAPI(title="s3search", version="1", lifespan=lifespan,
+    # /docs and /redoc come from install_docs, with their scripts served here rather than from a CDN.
+    app = FastAPI(title="s3search", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Search few-step diffusion solver schedules (S³) as jobs; read trials and schedules.")
     app.add_middleware(RequestLimits, max_header_bytes=settings.max_header_bytes,
                        max_body_bytes=settings.max_request_bytes)
@@ -60,6 +62,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.build_router(settings))
     app.include_router(catalog.router)
+    install_docs(app)
     return app
 
 
