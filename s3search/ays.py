@@ -1,4 +1,4 @@
-"""Align Your Steps (Sabour, Fidler & Kreis 2024; MATH.md §3): optimise a timestep grid for one denoiser.
+"""Align Your Steps (Sabour, Fidler & Kreis 2024; docs/math.md §7): optimise a timestep grid for one denoiser.
 
 Everything here works in the VE noise level sigma = sigma_t / alpha_t, where x~ = x / alpha obeys
 x~ = x0 + sigma eps. KL divergences do not change under the invertible map x -> x / alpha nor under a change of

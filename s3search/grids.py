@@ -149,7 +149,7 @@ def edm(process: NoiseProcess, n: int, t_start: Optional[float] = None, t_end: O
 
 def kl_optimal(process: NoiseProcess, n: int, t_start: Optional[float] = None, t_end: Optional[float] = None,
                c: float = 1.0) -> Grid:
-    """The KL-optimal DDIM grid for data N(0, c^2 I) (AYS Theorem; MATH.md §3): uniform in arctan(sigma_VE / c).
+    """The KL-optimal DDIM grid for data N(0, c^2 I) (AYS Theorem; docs/math.md §7): uniform in arctan(sigma_VE / c).
 
     For that data one DDIM (Euler) step from sigma_s to sigma_t scales the exact flow's output by
     cos(arctan(sigma_s/c) - arctan(sigma_t/c)), so equal angle steps maximise the final variance, which is

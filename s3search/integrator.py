@@ -1,6 +1,6 @@
 """The one integrator: `sample(denoiser, x_T, schedule, generator)` runs any solver schedule.
 
-Every step is the same exponential-integrator update (MATH.md §0, §5), written in half-logSNR lambda:
+Every step is the same exponential-integrator update (docs/math.md §2-§4), written in half-logSNR lambda:
 
     data form:  x_t = (sigma_t/sigma_s) e^{-eta h} x_s + alpha_t      * sum_j w_j D_j + sigma_t sqrt(1 - e^{-2 eta h}) z
     noise form: x_t = (alpha_t/alpha_s)           x_s + (1+eta) sigma_t * sum_j w_j eps_j + sigma_t sqrt(eta (e^{2h} - 1)) z

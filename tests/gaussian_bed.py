@@ -28,7 +28,7 @@ def denoiser(process_name: str, calls: list | None = None):
 
 
 def exact_ode(x_s: torch.Tensor, process_name: str, s: float, t: float) -> torch.Tensor:
-    """The probability-flow ODE solution from time s to t (MATH.md §6, VE form applied to x / alpha)."""
+    """The probability-flow ODE solution from time s to t (docs/math.md §8, VE form applied to x / alpha)."""
     proc = processes.get(process_name)
     sv_s, sv_t = proc.sigma_ve(s), proc.sigma_ve(t)
     ratio = torch.sqrt((S2 + sv_t**2) / (S2 + sv_s**2))

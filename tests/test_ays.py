@@ -119,7 +119,7 @@ def test_euler_shrink_factor():
 @pytest.mark.parametrize("n", [5, 10])
 @pytest.mark.parametrize("c", [0.5, 2.0])
 def test_search_recovers_the_gaussian_theorem(n, c):
-    """Coordinate search on the DDIM KL cost lands on c tan(...) (MATH.md §3) from the EDM initialisation."""
+    """Coordinate search on the DDIM KL cost lands on c tan(...) (docs/math.md §7) from the EDM initialisation."""
     res = ays.optimise(None, None, n, process=EDM, cost=ddim_kl_cost(c), max_iterations=3000, min_window=0.005)
     target = sig(EDM, grids.kl_optimal(EDM, n, c=c))
     # Measured: <= 4e-3 in log sigma (the resolution of the final candidate window); 1e-2 = 1 % in sigma.
@@ -171,7 +171,7 @@ def ring_mixture(k: int = 8, std: float = 0.1):
         return mu[idx] + std * torch.randn(n, 2, generator=g, dtype=torch.float64)
 
     def denoiser(x: torch.Tensor, t: float) -> torch.Tensor:
-        # MATH.md §6 with isotropic components: responsibilities times each component's posterior mean.
+        # docs/math.md §8 with isotropic components: responsibilities times each component's posterior mean.
         v = std * std + t * t
         diff = x[:, None, :] - mu[None]
         r = torch.softmax(-(diff**2).sum(-1) / (2 * v), dim=1)

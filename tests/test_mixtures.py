@@ -22,7 +22,7 @@ def small_image_mixture() -> GaussianMixture:
 
 
 def dense_denoiser(gm: GaussianMixture, y: torch.Tensor, s: float) -> torch.Tensor:
-    """MATH.md 6 written with dense matrices and linear solves, independent of the eigen-form code."""
+    """docs/math.md §8 written with dense matrices and linear solves, independent of the eigen-form code."""
     covs = gm.covariances(0.0)
     eye = torch.eye(gm.dim, dtype=F64)
     logs, posts = [], []

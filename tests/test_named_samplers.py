@@ -48,7 +48,7 @@ def test_er_sde_integrals_closed_form_and_official_riemann():
 
 @pytest.mark.parametrize("kind", range(1, 8))
 def test_phi_choices_are_admissible(kind):
-    # The family needs sigma phi'/phi >= 1 (phi / sigma non-decreasing), MATH.md §2.
+    # The family needs sigma phi'/phi >= 1 (phi / sigma non-decreasing), docs/math.md §6.6.
     phi = phi_function(kind)
     s = np.geomspace(0.002, 80.0, 400)
     ratio = phi(s) / s
@@ -56,7 +56,7 @@ def test_phi_choices_are_admissible(kind):
 
 
 def test_li_ode_matches_the_written_vp_formula():
-    # MATH.md §4 in VP coordinates with abar = alpha^2, u = sqrt((1 - abar)/abar), written independently.
+    # docs/math.md §6.7 in VP coordinates with abar = alpha^2, u = sqrt((1 - abar)/abar), written independently.
     process = "vp-linear"
     proc = processes.get(process)
     ts = (0.9, 0.6, 0.35, 0.1)

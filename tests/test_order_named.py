@@ -1,5 +1,5 @@
 """Measured convergence orders of every deterministic named sampler and baseline on a single Gaussian, whose
-probability-flow ODE has a closed-form solution (MATH.md §6); and distribution convergence of the stochastic
+probability-flow ODE has a closed-form solution (docs/math.md §8); and distribution convergence of the stochastic
 ones, from their exact output moments (D is affine, so every sampler is affine in x_T and its noise draws)."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ per-step choices are applied on `sigmas`: when they are the schedule's own grid 
 returns, float32 included) its exact times are kept; otherwise the schedule is re-timed to the given sigmas
 through its process (t = t_of_sigma_ve(sigma)). The work is done by `s3search.integrator.sample`, on the
 schedule's process: a VP schedule sees x_vp = alpha x_ve and D_vp(x, t) = model(x / alpha, sigma / alpha), which is
-the same exponential-integrator step (MATH.md §0), so the result does not depend on the frame.
+the same exponential-integrator step (docs/math.md §2), so the result does not depend on the frame.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Exact metrics against a known Gaussian mixture p* (MATH.md 6): NLL, mode-weight TV error, outlier rate.
+"""Exact metrics against a known Gaussian mixture p* (docs/math.md §8, §9): NLL, mode-weight TV error, outlier rate.
 
 Low NLL also rewards collapsing onto the heaviest modes, so it is reported next to the mode-weight error.
 `sigma_end` is the VE noise level the samples are meant to have (0 for finished samples).

@@ -1,6 +1,6 @@
 """Unbiased MMD^2 with an RBF kernel whose length scale is the median pairwise distance of the reference.
 
-k(a, b) = exp(-|a - b|^2 / (2 l^2)); with `scales` the kernel is the sum over l * scale (MATH.md: {1/2, 1, 2}).
+k(a, b) = exp(-|a - b|^2 / (2 l^2)); with `scales` the kernel is the sum over l * scale (docs/math.md §9: {1/2, 1, 2}).
 Kernel sums are formed in blocks, so memory stays O(block^2) whatever the sample counts.
 """
 

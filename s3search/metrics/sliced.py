@@ -1,7 +1,7 @@
 """Sliced Wasserstein-2 with fixed projections: SW2^2 = mean_l W2^2(x . theta_l, y . theta_l).
 
 The directions come from a seeded generator, so every method is compared on the same slices. In 1-D, W2 is the
-L2 distance between quantile functions; with equal sample counts that is the sorted-pairs formula of MATH.md,
+L2 distance between quantile functions; with equal sample counts that is the sorted-pairs formula of docs/math.md §9,
 with unequal counts both quantile functions are read at the midpoints of the finer grid.
 """
 

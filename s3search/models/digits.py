@@ -159,7 +159,7 @@ def digits_denoiser(net: nn.Module, sigma_data: float, data_mean: torch.Tensor |
 
 
 def vp_view(denoiser: Denoiser, process: str | processes.NoiseProcess = "vp-linear") -> Denoiser:
-    """The same model on a VP process: D_VP(x, t) = D_VE(x / alpha_t, sigma_t / alpha_t) (MATH.md section 0)."""
+    """The same model on a VP process: D_VP(x, t) = D_VE(x / alpha_t, sigma_t / alpha_t) (docs/math.md §1)."""
     proc = processes.get(process)
     if proc.name == "edm":
         return denoiser

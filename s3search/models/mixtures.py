@@ -1,6 +1,6 @@
 """Gaussian-mixture test beds with the exact denoiser, exact samples and the exact probability-flow ODE.
 
-Formulas: MATH.md section 6. Each component is stored by its eigendecomposition in a "spiked" form,
+Formulas: docs/math.md §8. Each component is stored by its eigendecomposition in a "spiked" form,
 
     Sigma_k = U_k diag(lam_k) U_k^T + floor_k (I - U_k U_k^T),     U_k: d x r orthonormal columns,
 
@@ -259,7 +259,7 @@ class GaussianMixture:
                      rtol: float = 1e-10, atol: float = 1e-10, chunk: int = 256) -> torch.Tensor:
         """The probability-flow ODE solution from (x_start, t_start) to t_end, in the process's units.
 
-        K = 1: closed form (MATH.md 6). K > 1: scipy DOP853 in float64 on u = log(sigma/alpha),
+        K = 1: closed form (docs/math.md §8). K > 1: scipy DOP853 in float64 on u = log(sigma/alpha),
         dx~/du = x~ - D(x~, e^u) with x~ = x / alpha, integrated in chunks of samples so each chunk adapts
         its own steps.
         """

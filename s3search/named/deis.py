@@ -1,4 +1,4 @@
-"""DEIS rho-AB (Zhang & Chen, ICLR 2023; qsh-zh/deis, diff-sampler solver_utils.py), MATH.md §5.
+"""DEIS rho-AB (Zhang & Chen, ICLR 2023; qsh-zh/deis, diff-sampler solver_utils.py), docs/math.md §6.1.
 
 In VE coordinates xb = x / alpha, u = sigma / alpha, the ODE is dxb/du = eps(x, t). A step integrates the
 Lagrange polynomial in u through the newest `order` noise predictions exactly:

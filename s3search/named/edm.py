@@ -1,4 +1,4 @@
-"""EDM Heun sampler with churn (Karras et al. 2022, Algorithm 2; NVlabs/edm generate.py), MATH.md §5.
+"""EDM Heun sampler with churn (Karras et al. 2022, Algorithm 2; NVlabs/edm generate.py), docs/math.md §6.3.
 
 Runs in VE coordinates (x / alpha, sigma / alpha), so it serves every process. Heun steps between the given
 times, then x = D(x_N, t_N): the same as EDM's Euler step to sigma = 0, without churn on that last call

@@ -1,4 +1,4 @@
-"""ER-SDE-Solver 1/2/3 (Cui et al., arXiv 2309.06169), MATH.md §2, VE form; VP via x / alpha and sigma / alpha.
+"""ER-SDE-Solver 1/2/3 (Cui et al., arXiv 2309.06169), docs/math.md §6.6, VE form; VP via x / alpha and sigma / alpha.
 
 x_{i+1} = r x_i + (1 - r) D_i + [s_{i+1} - s_i + phi(s_{i+1}) S_0] D'_i
           + [(s_{i+1} - s_i)^2 / 2 + phi(s_{i+1}) S_1] D''_i + sqrt(s_{i+1}^2 - s_i^2 r^2) z,   r = phi(s_{i+1})/phi(s_i)

@@ -1,4 +1,4 @@
-"""iPNDM (Zhang & Chen's improved PNDM; diff-sampler solvers.py), MATH.md §5.
+"""iPNDM (Zhang & Chen's improved PNDM; diff-sampler solvers.py), docs/math.md §6.2.
 
 Adams-Bashforth in VE coordinates, x_{i+1} = x_i + (s_{i+1} - s_i) AB_k(d), d = (x - D) / s, with the
 fixed-step coefficients even on non-uniform grids (as the reference), orders warming up 1, 2, 3, 4.

@@ -1,4 +1,4 @@
-"""The accelerated samplers of Li, Huang, Efimov, Wei, Chi & Chen (ICML 2024, arXiv 2403.03852), MATH.md §4.
+"""The accelerated samplers of Li, Huang, Efimov, Wei, Chi & Chen (ICML 2024, arXiv 2403.03852), docs/math.md §6.7.
 
 Both are written for a discrete VP chain with cumulative abar_t; on any process we use the VP-equivalent
 abar(u) = 1 / (1 + u^2) of the EDM noise level u = sigma / alpha (exact for VP processes), so one grid step

@@ -1,4 +1,4 @@
-"""SEEDS-1/2/3 (Gonzalez et al., NeurIPS 2023): single-step stochastic exponential Runge-Kutta, MATH.md §1.
+"""SEEDS-1/2/3 (Gonzalez et al., NeurIPS 2023): single-step stochastic exponential Runge-Kutta, docs/math.md §6.5.
 
 Stages sit at lambda_s + c h (SEEDS-2: c = 1/2; SEEDS-3: 1/3, 2/3). The Brownian increment over each step is cut
 at the stage nodes, one standard normal per segment, so every stage sees exactly the noise accumulated up to it
