@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import contextlib
+from collections.abc import Iterator
+
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,3 +83,21 @@ def poll_job(client: httpx.Client, job_id: str, until: tuple[str, ...], timeout:
             raise AssertionError(f"job failed: {job['error']}")
         time.sleep(0.3)
     raise TimeoutError(f"job {job_id} not {until} after {timeout} s: {job}")
+
+
+@contextlib.contextmanager
+def serving(db_url: str, folder: Path, owner: str = "alice", **settings: str) -> Iterator[tuple[str, str]]:
+    """`s3search serve` on `db_url` with these S3S_* settings and a fresh key of `owner`: (base url, key). The
+    server's log is printed when it stops."""
+    env = cli_env(db_url, **settings)
+    made = cli_run(["keys", "create", owner], env)
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip().splitlines()[-1]
+    port = free_port()
+    proc = cli(["serve", "--port", str(port), "--log-level", "warning"], env, folder / "api.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", proc=proc)
+        yield f"http://127.0.0.1:{port}", key
+    finally:
+        stop(proc)
+        print("--- api log ---\n" + (folder / "api.log").read_text()[-3000:])

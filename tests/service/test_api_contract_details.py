@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from .procs import cli, cli_env, cli_run, free_port, stop, wait_http
+from .procs import cli_env, cli_run, serving
 
 GOOD = {"model": "gmm-64d", "nfe": 5, "budget": 3, "n_samples": 16, "n_test_samples": 16, "predictor": "ridge"}
 MAX_REQUEST_BYTES = 4096
@@ -24,18 +24,8 @@ MAX_HEADER_BYTES = 32 * 1024           # the default
 def api(tmp_path_factory) -> Iterator[tuple[str, str]]:
     """A real server on a SQLite file with a small body limit; yields (base url, API key)."""
     tmp = tmp_path_factory.mktemp("contract")
-    env = cli_env(f"sqlite:///{tmp / 'service.db'}", S3S_MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES))
-    made = cli_run(["keys", "create", "alice"], env)
-    assert made.returncode == 0, made.stderr
-    key = made.stdout.strip().splitlines()[-1]
-    port = free_port()
-    proc = cli(["serve", "--port", str(port), "--log-level", "warning"], env, tmp / "api.log")
-    try:
-        wait_http(f"http://127.0.0.1:{port}/readyz", proc=proc)
-        yield f"http://127.0.0.1:{port}", key
-    finally:
-        stop(proc)
-        print("--- api log ---\n" + (tmp / "api.log").read_text()[-3000:])
+    with serving(f"sqlite:///{tmp / 'service.db'}", tmp, S3S_MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES)) as served:
+        yield served
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ from s3search.search.config import SearchConfig
 from s3search.search.options import option_rules
 
 from test_options import BAD_OPTIONS  # tests/ is on sys.path (tests/conftest.py)
-from .procs import cli, cli_env, cli_run, free_port, stop, wait_http
+from .procs import serving
 
 GOOD = {"model": "gmm-64d", "nfe": 5, "budget": 3, "n_samples": 16, "n_test_samples": 16, "predictor": "ridge"}
 # More than the contract's own table: what only the service adds (server-only options, its limits, the model's
@@ -34,20 +34,10 @@ SERVICE_CASES = [
 
 @pytest.fixture()
 def server(db_url, tmp_path):
-    env = cli_env(db_url, S3S_MAX_BUDGET="100", S3S_MAX_SAMPLES="100", S3S_MAX_TEST_SAMPLES="100",
-                  S3S_MAX_ACTIVE_JOBS_PER_OWNER="2", S3S_MAX_PAGE_SIZE="40")
-    made = cli_run(["keys", "create", "contract-user"], env)
-    assert made.returncode == 0, made.stderr
-    key = made.stdout.strip().splitlines()[-1]
-    port = free_port()
-    proc = cli(["serve", "--port", str(port), "--log-level", "warning"], env, tmp_path / "api.log")
-    try:
-        wait_http(f"http://127.0.0.1:{port}/readyz", proc=proc)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key}, timeout=30) as c:
+    with serving(db_url, tmp_path, "contract-user", S3S_MAX_BUDGET="100", S3S_MAX_SAMPLES="100",
+                 S3S_MAX_TEST_SAMPLES="100", S3S_MAX_ACTIVE_JOBS_PER_OWNER="2", S3S_MAX_PAGE_SIZE="40") as (base, key):
+        with httpx.Client(base_url=base, headers={"X-API-Key": key}, timeout=30) as c:
             yield c
-    finally:
-        stop(proc)
-        print((tmp_path / "api.log").read_text()[-3000:])
 
 
 def _body(change: dict) -> dict:
