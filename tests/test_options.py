@@ -150,3 +150,16 @@ def test_the_cli_stops_at_once_with_one_line_when_every_evaluation_fails(tmp_pat
     assert len(errors) == 1 and "NotADirectoryError" in errors[0] and "Traceback" not in run.output
     study = optuna.load_study(study_name="gmm-8x4-nfe4-s3-fd-seed0", storage=f"sqlite:///{tmp_path / 'cli.db'}")
     assert len(study.get_trials(states=(optuna.trial.TrialState.FAIL,))) <= 10     # one batch, not the budget
+
+
+def test_progress_fraction_counts_validation_and_test_and_reaches_one_only_at_the_end(tmp_path):
+    from test_search import GaussianEvaluator, config
+
+    reports = []
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'f.db'}", direction="minimize")
+    run_search(config(12), study, evaluator=GaussianEvaluator(), progress=reports.append)
+    fractions = [p.fraction for p in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and reports[-1].message == "done"
+    budget_spent = next(p for p in reports if p.evaluations == 12)
+    assert budget_spent.fraction < 0.9                # validation and test, at more samples, are still to come
+    assert all(f < 1.0 for f in fractions[:-1])
