@@ -13,85 +13,108 @@
     S3SEARCH_RAY_EMBEDDED_CPUS       CPUs an embedded Ray may use (default 0 = all of this machine's)
     S3SEARCH_RAY_TIMEOUT_S           seconds per candidate a batch may take before its actor is killed and
                                      the batch retried (default 0 = no limit)
+
+The same settings system as the service's (api/settings.py): a pydantic-settings class whose fields carry the
+defaults and bounds, with the variable names derived from `env_prefix` (RAY_ADDRESS is Ray's own name). Built
+with arguments, `RaySettings(...)` is exactly those arguments; `RaySettings.from_env()` reads the variables.
+pydantic-settings comes with the `search` extra, as Ray does; the sampling core never imports this module.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
-__all__ = ["RaySettings", "ENV_PREFIX"]
+from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = ["RaySettings", "ENV_PREFIX", "ADDRESS_VARIABLE", "env_names"]
 
 ENV_PREFIX = "S3SEARCH_RAY_"
+ADDRESS_VARIABLE = "RAY_ADDRESS"
 
 
-def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool) -> float:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name}={raw!r} must be {kind}") from None
-    return value
+def _env_name(field_name: str) -> str:
+    return ADDRESS_VARIABLE if field_name == "address" else ENV_PREFIX + field_name.upper()
 
 
-@dataclass(frozen=True)
-class RaySettings:
-    address: Optional[str] = None       # None: embedded Ray
-    cpus_per_eval: float = 1.0
-    gpus_per_eval: float = 0.0
-    max_in_flight: int = 0              # 0: derived from the cluster's resources
-    max_retries: int = 2
-    batch_size: int = 0                 # 0: adaptive, about 1 s of evaluation per task
-    embedded_cpus: int = 0              # 0: let Ray count this machine's cores
-    timeout_s: float = 0.0              # per candidate of a batch; 0: no limit
+class _Variables(PydanticBaseSettingsSource):
+    """The settings' variables in a mapping (os.environ unless given); an empty value counts as unset."""
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.env = env
 
-    def validate(self) -> None:
-        checks = [
-            ("cpus_per_eval", self.cpus_per_eval, 0.0, False),
-            ("gpus_per_eval", self.gpus_per_eval, 0.0, False),
-            ("max_in_flight", self.max_in_flight, 0, True),
-            ("max_retries", self.max_retries, 0, True),
-            ("batch_size", self.batch_size, 0, True),
-            ("embedded_cpus", self.embedded_cpus, 0, True),
-            ("timeout_s", self.timeout_s, 0.0, False),
-        ]
-        for name, value, low, integer in checks:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name}={value!r} must be a number")
-            if integer and not isinstance(value, int):
-                raise ValueError(f"{name}={value!r} must be an integer")
-            if not math.isfinite(value) or value < low:
-                raise ValueError(f"{name}={value!r} must be a finite number >= {low}")
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        name = _env_name(field_name)
+        raw = self.env.get(name)
+        return (raw.strip() if raw is not None and raw.strip() else None), name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values = {}
+        for field_name, field in self.settings_cls.model_fields.items():
+            value, _, _ = self.get_field_value(field, field_name)
+            if value is not None:
+                values[field_name] = value
+        return values
+
+
+class RaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", populate_by_name=True)
+
+    address: Optional[str] = Field(None, validation_alias=AliasChoices("address", ADDRESS_VARIABLE),
+                                   description="None: embedded Ray")
+    cpus_per_eval: float = Field(1.0, ge=0, allow_inf_nan=False)
+    gpus_per_eval: float = Field(0.0, ge=0, allow_inf_nan=False)
+    max_in_flight: int = Field(0, ge=0, description="0: derived from the cluster's resources")
+    max_retries: int = Field(2, ge=0)
+    batch_size: int = Field(0, ge=0, description="0: adaptive, about 1 s of evaluation per task")
+    embedded_cpus: int = Field(0, ge=0, description="0: let Ray count this machine's cores")
+    timeout_s: float = Field(0.0, ge=0, allow_inf_nan=False, description="per candidate of a batch; 0: no limit")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only what is passed: from_env hands the variables in through a source of its own.
+        return (init_settings,)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans(cls, values: Any) -> Any:
+        # pydantic would read True as 1 CPU; a flag where a count belongs is a mistake.
+        if isinstance(values, dict):
+            for name, value in values.items():
+                if isinstance(value, bool):
+                    raise ValueError(f"{name}={value!r} must be a number")
+        return values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RaySettings":
         if self.cpus_per_eval == 0 and self.gpus_per_eval == 0:
             raise ValueError("cpus_per_eval=0 needs gpus_per_eval > 0: an actor must reserve some resource")
         if self.gpus_per_eval > 1 and self.gpus_per_eval != int(self.gpus_per_eval):
             raise ValueError(f"gpus_per_eval={self.gpus_per_eval!r} above 1 must be a whole number")
-        if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
+        if self.address is not None and not self.address.strip():
             raise ValueError(f"address={self.address!r} must be a non-empty string or None")
+        return self
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "RaySettings":
-        env = os.environ if env is None else env
-        address = env.get("RAY_ADDRESS") or None
-        p = ENV_PREFIX
-        return cls(
-            address=address.strip() if address else None,
-            cpus_per_eval=_number(env, p + "CPUS_PER_EVAL", 1.0, integer=False),
-            gpus_per_eval=_number(env, p + "GPUS_PER_EVAL", 0.0, integer=False),
-            max_in_flight=int(_number(env, p + "MAX_IN_FLIGHT", 0, integer=True)),
-            max_retries=int(_number(env, p + "MAX_RETRIES", 2, integer=True)),
-            batch_size=int(_number(env, p + "BATCH_SIZE", 0, integer=True)),
-            embedded_cpus=int(_number(env, p + "EMBEDDED_CPUS", 0, integer=True)),
-            timeout_s=_number(env, p + "TIMEOUT_S", 0.0, integer=False),
-        )
+        """The settings from `env` (default: os.environ); a bad value raises ValueError naming its variable."""
+        source = _Variables(cls, os.environ if env is None else env)
+        values = source()
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = str(err["loc"][0]) if err.get("loc") else ""
+            if field in values:
+                raise ValueError(f"{_env_name(field)}={values[field]!r}: {err['msg']}") from None
+            raise ValueError(err["msg"].removeprefix("Value error, ")) from None
 
     def actors_for(self, cluster: Mapping[str, float]) -> int:
         """How many evaluation actors fit: max_in_flight when set, else what the cluster's resources allow."""
@@ -103,3 +126,9 @@ class RaySettings:
         if self.gpus_per_eval > 0:
             fits.append(int(cluster.get("GPU", 0) // self.gpus_per_eval))
         return max(1, min(fits))
+
+
+def env_names() -> dict[str, str]:
+    """Field name -> the variable that sets it."""
+    return {name: _env_name(name) for name in RaySettings.model_fields}
+
