@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Generator, Optional, Union
 
 import functools
 import math
@@ -28,7 +28,7 @@ from .noise import GeneratorArg, NoiseStream
 from .processes import NoiseProcess
 from .schedule import SolverSchedule, StepSpec
 
-__all__ = ["sample", "ModelOutput"]
+__all__ = ["sample", "Integration", "ModelOutput", "Request"]
 
 
 @dataclass
@@ -51,21 +51,30 @@ class ModelOutput:
         return self._eps
 
 
+def _output(x: torch.Tensor, t: float, data: torch.Tensor, proc: NoiseProcess) -> ModelOutput:
+    return ModelOutput(t, proc.lambda_(t), x, data, proc.alpha(t), proc.sigma(t))
+
+
 def _evaluate(denoiser: DenoiserFn, x: torch.Tensor, t: float, proc: NoiseProcess) -> ModelOutput:
-    return ModelOutput(t, proc.lambda_(t), x, denoiser(x, t), proc.alpha(t), proc.sigma(t))
+    return _output(x, t, denoiser(x, t), proc)
 
 
-def _analytic_first(schedule: SolverSchedule, denoiser: DenoiserFn, x: torch.Tensor,
-                    proc: NoiseProcess) -> ModelOutput:
+def _first_output(schedule: SolverSchedule, data_mean: Any, x: torch.Tensor, proc: NoiseProcess) -> ModelOutput:
+    """E[x0 | x_T] taken as 0 (zero-x0) or as the data mean (mean-x0) at t_0, without a model evaluation."""
     t = schedule.timesteps[0]
     if schedule.first_step == "zero-x0":
         data = torch.zeros_like(x)
     else:
-        mean = getattr(denoiser, "data_mean", None)
-        if mean is None:
+        if data_mean is None:
             raise ValueError("first_step='mean-x0' needs a denoiser with a data_mean attribute")
-        data = torch.as_tensor(mean, dtype=x.dtype, device=x.device).expand_as(x)
-    return ModelOutput(t, proc.lambda_(t), x, data, proc.alpha(t), proc.sigma(t))
+        data = torch.as_tensor(data_mean, dtype=x.dtype, device=x.device).expand_as(x)
+    return _output(x, t, data, proc)
+
+
+def _analytic_first(schedule: SolverSchedule, denoiser: DenoiserFn, x: torch.Tensor,
+                    proc: NoiseProcess) -> ModelOutput:
+    mean = getattr(denoiser, "data_mean", None) if schedule.first_step == "mean-x0" else None
+    return _first_output(schedule, mean, x, proc)
 
 
 @dataclass(frozen=True)
@@ -162,29 +171,38 @@ def _applied(x: torch.Tensor, pending: Pending) -> torch.Tensor:
     return out
 
 
-def _run_schedule(denoiser: DenoiserFn, x: torch.Tensor, schedule: SolverSchedule,
-                  generator: GeneratorArg) -> torch.Tensor:
+# What the model is wanted at next: (state x, time t); the answer sent back is D(x, t).
+Request = tuple[torch.Tensor, float]
+
+
+def _run(x: torch.Tensor, schedule: SolverSchedule, generator: GeneratorArg, data_mean: Any,
+         draw_ahead: Optional[bool]) -> Generator[Request, torch.Tensor, torch.Tensor]:
+    """`sample` as a generator: yields every (x, t) the model is needed at, takes D(x, t), returns the result.
+
+    The caller owns the model calls, so the same run serves `sample` (which calls the denoiser in a loop) and
+    a diffusers pipeline (which calls its network between `step`s) with O(1) work per evaluation.
+    """
     proc = processes.get(schedule.process)
+    current = _first_output(schedule, data_mean, x, proc) if schedule.first_step != "model" else None
+    stochastic = sum(1 for step in schedule.steps if step.eta > 0)
+    with NoiseStream(x, stochastic, generator, ahead=draw_ahead) as noise:
+        return (yield from _integrate(x, schedule, proc, current, noise))
+
+
+def _integrate(x: torch.Tensor, schedule: SolverSchedule, proc: NoiseProcess, current: Optional[ModelOutput],
+               noise: NoiseStream) -> Generator[Request, torch.Tensor, torch.Tensor]:
+    ts = schedule.timesteps
+    plans = _schedule_plan(schedule)
     # Model outputs at the last few times, oldest first: only as many as the deepest lag needs, so that the
     # batch-sized tensors of older evaluations are freed and their memory reused (fresh memory costs page faults).
     keep = 1 + max((max(step.used_lags, default=0) for step in schedule.steps), default=0)
     history: deque[ModelOutput] = deque(maxlen=keep)
-    current = _analytic_first(schedule, denoiser, x, proc) if schedule.first_step != "model" else None
-    stochastic = sum(1 for step in schedule.steps if step.eta > 0)
-    with NoiseStream(x, stochastic, generator) as noise:
-        return _integrate(denoiser, x, schedule, proc, history, current, noise)
-
-
-def _integrate(denoiser: DenoiserFn, x: torch.Tensor, schedule: SolverSchedule, proc: NoiseProcess,
-               history: deque, current: Optional[ModelOutput], noise: NoiseStream) -> torch.Tensor:
-    ts = schedule.timesteps
-    plans = _schedule_plan(schedule)
     pending: Pending = []
     for i, step in enumerate(schedule.steps):
         s, t = ts[i], ts[i + 1]
         # Phase 1: the model output at s (reused from the previous step's corrector when it has one).
         if current is None:
-            current = _evaluate(denoiser, x, s, proc)
+            current = _output(x, s, (yield x, s), proc)
         history.append(current)
         plan = plans[i]
         points = [history[-1]] + [history[-1 - lag] for lag in plan.lags]
@@ -194,11 +212,11 @@ def _integrate(denoiser: DenoiserFn, x: torch.Tensor, schedule: SolverSchedule, 
         current = None
         # Phase 3: correct with the evaluation at the predicted point, reusing the same noise.
         if plan.corrected is not None:
-            predicted = _evaluate(denoiser, x_next, t, proc)
+            predicted = _output(x_next, t, (yield x_next, t), proc)
             pending = _correction(plan, points, predicted)
             if step.corrector == "implicit":
                 x_next, pending = _applied(x_next, pending), []
-                current = _evaluate(denoiser, x_next, t, proc)
+                current = _output(x_next, t, (yield x_next, t), proc)
             else:
                 current = predicted
         x = x_next
@@ -206,8 +224,68 @@ def _integrate(denoiser: DenoiserFn, x: torch.Tensor, schedule: SolverSchedule, 
     if schedule.final == "none":
         return x
     if current is None:
-        current = _evaluate(denoiser, x, ts[-1], proc)
+        current = _output(x, ts[-1], (yield x, ts[-1]), proc)
     return current.data
+
+
+def _run_schedule(denoiser: DenoiserFn, x: torch.Tensor, schedule: SolverSchedule,
+                  generator: GeneratorArg) -> torch.Tensor:
+    mean = getattr(denoiser, "data_mean", None) if schedule.first_step == "mean-x0" else None
+    run = _run(x, schedule, generator, mean, None)
+    try:
+        request = next(run)
+        while True:
+            request = run.send(denoiser(*request))
+    except StopIteration as finished:
+        return finished.value
+    finally:
+        run.close()  # a failed model call leaves no noise draw running
+
+
+class Integration:
+    """One run of `sample` on a solver schedule, advanced by the caller one model evaluation at a time.
+
+    `wanted` is the (x, t) at which the data prediction D(x, t) is needed next (None once finished); `give(D)`
+    hands it over and advances to the next evaluation; `result` is what `sample` returns, once finished. Each
+    `give` does one evaluation's share of the update arithmetic, and the result is bitwise `sample`'s for the
+    same x_T, schedule, model outputs and generator (both run the same code). `data_mean` serves
+    first_step="mean-x0". `draw_ahead=False` keeps the generator in the caller's thread between evaluations
+    (None: the noise module's default, as in `sample`).
+    """
+
+    def __init__(self, x_T: torch.Tensor, schedule: SolverSchedule, generator: GeneratorArg = None,
+                 data_mean: Any = None, draw_ahead: Optional[bool] = None) -> None:
+        if not isinstance(schedule, SolverSchedule):
+            raise ValueError(f"schedule must be a SolverSchedule, not {type(schedule).__name__}")
+        self.wanted: Optional[Request] = None
+        self.result: Optional[torch.Tensor] = None
+        self._run = _run(x_T, schedule, generator, data_mean, draw_ahead)
+        self._advance(None)
+
+    @property
+    def done(self) -> bool:
+        return self.wanted is None
+
+    def give(self, data: torch.Tensor) -> None:
+        """D(x, t) at `wanted`."""
+        if self.wanted is None:
+            raise RuntimeError("the run is finished: it wants no more model outputs")
+        self._advance(data)
+
+    def close(self) -> None:
+        """Stop early (waits for any noise draw in flight)."""
+        self._run.close()
+        self.wanted = None
+
+    def _advance(self, data: Optional[torch.Tensor]) -> None:
+        try:
+            with torch.no_grad():
+                self.wanted = next(self._run) if data is None else self._run.send(data)
+        except StopIteration as finished:
+            self.wanted, self.result = None, finished.value
+        except BaseException:
+            self.close()
+            raise
 
 
 def sample(denoiser: DenoiserFn, x_T: torch.Tensor, schedule: Union[SolverSchedule, "NamedSchedule"],

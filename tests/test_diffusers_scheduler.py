@@ -12,7 +12,6 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from s3search import baselines  # noqa: E402
-from s3search.denoisers import from_eps  # noqa: E402
 from s3search.integrations.diffusers_scheduler import S3Scheduler, pipeline_times  # noqa: E402
 from s3search.integrator import sample  # noqa: E402
 from s3search.processes import get as get_process  # noqa: E402
@@ -67,10 +66,16 @@ def _count_calls(unet):
     return calls, handle
 
 
+def _denoiser(unet, schedule=None, scheduler=None):
+    """The UNet as s3search's model registry wraps it: eps -> x0 with the betas of the scheduler config."""
+    scheduler = scheduler or S3Scheduler(schedule=schedule)
+    return scheduler.denoiser(lambda x, t: unet(x, t).sample)
+
+
 def _reference(unet, schedule, batch, seed):
     g = torch.Generator().manual_seed(seed)
     x_T = randn_tensor((batch,) + SHAPE, generator=g)  # what DDPMPipeline draws first
-    D = from_eps(lambda x, t: unet(x, t).sample, "vp-discrete")
+    D = _denoiser(unet, schedule)
     with torch.no_grad():
         x0 = sample(D, x_T, schedule, generator=g)
     return (x0 / 2 + 0.5).clamp(0, 1)  # DDPMPipeline's post-processing
@@ -101,7 +106,7 @@ def test_per_row_generators(unet):
     images = pipe(batch_size=2, generator=gens, output_type="pt").images
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
     x_T = randn_tensor((2,) + SHAPE, generator=gens)
-    D = from_eps(lambda x, t: unet(x, t).sample, "vp-discrete")
+    D = _denoiser(unet, schedule)
     with torch.no_grad():
         ref = sample(D, x_T, schedule, generator=gens)
     assert torch.equal(images, (ref / 2 + 0.5).clamp(0, 1))
@@ -171,15 +176,18 @@ def test_add_noise_and_scale_model_input():
     ref = DDPMScheduler().add_noise(x0.float(), eps.float(), steps)
     torch.testing.assert_close(out.float(), ref, rtol=1e-4, atol=1e-4)
     assert sched.scale_model_input(x0, 10) is x0
-    assert sched.init_noise_sigma == 1.0
+    # x_T = sigma(t_0) z, as the evaluator draws it (DDPM / DDIM pipelines do not apply it)
+    assert sched.init_noise_sigma == proc.sigma(GRID[0])
 
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"schedule": None}, "schedule is required"),
     ({"schedule": "edm"}, "JSON"),
     ({"prediction_type": "flow"}, "prediction_type"),
-    ({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}, "betas"),
-    ({"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule"),
+    ({"beta_schedule": "exotic"}, "unsupported noise schedule"),
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ({"data_mean": "mean"}, "data_mean"),
+    ({"data_mean": [float("nan")]}, "data_mean must be finite"),
 ])
 def test_bad_configs_raise(kwargs, match):
     args = {"schedule": _schedules()["ddim"].to_dict(), **kwargs}
@@ -187,15 +195,80 @@ def test_bad_configs_raise(kwargs, match):
         S3Scheduler(**args)
 
 
+def test_other_betas_run_the_schedule_on_a_view_of_the_network():
+    # Stable Diffusion's betas with a schedule on vp-discrete (the default DDPM betas): the latents stay on the
+    # schedule's process and the network is called at the time of equal logSNR on its own.
+    sd = S3Scheduler(schedule=_schedules()["ddim"], beta_schedule="scaled_linear", beta_start=0.00085,
+                     beta_end=0.012)
+    model = sd.model_process
+    assert isinstance(model, type(get_process("vp-discrete"))) and model != get_process("vp-discrete")
+    assert sd.timesteps.dtype == torch.float32
+    ddpm = get_process("vp-discrete")
+    for t, net_t in zip(GRID, sd.timesteps.tolist()):
+        t_model = min(max(model.t_of_lambda(ddpm.lambda_(t)), model.t_min), model.t_max)
+        assert net_t == pytest.approx(model.model_time(t_model), abs=1e-3)
+        assert model.lambda_(t_model) == pytest.approx(ddpm.lambda_(t), abs=1e-6) or t_model in (model.t_min, 1.0)
+    x = torch.ones(1, *SHAPE)
+    scale = model.alpha(min(max(model.t_of_lambda(ddpm.lambda_(GRID[0])), model.t_min), 1.0)) / ddpm.alpha(GRID[0])
+    assert torch.equal(sd.scale_model_input(x, sd.timesteps[0]), x * scale)
+    # squaredcos_cap_v2 betas are computed by diffusers as for any of its schedulers
+    assert S3Scheduler(schedule=_schedules()["ddim"], beta_schedule="squaredcos_cap_v2").model_process.betas[0] > 0
+
+
+def test_a_pipeline_that_does_not_scale_its_input_is_refused_for_a_view(unet):
+    edm = baselines.get("dpmpp_2m", timesteps=(14.0, 3.0, 0.5, 0.05), process="edm")
+    pipe = DDPMPipeline(unet=unet, scheduler=S3Scheduler(schedule=edm))
+    with pytest.raises(ValueError, match="did not call scale_model_input"):
+        pipe(batch_size=1, generator=torch.Generator().manual_seed(0), output_type="pt")
+
+
 def test_unsupported_schedules_raise():
-    edm = baselines.get("ddim", timesteps=(80.0, 1.0, 0.1), process="edm")
-    with pytest.raises(ValueError, match="vp-discrete"):
-        S3Scheduler(schedule=edm)
     mean = SolverSchedule("vp-discrete", GRID[:3], (StepSpec(),) * 2, first_step="mean-x0")
-    with pytest.raises(ValueError, match="mean-x0"):
+    with pytest.raises(ValueError, match="mean-x0.*data_mean"):
         S3Scheduler(schedule=mean)
     with pytest.raises(ValueError, match="timesteps/sigmas"):
         S3Scheduler(schedule=_schedules()["ddim"]).set_timesteps(timesteps=[999, 0])
+    with pytest.raises(ValueError, match="timesteps/sigmas"):
+        S3Scheduler(schedule=_schedules()["ddim"]).set_timesteps(sigmas=[1.0, 0.3])
+    with pytest.raises(ValueError, match="begin_index"):
+        S3Scheduler(schedule=_schedules()["ddim"]).set_begin_index(2)
+
+
+def test_mean_x0_takes_the_data_mean_from_the_config(unet, tmp_path):
+    schedule = SolverSchedule("vp-discrete", GRID, (StepSpec(order=1), StepSpec(order=2, derivative="dpmpp"),
+                                                    StepSpec(order=2, derivative="bh2", corrector="unic"),
+                                                    StepSpec(order=3), StepSpec(order=1, eta=1.0),
+                                                    StepSpec(order=2)), first_step="mean-x0")
+    mean = torch.linspace(-0.5, 0.5, 64).reshape(SHAPE)
+    scheduler = S3Scheduler(schedule=schedule, data_mean=mean)
+    scheduler.save_pretrained(tmp_path / "sched")
+    loaded = S3Scheduler.from_pretrained(tmp_path / "sched")
+    assert torch.equal(torch.tensor(loaded.config.data_mean), mean)
+    pipe = DDPMPipeline(unet=unet, scheduler=loaded)
+    calls, handle = _count_calls(unet)
+    try:
+        images = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    finally:
+        handle.remove()
+    g = torch.Generator().manual_seed(3)
+    x_T = randn_tensor((2,) + SHAPE, generator=g)
+    D = _denoiser(unet, scheduler=loaded)
+    assert torch.equal(D.data_mean.float(), mean)
+    ref = sample(D, x_T, schedule, generator=g)
+    assert torch.equal(images, (ref / 2 + 0.5).clamp(0, 1))
+    assert len(calls) == schedule.nfe + 1   # the pipeline's first call at x_T is not used
+
+
+def test_ddim_pipeline_runs_the_schedule(unet):
+    from diffusers import DDIMPipeline
+
+    schedule = _schedules()["mixed"]
+    pipe = DDIMPipeline(unet=unet, scheduler=DDPMScheduler())
+    pipe.scheduler = S3Scheduler.from_config(pipe.scheduler.config, schedule=schedule.to_dict())
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), output_type="pt").images
+    assert torch.equal(images, _reference(unet, schedule, 2, 5))
+    with pytest.raises(ValueError, match="eta"):
+        pipe(batch_size=1, eta=0.5, output_type="pt")
 
 
 def test_misuse_of_step_raises():
@@ -206,8 +279,25 @@ def test_misuse_of_step_raises():
     prev = sched.step(torch.zeros_like(x), sched.timesteps[0], x).prev_sample
     with pytest.raises(ValueError, match="differs from the prev_sample"):
         sched.step(torch.zeros_like(x), sched.timesteps[1], prev + 1.0)
+    with pytest.raises(ValueError, match="same generator"):
+        sched.step(torch.zeros_like(x), sched.timesteps[1], prev, generator=torch.Generator())
     sched.set_timesteps()
     for t in sched.timesteps:
         x = sched.step(torch.zeros_like(x), t, x).prev_sample
-    with pytest.raises(ValueError, match="UNet calls"):
+    with pytest.raises(ValueError, match="network calls"):
         sched.step(torch.zeros_like(x), sched.timesteps[-1], x)
+
+
+def test_a_named_run_left_unfinished_is_stopped():
+    import threading
+
+    named = _schedules()["seeds_2"]
+    before = {t for t in threading.enumerate() if t.name == "s3search-named-run"}
+    sched = S3Scheduler(schedule=named)
+    x = torch.randn((1,) + SHAPE)
+    sched.step(torch.zeros_like(x), sched.timesteps[0], x)
+    running = [t for t in threading.enumerate() if t.name == "s3search-named-run" and t not in before]
+    assert len(running) == 1
+    sched.set_timesteps()   # a new run: the paused one is unwound
+    running[0].join(timeout=5)
+    assert not running[0].is_alive()

@@ -221,3 +221,45 @@ def test_folded_corrections_give_the_unfolded_update(process):
                                 generators_for(range(16)))
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert folded_somewhere >= 10
+
+
+@pytest.mark.parametrize("process", ["edm", "vp-linear"])
+def test_integration_fed_step_by_step_is_sample(process):
+    # The caller-driven form (what S3Scheduler runs) on random schedules of the search space, mean-x0 included,
+    # with one generator and with one per row: bitwise what `sample` returns.
+    from s3search.integrator import Integration
+    from s3search.space import SearchSpace
+
+    space = SearchSpace(process, [3, 5, 8], options={"first_steps": ["model", "zero-x0", "mean-x0"]})
+    den = denoiser(process)
+    mean = torch.full((4,), 0.25, dtype=torch.float64)
+    den_with_mean = lambda x, t: den(x, t)  # noqa: E731
+    den_with_mean.data_mean = mean
+    rng = np.random.default_rng(4)
+    for k in range(30):
+        sched = space.random(rng)
+        x_T = torch.randn(6, 4, generator=torch.Generator().manual_seed(k), dtype=torch.float64) * 3.0
+        for gens in (lambda: torch.Generator().manual_seed(k), lambda: generators_for(range(6))):
+            run = Integration(x_T, sched, gens(), data_mean=mean, draw_ahead=False)
+            calls = 0
+            while not run.done:
+                run.give(den(*run.wanted))
+                calls += 1
+            assert calls == sched.nfe
+            assert torch.equal(run.result, sample(den_with_mean, x_T, sched, gens()))
+
+
+def test_integration_refuses_outputs_after_the_end_and_can_stop_early():
+    from s3search.integrator import Integration
+
+    sched = ramp_schedule("edm", [10.0, 3.0, 1.0, 0.3], 2, eta=0.5)
+    x_T = torch.randn(2, 4, dtype=torch.float64) * 10.0
+    run = Integration(x_T, sched, torch.Generator().manual_seed(0))
+    x, t = run.wanted
+    assert t == 10.0 and x is x_T
+    run.close()
+    assert run.done and run.result is None
+    with pytest.raises(RuntimeError, match="finished"):
+        run.give(x_T)
+    with pytest.raises(ValueError, match="data_mean"):
+        Integration(x_T, SolverSchedule("edm", (10.0, 1.0), (StepSpec(),), first_step="mean-x0"))
