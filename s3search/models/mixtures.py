@@ -372,8 +372,8 @@ _MIXTURE_CACHE: dict[str, GaussianMixture] = {}
 
 
 def mixture(name: str) -> GaussianMixture:
-    """The built-in mixture named `name` (process suffix '-vp' allowed), built once."""
-    base = name.removesuffix("-vp")
+    """The built-in mixture named `name` (process suffix '-vp' or '-flow' allowed), built once."""
+    base = name.removesuffix("-vp").removesuffix("-flow")
     if base not in _MIXTURES:
         raise ValueError(f"mixture={name!r} is unknown; known: {', '.join(sorted(_MIXTURES))}")
     if base not in _MIXTURE_CACHE:
@@ -400,16 +400,20 @@ def model_spec(gm: GaussianMixture, name: str, process: str, description: str = 
 def _factory(base: str, process: str) -> Callable[[], ModelSpec]:
     def make() -> ModelSpec:
         _, metric, text = _MIXTURES[base]
-        suffix = "" if process == "edm" else "-vp"
+        suffix = _SUFFIX[process]
         return model_spec(mixture(base), base + suffix, process, f"{text} ({process})", metric)
 
     return make
 
 
+_SUFFIX = {"edm": "", "vp-linear": "-vp", "flow": "-flow"}
+
+
 def builtin_models() -> dict[str, Callable[[], ModelSpec]]:
-    """Every built-in mixture on EDM (plain name) and on vp-linear (name + '-vp')."""
+    """Every built-in mixture on EDM (plain name), on vp-linear (name + '-vp') and, for the test beds of
+    flow-matching samplers, on the rectified-flow process (name + '-flow')."""
     out: dict[str, Callable[[], ModelSpec]] = {}
     for base in _MIXTURES:
-        out[base] = _factory(base, "edm")
-        out[base + "-vp"] = _factory(base, "vp-linear")
+        for process, suffix in _SUFFIX.items():
+            out[base + suffix] = _factory(base, process)
     return out
