@@ -129,6 +129,37 @@ def mounts(svc: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+# ----- the compose file as Docker reads it ------------------------------------------------------------------------
+def interpolated(text: str) -> str:
+    """compose.yaml with every ${VAR...} replaced, as `docker compose` would with the variables set."""
+    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?[?-][^}]*)?\}", "secret", text)
+
+
+def test_compose_file_follows_the_compose_specification():
+    """The Compose Specification's own JSON Schema (tests/service/data/compose-spec.json, from the
+    compose-spec/compose-spec repository, Apache-2.0, licence beside it) accepts the file: every key is one
+    Docker knows, every value has its type. This is the check `docker compose config` makes first."""
+    import json
+
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parent / "data" / "compose-spec.json").read_text())
+    doc = yaml.safe_load(interpolated((DOCKER / "compose.yaml").read_text()))
+    errors = [f"{e.json_path}: {e.message[:200]}" for e in jsonschema.Draft7Validator(schema).iter_errors(doc)]
+    assert not errors, errors
+    # The schema refuses what the file must not have: a misspelt key fails.
+    doc["services"]["api"]["healthchek"] = doc["services"]["api"].pop("healthcheck")
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(doc))
+
+
+def test_required_variables_are_named_in_the_header():
+    text = (DOCKER / "compose.yaml").read_text()
+    required = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):\?", text))
+    assert required == {"POSTGRES_PASSWORD", "S3S_DASHBOARD_PASSWORD"}
+    header = text.split("\nname:")[0]
+    assert all(f"{name}=" in header for name in required), "say in the header what must be exported"
+
+
 # ----- commands and variables ---------------------------------------------------------------------------------
 def test_there_are_app_services():
     assert {"api", "runner", "dashboard", "ray-head", "ray-gpu-worker"} <= set(APP_SERVICES)
