@@ -26,7 +26,11 @@ ASSETS = {"swagger_js": "swagger-ui-bundle.js", "swagger_css": "swagger-ui.css",
 
 def static_dir() -> Path:
     """The folder holding the bundles (inside the installed fastapi-offline package)."""
-    folder = Path(str(files("fastapi_offline") / "static"))
+    try:
+        folder = Path(str(files("fastapi_offline") / "static"))
+    except ModuleNotFoundError:
+        raise RuntimeError("the API serves /docs and /redoc from the fastapi-offline package, which is not installed: "
+                           "pip install fastapi-offline (it is part of s3search[service])") from None
     missing = [name for name in ASSETS.values() if not (folder / name).is_file()]
     if missing:
         raise RuntimeError(f"fastapi-offline at {folder} lacks {', '.join(missing)}: reinstall s3search[service]")
