@@ -6,8 +6,9 @@ It wraps `ray start`, so the docker images and a hand-run machine use the same c
     worker:  s3search worker --address HEAD_IP:6379 --num-gpus 1
     check:   s3search worker --address HEAD_IP:6379 --dry-run   # print the `ray start` line only
 
-Ray's token authentication is on by default: copy the head's token (`ray get-auth-token` on the head) into the
-worker's environment as RAY_AUTH_TOKEN (or ~/.ray/auth_token) before starting it.
+Ray's token authentication is on when the head was started with a token (RAY_AUTH_MODE=token, or a token file):
+then copy the head's token (`ray get-auth-token` on the head) into the worker's environment as RAY_AUTH_TOKEN (or
+~/.ray/auth_token) before starting it; see docs/ray.md.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def worker(
     if dry_run:
         return
     if not head and not (os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(os.path.expanduser("~/.ray/auth_token"))):
-        typer.echo("note: no RAY_AUTH_TOKEN or ~/.ray/auth_token here; a head with token auth will refuse this node "
+        typer.echo("note: no RAY_AUTH_TOKEN or ~/.ray/auth_token here; a head started with token auth will refuse "
+                   "this node "
                    "(run `ray get-auth-token` on the head).", err=True)
     raise typer.Exit(subprocess.call(argv))
 
