@@ -6,7 +6,9 @@
     ref = metric.reference_stats(spec, lambda: spec.reference_sampler(n, g))   # cached by evaluation.reference
     value = metric.compute(samples, MetricContext(spec, ref))
 
-Lower is better for every metric. `reference_stats` returns named float64 tensors (stored as safetensors).
+Lower is better for every metric, so `clip-score` is minus the CLIP score. `reference_stats` returns named float64
+tensors (stored as safetensors). `metric.model_problem(spec)` adds to `problem` what only the files can tell (the
+Inception weights file is there).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from ..models.base import ModelSpec, ModelTraits
-from . import frechet, mixture, mmd, sliced, trajectory
+from . import clip, frechet, mixture, mmd, reference_stats, sliced, trajectory
 
 __all__ = ["Metric", "MetricContext", "names", "get", "UnknownMetricError", "batched_features"]
 
@@ -30,6 +32,7 @@ class MetricContext:
     model: ModelSpec
     reference: dict[str, torch.Tensor] = field(default_factory=dict)   # from Metric.reference_stats
     trajectory_reference: Optional[torch.Tensor] = None                 # same rows as the samples
+    prompts: Optional[tuple[str, ...]] = None                           # text-to-image: one prompt a row
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Metric:
     needs_features: bool = False           # needs model.features
     needs_trajectory_reference: bool = False
     needs_inception: bool = False          # the features must be Inception's (metrics.fid.InceptionFeatures)
+    needs_clip: bool = False               # needs model.clip (metrics.clip.CLIPScorer) and the rows' prompts
     _stats: Optional[Callable[[ModelSpec, ReferenceDraw], dict[str, torch.Tensor]]] = None
     _compute: Callable[[torch.Tensor, MetricContext], float] = lambda x, ctx: float("nan")
 
@@ -50,13 +54,41 @@ class Metric:
         who = f"model={model_name!r}"
         if self.needs_exact and not traits.exact:
             return f"metric={self.name!r} needs a model with an exact density (a Gaussian mixture); {who} has none"
+        if self.needs_clip and not traits.clip:
+            if not traits.text_to_image:
+                return f"metric={self.name!r} scores images against their prompts; {who} is not a text-to-image model"
+            return (f"metric={self.name!r} needs CLIP weights: set clip = \"/models/clip-vit-large-patch14\" (a "
+                    f"transformers CLIPModel folder) in the registry entry of {who}")
+        if traits.text_to_image and self.needs_reference:
+            if not self.needs_features:
+                return (f"metric={self.name!r} compares samples with reference samples in the model's own (latent) "
+                        f"space, which text-to-image {who} has none of: use fid (registry field reference_stats), "
+                        "clip-score (field clip) or trajectory")
+            if not traits.image_reference:
+                return (f"metric={self.name!r} on text-to-image {who} needs reference statistics: set "
+                        "reference_stats = \"stats.npz\" (mu and sigma, as pytorch-fid and clean-fid write them) or "
+                        "an array of reference images in its registry entry")
         if self.needs_features and traits.features is None:
             return f"metric={self.name!r} needs a feature network; {who} has none"
         if self.needs_inception and traits.features != "inception":
             return (f"metric={self.name!r} needs Inception features (registry entry features = \"inception\"); "
                     f"{who} has other features: use fd-features")
-        if self.needs_reference and not traits.reference:
+        if self.needs_reference and not (traits.reference or (self.needs_features and traits.image_reference)):
             return f"metric={self.name!r} needs reference samples; {who} has no reference_sampler"
+        return None
+
+    def model_problem(self, model: ModelSpec) -> Optional[str]:
+        """`problem`, then the files: Inception features need their weights file, which is read only on first use,
+        so a missing one would otherwise surface as an error on every evaluation."""
+        problem = self.problem(model.traits, model.name)
+        if problem is not None or not (self.needs_features and model.traits.features == "inception"):
+            return problem
+        from .fid import resolve_weights_path
+
+        try:
+            resolve_weights_path(getattr(model.features, "weights_path", None))
+        except FileNotFoundError as e:
+            return f"metric={self.name!r} on model={model.name!r} needs its Inception weights file: {e}"
         return None
 
     def check_model(self, model: ModelSpec) -> None:
@@ -74,6 +106,9 @@ class Metric:
             raise ValueError(f"metric={self.name!r} needs reference stats")
         if self.needs_trajectory_reference and ctx.trajectory_reference is None:
             raise ValueError(f"metric={self.name!r} needs a trajectory reference from the same x_T")
+        if self.needs_clip and (ctx.prompts is None or len(ctx.prompts) != len(samples)):
+            raise ValueError(f"metric={self.name!r} needs one prompt per sample ({len(samples)} samples, "
+                             f"{'no' if ctx.prompts is None else len(ctx.prompts)} prompts)")
         return float(self._compute(samples, ctx))
 
 
@@ -113,8 +148,23 @@ def _fd(x: torch.Tensor, ctx: MetricContext) -> float:
 
 
 def _fd_features(x: torch.Tensor, ctx: MetricContext) -> float:
-    m, c = frechet.gaussian_stats(batched_features(ctx.model, x))
-    return frechet.frechet_distance(m, c, ctx.reference["mean"], ctx.reference["cov"])
+    return frechet.frechet_distance_to_stats(batched_features(ctx.model, x), ctx.reference["mean"],
+                                             ctx.reference["cov"])
+
+
+def _feature_stats(model: ModelSpec, draw: ReferenceDraw) -> dict[str, torch.Tensor]:
+    """Feature mean and covariance of the reference: a text-to-image model's reference file (its statistics, or
+    its images' features), else of the model's reference samples."""
+    ref: Optional[reference_stats.InceptionReference] = model.image_reference
+    if ref is None:
+        return _gauss(batched_features(model, draw()))
+    if ref.kind == "stats":
+        return ref.stats()
+    return _gauss(torch.cat([batched_features(model, images) for images in ref.image_batches()]))
+
+
+def _minus_clip_score(x: torch.Tensor, ctx: MetricContext) -> float:
+    return -ctx.model.clip.score(x, ctx.prompts)
 
 
 def _samples_stats(model: ModelSpec, draw: ReferenceDraw) -> dict[str, torch.Tensor]:
@@ -135,11 +185,13 @@ _METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("fd", "Fréchet distance in data space (exact target moments for mixtures)", "1", needs_reference=True,
            _stats=_fd_stats, _compute=_fd),
     Metric("fd-features", "Fréchet distance in the model's feature space (FID for image models)", "1",
-           needs_reference=True, needs_features=True,
-           _stats=lambda model, draw: _gauss(batched_features(model, draw())), _compute=_fd_features),
+           needs_reference=True, needs_features=True, _stats=_feature_stats, _compute=_fd_features),
     Metric("fid", "FID: Fréchet distance in Inception pool features (local weights file)", "1",
-           needs_reference=True, needs_features=True, needs_inception=True,
-           _stats=lambda model, draw: _gauss(batched_features(model, draw())), _compute=_fd_features),
+           needs_reference=True, needs_features=True, needs_inception=True, _stats=_feature_stats,
+           _compute=_fd_features),
+    Metric("clip-score", "minus the CLIP score, max(100 mean cos(image, prompt), 0) as torchmetrics' CLIPScore, "
+           "of each decoded image with its row's prompt (local CLIP weights)", "1", needs_clip=True,
+           _compute=_minus_clip_score),
     Metric("sw2", "sliced Wasserstein-2 distance, 512 fixed projections", "1", needs_reference=True,
            _stats=_samples_stats,
            _compute=lambda x, ctx: sliced.sliced_wasserstein2(x, ctx.reference["samples"])),

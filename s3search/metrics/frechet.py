@@ -3,6 +3,13 @@
 FD = |m1 - m2|^2 + tr C1 + tr C2 - 2 tr (C2^(1/2) C1 C2^(1/2))^(1/2). The last trace is the sum of square roots
 of the eigenvalues of a symmetric PSD matrix, so only `eigh` is needed: no inverse, no complex sqrtm, and a
 rank-deficient covariance (fewer samples than dimensions) is handled exactly. Float64 throughout.
+
+`frechet_distance_to_stats` compares samples with given statistics (FID against a reference file). With n samples
+in d > n - 1 dimensions it never forms a d x d eigendecomposition: with H the (n - 1) x n Helmert matrix (rows
+orthonormal and orthogonal to the ones vector), A = H x [n - 1, d] gives C1 = Aᵀ A / (n - 1), and the non-zero
+eigenvalues of C2^(1/2) C1 C2^(1/2) = (A C2^(1/2))ᵀ (A C2^(1/2)) / (n - 1) are those of A C2 Aᵀ / (n - 1), an
+(n - 1) x (n - 1) matrix. Centring by H rather than by subtracting the mean leaves no structural zero eigenvalue,
+whose rounding-level square root would otherwise enter the trace.
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ from typing import Union
 import numpy as np
 import torch
 
-__all__ = ["gaussian_stats", "frechet_distance", "frechet_distance_samples", "psd_sqrt"]
+__all__ = ["gaussian_stats", "frechet_distance", "frechet_distance_samples", "frechet_distance_to_stats",
+           "psd_sqrt"]
 
 Array = Union[np.ndarray, torch.Tensor]
 
@@ -55,3 +63,32 @@ def frechet_distance(mu1: Array, cov1: Array, mu2: Array, cov2: Array) -> float:
 
 def frechet_distance_samples(x: Array, y: Array) -> float:
     return frechet_distance(*gaussian_stats(x), *gaussian_stats(y))
+
+
+def _helmert(n: int) -> np.ndarray:
+    k = np.arange(1, n)[:, None]
+    j = np.arange(n)[None, :]
+    return np.where(j < k, 1.0, np.where(j == k, -k, 0.0)) / np.sqrt(k * (k + 1.0))
+
+
+def frechet_distance_to_stats(x: Array, mu2: Array, cov2: Array) -> float:
+    """FD between the Gaussian fitted to samples x [n, ...] (unbiased covariance) and N(mu2, cov2)."""
+    a = _np64(x)
+    if a.ndim < 1 or a.shape[0] < 2:
+        raise ValueError(f"samples must hold at least 2 rows, got shape {a.shape}")
+    a = a.reshape(a.shape[0], -1)
+    n, d = a.shape
+    if n - 1 >= d:
+        return frechet_distance(*gaussian_stats(a), mu2, cov2)
+    m2, c2 = _np64(mu2), _np64(cov2)
+    if m2.shape != (d,) or c2.shape != (d, d):
+        raise ValueError(f"stats do not match: samples of dimension {d}, mean {m2.shape}, covariance {c2.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError("samples contain NaN or inf")
+    m1 = a.mean(0)
+    centred = _helmert(n) @ (a - m1)
+    gram = centred @ c2 @ centred.T / (n - 1)
+    eig = np.linalg.eigvalsh(0.5 * (gram + gram.T))
+    cross = np.sqrt(np.clip(eig, 0.0, None)).sum()
+    fd = float(((m1 - m2) ** 2).sum() + (centred ** 2).sum() / (n - 1) + np.trace(c2) - 2.0 * cross)
+    return max(fd, 0.0)

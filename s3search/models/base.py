@@ -57,6 +57,9 @@ class ModelTraits:
     exact: bool                    # an exact density (a GaussianMixture in ModelSpec.exact)
     features: Optional[str]        # None, "inception" (metrics.fid.InceptionFeatures) or "other" (digits, ...)
     reference: bool                # reference samples: a sampler, a finite data set or the exact target
+    text_to_image: bool = False    # samples are latents of prompts (denoiser_for), decoded for image metrics
+    image_reference: bool = False  # FID reference of the decoded images (ModelSpec.image_reference)
+    clip: bool = False             # a CLIP model for the CLIP score (ModelSpec.clip)
 
 
 @dataclass
@@ -87,6 +90,11 @@ class ModelSpec:
     # Text-to-image models: the prompt sets a job may name (models.prompts.PromptSet by name) and the default.
     prompt_sets: dict[str, Any] = field(default_factory=dict)
     default_prompt_set: Optional[str] = None
+    # Text-to-image models: the reference of `fid` on decoded images (metrics.reference_stats.InceptionReference:
+    # precomputed Inception statistics or reference images), and the CLIP model of `clip-score`
+    # (metrics.clip.CLIPScorer). Their files' hashes are in the provenance.
+    image_reference: Any = None
+    clip: Any = None
 
     @property
     def process(self):
@@ -121,7 +129,8 @@ class ModelSpec:
         exact = hasattr(self.exact, "log_prob")
         reference = self.reference_sampler is not None or self.reference_set is not None or \
             hasattr(self.exact, "sample")
-        return ModelTraits(exact=exact, features=features, reference=reference)
+        return ModelTraits(exact=exact, features=features, reference=reference, text_to_image=self.conditional,
+                           image_reference=self.image_reference is not None, clip=self.clip is not None)
 
 
 @contextlib.contextmanager

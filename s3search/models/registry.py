@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 from .base import ModelSpec
-
-if TYPE_CHECKING:
-    from ..metrics import Metric
 
 __all__ = ["UnknownModelError", "names", "get", "factories", "clear_cache", "metric_error", "ENV_REGISTRY"]
 
 ENV_REGISTRY = "S3SEARCH_MODEL_REGISTRY"
-_PROVIDERS = ("s3search.models.mixtures", "s3search.models.digits")
+_PROVIDERS = ("s3search.models.mixtures", "s3search.models.digits", "s3search.models.digits_t2i")
 
 _SPECS: dict[tuple[str, str], ModelSpec] = {}
 
@@ -88,8 +85,8 @@ def metric_error(model_name: str, metric: str) -> Optional[str]:
 
     Builds the model (once, as `get` does; what `get` raises for a model that cannot be built propagates) but
     samples nothing: it checks what the metric needs (an exact density, a feature network, Inception features
-    and their weights file, reference samples) against what the model has. The message names the metrics the
-    model can compute.
+    and their weights file, reference samples; for a text-to-image model, reference statistics for fid and a
+    CLIP folder for clip-score) against what the model has. The message names the metrics the model can compute.
     """
     from .. import metrics  # here, not at the top: metrics imports the models package
 
@@ -101,24 +98,9 @@ def metric_error(model_name: str, metric: str) -> Optional[str]:
         spec = get(model_name)
     except UnknownModelError as e:
         return str(e)
-    problem = _metric_problem(wanted, spec)
+    problem = wanted.model_problem(spec)
     if problem is None:
         return None
-    able = [name for name in metrics.names() if _metric_problem(metrics.get(name), spec) is None]
+    able = [name for name in metrics.names() if metrics.get(name).model_problem(spec) is None]
     return f"{problem} (metrics it can compute: {', '.join(able) or 'none'})"
 
-
-def _metric_problem(metric: Metric, spec: ModelSpec) -> Optional[str]:
-    traits = spec.traits
-    problem = metric.problem(traits, spec.name)
-    if problem is not None or not (metric.needs_features and traits.features == "inception"):
-        return problem
-    # The Inception network is loaded on first use, so a missing weights file would otherwise surface only
-    # when the reference statistics are computed, as an error on every evaluation.
-    from ..metrics.fid import resolve_weights_path
-
-    try:
-        resolve_weights_path(getattr(spec.features, "weights_path", None))
-    except FileNotFoundError as e:
-        return f"metric={metric.name!r} on model={spec.name!r} needs its Inception weights file: {e}"
-    return None
