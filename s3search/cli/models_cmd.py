@@ -27,7 +27,8 @@ def describe_models() -> list[dict[str, Any]]:
 
 
 def check_model(name: str, batch: int = 4) -> dict[str, Any]:
-    """Build the model and call its denoiser (and feature network) once on a small batch; raises on failure."""
+    """Build the model and call its denoiser (and decoder, feature network, CLIP model) once on a small batch;
+    raises on failure."""
     import torch
 
     from ..models import registry
@@ -44,9 +45,21 @@ def check_model(name: str, batch: int = 4) -> dict[str, Any]:
     report: dict[str, Any] = {"name": name, "process": proc.name, "shape": list(spec.shape),
                               "default_metric": spec.default_metric, "t_checked": t_mid,
                               "reference": spec.reference_sampler is not None}
+    # A latent model's features and CLIP see images: the decoded x0 estimates stand in for samples here.
+    images = spec.decode(out[:2]) if spec.decode is not None else None
     if spec.features is not None:
-        sample = spec.reference_sampler(2, torch.Generator().manual_seed(0)) if spec.reference_sampler else out[:2]
+        sample = out[:2] if images is None else images
+        if images is None and spec.reference_sampler is not None:
+            sample = spec.reference_sampler(2, torch.Generator().manual_seed(0))
         report["feature_dim"] = int(spec.features(sample).reshape(len(sample), -1).shape[1])
+    if spec.image_reference is not None:
+        ref = spec.image_reference
+        report["reference_stats"] = {"path": str(ref.path), "kind": ref.kind, "shape": list(ref.shape)}
+    if spec.clip is not None and images is not None:
+        scores = spec.clip.row_scores(images, [spec.provenance.get("prompt", "")] * len(images))
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"model={name!r}: the CLIP model {spec.clip.folder} gave non-finite scores")
+        report["clip"] = str(spec.clip.folder)
     report["seconds"] = round(time.perf_counter() - start, 3)
     report["provenance"] = dict(spec.provenance)
     return report
@@ -70,7 +83,8 @@ def register(app: typer.Typer) -> None:
                   registry_file: Optional[str] = typer.Option(None, "--registry",
                                                               help="a registry file (else $S3SEARCH_MODEL_REGISTRY)")
                   ) -> None:
-        """Load each model, run its denoiser once at mid noise, and compute features where it has them."""
+        """Load each model, run its denoiser once at mid noise, and its decoder, features and CLIP where it has
+        them."""
         from ..models import registry
 
         if registry_file:

@@ -32,6 +32,9 @@ log = logging.getLogger("s3search.evaluation")
 __all__ = ["LocalEvaluator", "schedule_hash", "trajectory_reference_schedule"]
 
 PRIORS = ("gaussian", "exact")
+# Image metrics of text-to-image models and their EvalResult.extras keys; clip_score is the CLIP score as
+# published (higher is better), minus the clip-score metric.
+IMAGE_EXTRAS = {"fid": "fid", "clip-score": "clip_score"}
 
 
 def schedule_hash(schedule: Any) -> str:
@@ -110,19 +113,24 @@ class LocalEvaluator:
         like = torch.empty((len(gens), *model.shape), dtype=dtype)
         return process.sigma(t0) * randn_rows(like, gens)
 
-    def _batches(self, model: ModelSpec, request: EvalRequest) -> list[tuple[int, list[int], Any]]:
-        """(first row, seeds, denoiser) per batch. A text-to-image model gets each batch's own prompts by the
-        rule of models.prompts, so a row meets the same prompt whatever batch or worker it lands in."""
+    def _batches(self, model: ModelSpec, request: EvalRequest
+                 ) -> list[tuple[int, list[int], Any, Optional[tuple[str, ...]]]]:
+        """(first row, seeds, denoiser, each row's prompt or None) per batch. A text-to-image model gets each
+        batch's own prompts by the rule of models.prompts, so a row meets the same prompt whatever batch or worker
+        it lands in."""
         seeds = sample_seeds(request.seed, request.split, request.n_samples)
         prompt_set = self._prompt_set(model, request)
         out = []
         for i in range(0, len(seeds), self.batch_size):
             rows = seeds[i:i + self.batch_size]
-            denoiser = model.denoiser
+            denoiser, prompts = model.denoiser, None
             if prompt_set is not None:
-                denoiser = model.denoiser_for(conditions_for(prompt_set, request.seed, request.split, i, len(rows),
-                                                             request.guidance_scale))
-            out.append((i, rows, denoiser))
+                conditions = conditions_for(prompt_set, request.seed, request.split, i, len(rows),
+                                            request.guidance_scale)
+                denoiser = model.denoiser_for(conditions)
+                per_prompt = len(rows) // len(conditions.prompts)
+                prompts = tuple(p for p in conditions.prompts for _ in range(per_prompt))
+            out.append((i, rows, denoiser, prompts))
         return out
 
     @staticmethod
@@ -142,17 +150,19 @@ class LocalEvaluator:
         return model.prompt_sets[name]
 
     def _generate(self, model: ModelSpec, schedule: Any, request: EvalRequest,
-                  keep_x_T: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  keep_x_T: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[tuple[str, ...]]]:
+        """Samples, their x_T (when kept) and the rows' prompts (text-to-image models), in row order."""
         process = processes.get(schedule.process)
-        outs, starts = [], []
+        outs, starts, prompts = [], [], []
         sample = self._sample_fn()
-        for _, rows, denoiser in self._batches(model, request):
+        for _, rows, denoiser, batch_prompts in self._batches(model, request):
+            prompts.extend(batch_prompts or ())
             gens = generators_for(rows)
             x_T = self._x_T(model, process, schedule.timesteps[0], gens)
             if keep_x_T:
                 starts.append(x_T.clone())
             outs.append(sample(denoiser, x_T.to(self.device), schedule, gens).detach().cpu())
-        return torch.cat(outs), (torch.cat(starts) if keep_x_T else None)
+        return torch.cat(outs), (torch.cat(starts) if keep_x_T else None), (tuple(prompts) or None)
 
     def _trajectory_reference(self, model: ModelSpec, schedule: Any, request: EvalRequest,
                               x_T: torch.Tensor) -> torch.Tensor:
@@ -171,7 +181,7 @@ class LocalEvaluator:
                 hi = trajectory_reference_schedule(schedule.process, t0, t_end, schedule.final,
                                                    self.trajectory_steps)
                 ref = torch.cat([self._sample_fn()(denoiser, x_T[i:i + len(rows)].to(self.device), hi, None).cpu()
-                                 for i, rows, denoiser in self._batches(model, request)])
+                                 for i, rows, denoiser, _ in self._batches(model, request)])
             self._trajectories[key] = ref.to(x_T.dtype)
         return self._trajectories[key]
 
@@ -190,6 +200,26 @@ class LocalEvaluator:
         return {"nll": metrics.mixture.nll(samples, model.exact),
                 "mode_tv": metrics.mixture.mode_weight_tv(samples, model.exact)}
 
+    def _image_extras(self, model: ModelSpec, metric: metrics.Metric, value: float, images: torch.Tensor,
+                      request: EvalRequest, prompts: Optional[tuple[str, ...]]) -> dict[str, float]:
+        """A text-to-image evaluation by fid or clip-score records every one of the two the model can compute, on
+        the same images, so a report shows FID and CLIP score side by side; `trajectory` skips the decode and adds
+        none."""
+        if not self.extras or not model.conditional or metric.name not in IMAGE_EXTRAS:
+            return {}
+        out = {}
+        for name, key in IMAGE_EXTRAS.items():
+            other = metrics.get(name)
+            if name == metric.name:
+                figure = value
+            elif other.model_problem(model) is None:
+                reference = self._reference(model, other, request) if other.needs_reference else {}
+                figure = other.compute(images, metrics.MetricContext(model, reference, None, prompts))
+            else:
+                continue
+            out[key] = -figure if name == "clip-score" else figure
+        return out
+
     # ----- the contract -------------------------------------------------------------------------------------
     def _one(self, schedule: Any, request: EvalRequest, model: ModelSpec, metric: metrics.Metric) -> EvalResult:
         h = schedule_hash(schedule)
@@ -201,16 +231,17 @@ class LocalEvaluator:
                 raise ValueError(f"process={schedule.process!r} does not match the model's process "
                                  f"{model.process.name!r}")
             reference = self._reference(model, metric, request) if metric.needs_reference else {}
-            samples, x_T = self._generate(model, schedule, request, metric.needs_trajectory_reference)
+            samples, x_T, prompts = self._generate(model, schedule, request, metric.needs_trajectory_reference)
             bad = int((~torch.isfinite(samples.reshape(len(samples), -1))).any(1).sum())
             if bad:
                 raise FloatingPointError(f"{bad} of {len(samples)} samples are NaN or infinite")
             traj = self._trajectory_reference(model, schedule, request, x_T) if x_T is not None else None
-            value = metric.compute(self._for_metric(model, metric, samples),
-                                   metrics.MetricContext(model, reference, traj))
+            data = self._for_metric(model, metric, samples)
+            value = metric.compute(data, metrics.MetricContext(model, reference, traj, prompts))
             if not math.isfinite(value):
                 raise FloatingPointError(f"metric {metric.name} is {value}")
-            extras = self._extras(model, samples)
+            extras = {**self._extras(model, samples),
+                      **self._image_extras(model, metric, value, data, request, prompts)}
             return EvalResult(h, value, nfe, time.perf_counter() - start, None, extras)
         except Exception as e:  # a failed candidate is a result, never the end of a search
             return EvalResult(h, math.inf, nfe, time.perf_counter() - start, f"{type(e).__name__}: {e}")

@@ -19,7 +19,9 @@ with a warning in the log, since the cache holds nothing that cannot be computed
 rebuilds a file that checks out.
 
 A model backed by a finite data set (`ModelSpec.reference_set`: real digits, a local model's reference file) has
-a single reference, its whole set: n, seed and split all read "all" there. Models without a weights hash have
+a single reference, its whole set: n, seed and split all read "all" there. So does a text-to-image model's FID
+reference file of images (`ModelSpec.image_reference`), whose sha256 is then part of the provenance; one of
+precomputed statistics is used as it is, never copied into the cache. Models without a weights hash have
 nothing to key the file on and are never cached.
 """
 
@@ -82,6 +84,8 @@ def provenance(model: ModelSpec, metric: metrics.Metric, n: int | str, seed: int
         "split": split,
         "features_sha256": model.provenance.get("features_sha256", "") if metric.needs_features else "",
     }
+    if _image_reference(model, metric) is not None:
+        doc["reference_sha256"] = model.image_reference.sha256
     doc.update({f"version_{lib}": _version(lib) for lib in _LIBRARIES})
     return doc
 
@@ -140,8 +144,14 @@ def _save(tensor_path: Path, meta_path: Path, stats: dict[str, torch.Tensor], pr
 WHOLE_SET = "all"
 
 
-def _request(model: ModelSpec, n: int, seed: int, split: str) -> tuple[int | str, int | str, str]:
-    if model.reference_set is not None:
+def _image_reference(model: ModelSpec, metric: metrics.Metric):
+    """The model's FID reference file where this metric reads it (feature metrics), else None."""
+    return model.image_reference if metric.needs_features else None
+
+
+def _request(model: ModelSpec, metric: metrics.Metric, n: int, seed: int, split: str
+             ) -> tuple[int | str, int | str, str]:
+    if model.reference_set is not None or _image_reference(model, metric) is not None:
         return WHOLE_SET, WHOLE_SET, WHOLE_SET
     return n, seed, split
 
@@ -170,7 +180,10 @@ def load_or_compute(model: ModelSpec, metric: metrics.Metric, n: int, seed: int 
         raise ValueError(f"n={n!r} must be an integer >= 2")
     if not metric.needs_reference:
         return {}
-    key = _request(model, n, seed, split)
+    reference_file = _image_reference(model, metric)
+    if reference_file is not None and reference_file.kind == "stats":
+        return metric.reference_stats(model, lambda: reference_file.stats())
+    key = _request(model, metric, n, seed, split)
     prov = provenance(model, metric, *key)
     if not prov["weights_sha256"] or (metric.needs_features and not prov["features_sha256"]):
         return _compute(model, metric, n, seed, split)

@@ -6,6 +6,8 @@ weights (of the entry's `variant`, or plain); a pickled file (.bin, .pt, ...) is
 it could run code. The safety checker, feature extractor and image encoder are never loaded. The ModelSpec's
 `denoiser` is the model at the entry's `prompt`; `denoiser_for`, `decode` and `scheduler_times` come from
 `s3search.models.pipelines`, put on a registered process as the diffusers-unet kind is (noise.registered).
+The entry's `reference_stats` and `clip` (image_metrics) give it Inception features, a FID reference and a CLIP
+model, checked before the pipeline is loaded.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..base import Conditions, ModelSpec
 from ..pipelines import FAMILIES, PipelineModel, PipelineSettings, SizeError, pipeline_model
 from ..prompts import PromptSet, load_prompt_set
 from .common import device_of, existing, file_sha256, read_json
+from .image_metrics import image_metric_parts
 from .noise import exposure, registered, target_name
 from .registry_file import LocalModelEntry
 
@@ -185,6 +188,7 @@ def _prompt_sets(entry: LocalModelEntry) -> dict[str, PromptSet]:
 
 
 def build(entry: LocalModelEntry) -> ModelSpec:
+    image_metrics = image_metric_parts(entry)
     model, files = load(entry)
     same, process_note = exposure(model.process, entry)
     target = same if same is not None else processes.get(target_name(entry))
@@ -217,10 +221,12 @@ def build(entry: LocalModelEntry) -> ModelSpec:
     prompt_sets = _prompt_sets(entry)
     # The prompts decide the metric's value: caches keyed by the fingerprint must follow the files.
     provenance.update({f"prompts:{name}": ps.sha256 for name, ps in prompt_sets.items()})
+    provenance.update(image_metrics.provenance)
     return ModelSpec(name=entry.name, denoiser=Denoiser(fn=at_default_prompt, process=target, name=entry.name),
                      shape=tuple(model.shape),
                      description=entry.description or f"{pipeline} {entry.path} at {model.height}x{model.width}",
                      default_metric=entry.metric or "trajectory", provenance=provenance,
                      denoiser_for=denoiser_for, decode=model.decode,
                      scheduler_times=_exposed_times(model, target), prompt_sets=prompt_sets,
-                     default_prompt_set=next(iter(prompt_sets), None))
+                     default_prompt_set=next(iter(prompt_sets), None), features=image_metrics.features,
+                     image_reference=image_metrics.image_reference, clip=image_metrics.clip)

@@ -28,13 +28,14 @@ FIELDS = ("name", "kind", "path", "process", "prediction_type", "time_input", "s
           "guidance_scale", "class_label", "null_label", "reference", "features", "inception_weights",
           "metric", "description", "options", "device", "expose_process", "height", "width", "prompt",
           "negative_prompt", "true_cfg_scale", "max_sequence_length", "dtype", "batch_size", "variant",
-          "prompts")
+          "prompts", "reference_stats", "clip")
 # A pipeline reads its process, prediction type, time input and latent shape from its own folder, and has no
-# class labels; these fields belong to the other kinds.
+# class labels; these fields belong to the other kinds. Its FID features are always Inception's (on the decoded
+# images, against reference_stats), so inception_weights applies to both.
 NETWORK_ONLY_FIELDS = ("process", "prediction_type", "time_input", "shape", "data_range", "class_label",
-                       "null_label", "reference", "features", "inception_weights", "options")
+                       "null_label", "reference", "features", "options")
 PIPELINE_ONLY_FIELDS = ("height", "width", "prompt", "negative_prompt", "true_cfg_scale", "max_sequence_length",
-                        "dtype", "batch_size", "variant", "prompts")
+                        "dtype", "batch_size", "variant", "prompts", "reference_stats", "clip")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -72,6 +73,8 @@ class LocalModelEntry:
     batch_size: int = 8
     variant: Optional[str] = None               # e.g. fp16: loads *.fp16.safetensors
     prompts: dict[str, str] = field(default_factory=dict)   # prompt-set name -> .txt / .jsonl file; first: default
+    reference_stats: Optional[str] = None       # fid: .npz of mu / sigma, or reference images (.npy / .npz)
+    clip: Optional[str] = None                  # clip-score: a transformers CLIPModel folder
 
     def err(self, field_name: str, message: str) -> str:
         return f"{self.where}.{field_name}: {message}"
@@ -257,6 +260,14 @@ def _pipeline_fields(where: str, raw: dict[str, Any]) -> dict[str, Any]:
             kw[name] = _typed(where, name, raw[name], str, "a string")
     if "prompts" in raw:
         kw["prompts"] = _prompt_files(where, raw["prompts"])
+    for name in ("reference_stats", "clip"):
+        if name in raw:
+            value = _typed(where, name, raw[name], str, "a path (a string)")
+            if not value.strip():
+                raise ValueError(f"{where}.{name} must be a non-empty path")
+            kw[name] = value
+    if "inception_weights" in raw and "reference_stats" not in raw:
+        raise ValueError(f"{where}.inception_weights is used by fid, which needs reference_stats as well")
     if "true_cfg_scale" in raw:
         kw["true_cfg_scale"] = check_guidance(raw["true_cfg_scale"], f"{where}.true_cfg_scale")
     if "dtype" in raw:
