@@ -67,7 +67,7 @@ def replay(args, trials: list, policy: dict, draw: int) -> tuple[float, float, f
                         budgets={args.nfe: config.budget})
     refine_grid(ctx, args.nfe)
     best, validation = _validated_best(ctx, study, args.nfe)
-    test, _ = _test_scores(ctx, study, args.nfe, best.schedule, {})
+    test, _, _ = _test_scores(ctx, study, args.nfe, best.schedule, {})
     return best.value, validation, test
 
 

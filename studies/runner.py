@@ -325,7 +325,9 @@ def _one_result(result: SearchResult) -> dict[str, Any]:
             "test_value": _finite(result.test_value),
             "validation_value": _finite(result.validation_value),
             "baselines": {str(k): _finite(v) for k, v in result.baselines.items()},
-            "evaluations": int(result.evaluations)}
+            "evaluations": int(result.evaluations),
+            "test_extras": {str(k): {str(m): _finite(v) for m, v in row.items()}
+                            for k, row in (getattr(result, "test_extras", None) or {}).items()}}
 
 
 def _result_doc(result: SearchResult) -> dict[str, Any]:

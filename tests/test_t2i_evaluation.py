@@ -123,3 +123,19 @@ def test_the_command_line_searches_a_pipeline_with_a_prompt_set(t2i_model, tmp_p
     assert "metric trajectory" in run.output
     bad = CliRunner().invoke(app, [*args[:13], "--prompt-set", "coco", *args[15:]])
     assert bad.exit_code == 2 and "coco" in bad.output and "digits" in bad.output
+
+
+def test_the_final_table_shows_fid_and_clip_score_side_by_side():
+    from s3search.cli.search_cmd import format_table
+    from s3search.search.config import SearchResult
+
+    result = SearchResult(best=None, best_value=1.0, test_value=2.0, baselines={"ddim": 3.0, "deis": 2.5},
+                          evaluations=3, test_extras={"searched": {"fid": 12.5, "clip_score": 30.1},
+                                                      "ddim": {"fid": 20.0, "clip_score": 29.0}})
+    lines = format_table(result, 5).splitlines()
+    assert "CLIP score: higher is better" in lines[0] and lines[1].split()[-3:] == ["FID", "CLIP", "score"] or \
+        ("FID" in lines[1] and "CLIP score" in lines[1])
+    searched = next(line for line in lines if line.startswith("searched"))
+    assert "12.5" in searched and "30.1" in searched
+    plain = SearchResult(best=None, best_value=1.0, test_value=2.0, baselines={"ddim": 3.0}, evaluations=3)
+    assert "FID" not in format_table(plain, 5)

@@ -28,15 +28,23 @@ def _parse_nfe(text: str) -> tuple[int, ...]:
 
 
 def format_table(result, nfe: int) -> str:
-    """Searched schedule vs every baseline (its best grid), test split, best first."""
+    """Searched schedule vs every baseline (its best grid), test split, best first; with the other metrics the
+    evaluations reported (FID and CLIP score of a text-to-image model) as extra columns."""
     searched = "searched (S3)"
-    rows = [(searched, result.test_value)] + list(result.baselines.items())
+    extras = getattr(result, "test_extras", {}) or {}
+    columns = sorted({k for row in extras.values() for k in row})
+    rows = [(searched, result.test_value, extras.get("searched", {}))]
+    rows += [(name, value, extras.get(name, {})) for name, value in result.baselines.items()]
     rows.sort(key=lambda r: r[1] if math.isfinite(r[1]) else math.inf)
-    best_base = min((v for n, v in rows if n != searched and math.isfinite(v)), default=math.nan)
-    lines = [f"NFE {nfe} - test split (lower is better)", f"{'sampler':<24}{'test':>14}{'vs best baseline':>18}"]
-    for name, value in rows:
+    best_base = min((v for n, v, _ in rows if n != searched and math.isfinite(v)), default=math.nan)
+    titles = {"fid": "FID", "clip_score": "CLIP score"}
+    head = f"{'sampler':<24}{'test':>14}{'vs best baseline':>18}" + "".join(f"{titles.get(c, c):>14}" for c in columns)
+    lines = [f"NFE {nfe} - test split (lower is better" + ("; CLIP score: higher is better)" if "clip_score" in
+                                                           columns else ")"), head]
+    for name, value, row in rows:
         ratio = value / best_base if math.isfinite(best_base) and best_base > 0 and math.isfinite(value) else math.nan
-        lines.append(f"{name:<24}{value:>14.6g}{ratio:>17.3f}x")
+        lines.append(f"{name:<24}{value:>14.6g}{ratio:>17.3f}x"
+                     + "".join(f"{row.get(c, math.nan):>14.6g}" for c in columns))
     return "\n".join(lines)
 
 

@@ -207,6 +207,8 @@ class SearchResult:
     baselines: dict[str, float]         # baseline name -> test value, at the same NFE
     evaluations: int
     validation_value: float = math.nan  # on the validation split, where the winner was chosen (nan: not run)
+    # Other metrics the test evaluations reported (FID and CLIP score side by side), by "searched" / baseline name.
+    test_extras: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 ProgressFn = Callable[[Progress], None]

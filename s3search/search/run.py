@@ -177,26 +177,38 @@ def _load_warm(ctx: SearchContext, study: optuna.Study) -> None:
     study.set_user_attr("warm_start_pairs", len(ctx.warm_pairs))
 
 
+# Other metrics an evaluation reports beside its own (EvalResult.extras) that the final table shows next to it:
+# FID and CLIP score of a text-to-image model with both configured.
+REPORTED_EXTRAS = ("fid", "clip_score")
+
+
 def _score_missing(ctx: SearchContext, cached: dict[str, Optional[float]], want: dict[str, AnySchedule],
-                   req: EvalRequest) -> dict[str, Optional[float]]:
+                   req: EvalRequest, extras: Optional[dict[str, dict[str, float]]] = None
+                   ) -> dict[str, Optional[float]]:
     """`cached` with every key of `want` it lacked scored on `req`'s split; None marks a failed or non-finite
-    score (the form the study's user attributes store)."""
+    score (the form the study's user attributes store). The reported extras of new scores go into `extras`."""
     todo = {k: s for k, s in want.items() if k not in cached}
     if todo:
         for key, res in zip(todo, ctx.ledger.evaluator.evaluate(list(todo.values()), req)):
             cached[key] = float(res.value) if res.ok and math.isfinite(res.value) else None
+            shown = {k: float(v) for k, v in (res.extras or {}).items() if k in REPORTED_EXTRAS and math.isfinite(v)}
+            if extras is not None and shown:
+                extras[key] = shown
     return cached
 
 
 def _test_scores(ctx: SearchContext, study: optuna.Study, nfe: int, best: AnySchedule,
-                 baselines: dict[str, AnySchedule]) -> tuple[float, dict[str, float]]:
+                 baselines: dict[str, AnySchedule]) -> tuple[float, dict[str, float], dict[str, dict[str, float]]]:
+    """(searched value, baseline values, their reported extras by "searched" / baseline name) on the test split."""
     cfg = ctx.config
     stored = dict(study.user_attrs.get("test", {}))
     entry = dict(stored.get(str(nfe), {}))
     req = cfg.eval_request(cfg.n_test_samples, "test")
     want = {"searched:" + chash(best): best}
     want.update({"baseline:" + name: s for name, s in baselines.items()})
-    cached = _score_missing(ctx, dict(entry.get("values", {})), want, req)
+    extras = dict(entry.get("extras", {}))
+    cached = _score_missing(ctx, dict(entry.get("values", {})), want, req, extras)
+    entry["extras"] = extras
     ctx.final_done += len(want) * cfg.n_test_samples / cfg.n_samples
     ctx.report(f"nfe={nfe}: test split scored ({len(want)} schedules)")
     entry["values"] = cached
@@ -209,7 +221,10 @@ def _test_scores(ctx: SearchContext, study: optuna.Study, nfe: int, best: AnySch
         v = cached.get(key)
         return math.inf if v is None else float(v)
 
-    return val("searched:" + chash(best)), {name: val("baseline:" + name) for name in baselines}
+    shown = {"searched": extras.get("searched:" + chash(best), {})}
+    shown.update({name: extras["baseline:" + name] for name in baselines if "baseline:" + name in extras})
+    return val("searched:" + chash(best)), {name: val("baseline:" + name) for name in baselines}, \
+        {k: v for k, v in shown.items() if v}
 
 
 def _near(a: AnySchedule, b: AnySchedule, lam, tol: float) -> bool:
@@ -319,18 +334,18 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
             best, validation = _validated_best(ctx, study, nfe)
         chosen = {name: e.schedule for name, e in baselines_seed.best_per_baseline(ledger.done.values(), nfe).items()}
         if stopped:
-            test, base = math.nan, {}
+            test, base, extras = math.nan, {}, {}
         else:
-            test, base = _test_scores(ctx, study, nfe, best.schedule,
-                                      chosen if options.test_baselines else {})
+            test, base, extras = _test_scores(ctx, study, nfe, best.schedule,
+                                              chosen if options.test_baselines else {})
         per_nfe[nfe] = SearchResult(best=best.schedule, best_value=best.value, test_value=test, baselines=base,
                                     evaluations=sum(1 for e in ledger.done.values() if e.nfe == nfe),
-                                    validation_value=validation)
+                                    validation_value=validation, test_extras=extras)
     if not per_nfe:
         raise SearchFailed("no schedule was evaluated successfully; see the trials' error attributes")
     first = per_nfe.get(config.nfe[0]) or next(iter(per_nfe.values()))
     ctx.report("stopped" if stopped else "done", done=not stopped)
     return MultiNFEResult(best=first.best, best_value=first.best_value, test_value=first.test_value,
                           baselines=first.baselines, evaluations=ledger.count, per_nfe=per_nfe, stopped=stopped,
-                          validation_value=first.validation_value)
+                          validation_value=first.validation_value, test_extras=first.test_extras)
 
