@@ -2,8 +2,8 @@
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StrictBool, StrictFloat, StrictInt,
-                      StrictStr, StringConstraints, create_model, field_validator)
+from pydantic import (AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictStr,
+                      StringConstraints, create_model, field_validator)
 
 from s3search.search.config import MAX_SEED, METHODS, Limits, field_default
 from s3search.search.options import Rule, name_choices, option_defaults, option_rules, space_field_kinds
