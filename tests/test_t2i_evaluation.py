@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import textwrap
+from pathlib import Path
 
 import optuna
 import pytest
@@ -139,3 +140,30 @@ def test_the_final_table_shows_fid_and_clip_score_side_by_side():
     assert "12.5" in searched and "30.1" in searched
     plain = SearchResult(best=None, best_value=1.0, test_value=2.0, baselines={"ddim": 3.0}, evaluations=3)
     assert "FID" not in format_table(plain, 5)
+
+
+def test_models_check_reports_prompt_sets_and_names_an_empty_prompt_file(t2i_model, tmp_path):
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from s3search.cli import app
+
+    root = tmp_path / "reg"
+    shutil.copytree(Path(os.environ["S3SEARCH_MODEL_REGISTRY"]).parent / "pipe", root / "pipe")
+    (root / "empty.txt").write_text("# nothing here\n")
+    registry_file = root / "models.toml"
+    registry_file.write_text('[models.empty-prompts]\nkind = "diffusers-pipeline"\npath = "pipe"\nheight = 16\n'
+                             'width = 16\ndevice = "cpu"\nprompts = "empty.txt"\n')
+    good = CliRunner().invoke(app, ["models", "check", "tiny-sd"])
+    assert good.exit_code == 0, good.output
+    assert json.loads(good.output.strip().splitlines()[-1])["prompt_sets"] == {"digits": 3, "other": 1}
+    old = os.environ["S3SEARCH_MODEL_REGISTRY"]
+    try:
+        bad = CliRunner().invoke(app, ["models", "check", "empty-prompts", "--registry", str(registry_file)])
+    finally:
+        os.environ["S3SEARCH_MODEL_REGISTRY"] = old
+        registry.clear_cache()
+    assert bad.exit_code == 1
+    assert "models.empty-prompts.prompts" in bad.output and "holds no prompt" in bad.output

@@ -45,6 +45,8 @@ def check_model(name: str, batch: int = 4) -> dict[str, Any]:
     report: dict[str, Any] = {"name": name, "process": proc.name, "shape": list(spec.shape),
                               "default_metric": spec.default_metric, "t_checked": t_mid,
                               "reference": spec.reference_sampler is not None}
+    if spec.prompt_sets:
+        report["prompt_sets"] = {n: len(ps.prompts) for n, ps in spec.prompt_sets.items()}
     # A latent model's features and CLIP see images: the decoded x0 estimates stand in for samples here.
     images = spec.decode(out[:2]) if spec.decode is not None else None
     if spec.features is not None:
