@@ -301,3 +301,20 @@ def test_a_named_run_left_unfinished_is_stopped():
     sched.set_timesteps()   # a new run: the paused one is unwound
     running[0].join(timeout=5)
     assert not running[0].is_alive()
+
+
+def test_flux_packing_is_the_pipelines():
+    from diffusers import FluxPipeline
+
+    from s3search.integrations.diffusers_scheduler import _pack, _unpack, _unpacked_size
+
+    x = torch.randn(2, 16, 4, 6)          # latents of a non-square image
+    packed = FluxPipeline._pack_latents(x, 2, 16, 4, 6)
+    assert torch.equal(_pack(x), packed)
+    assert torch.equal(_unpack(packed, (4, 6)), x)
+    assert torch.equal(FluxPipeline._unpack_latents(packed, 4 * 8, 6 * 8, 8), x)
+    assert _unpacked_size(packed, None) is None            # 6 patches: not a square, stays packed
+    assert _unpacked_size(packed, (4, 6)) == (4, 6)
+    assert _unpacked_size(FluxPipeline._pack_latents(torch.randn(1, 16, 6, 6), 1, 16, 6, 6), None) == (6, 6)
+    with pytest.raises(ValueError, match="latent_size"):
+        _unpacked_size(packed, (4, 4))

@@ -473,8 +473,11 @@ class S3Scheduler(SchedulerMixin, ConfigMixin):
 
     def __del__(self) -> None:
         run = getattr(self, "_run", None)
-        if run is not None:
-            run.close()
+        try:
+            if run is not None:
+                run.close()   # a paused named run's thread would wait for ever otherwise
+        except Exception:  # noqa: BLE001 - at interpreter exit the modules it needs may be gone
+            pass
 
     # ----- internals -------------------------------------------------------------------------------------------
     def _reset(self) -> None:
