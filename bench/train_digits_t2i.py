@@ -3,6 +3,7 @@
     python bench/train_digits_t2i.py --stage vae     # VAE + text side, to --work
     python bench/train_digits_t2i.py --stage sd      # digits-t2i: UNet2DConditionModel, eps, scaled_linear betas
     python bench/train_digits_t2i.py --stage flow    # digits-t2i-flow: SD3Transformer2DModel, rectified flow
+    python bench/train_digits_t2i.py --stage grids   # redraw docs/bench/plots/digits_t2i/ from the folders
 
 Data: scikit-learn's bundled digits (1797 images, 8x8, 1 channel, no download), scaled v / 8 - 1 as the `digits`
 model does. Prompts: 10 digits x 4 phrasings ("a handwritten 7", "the digit seven", "a bold 7", "number 7").
@@ -241,11 +242,13 @@ def sample_grid(pipe, guidance: float, seed: int, steps: int, extra: dict, path:
     with torch.no_grad():
         out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance,
                    generator=torch.Generator().manual_seed(seed), output_type="np", **extra).images
-    tiles = out[..., 0].reshape(10, 10, 8, 8).transpose(0, 2, 1, 3).reshape(80, 80)
+    # a one-pixel blank border around every 8x8 tile, so neighbouring digits do not run together
+    tiles = np.pad(out[..., 0].reshape(10, 10, 8, 8), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    tiles = tiles.transpose(0, 2, 1, 3).reshape(100, 100)
     fig, ax = plt.subplots(figsize=(4, 4.3), dpi=100)
     ax.imshow(tiles, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
-    ax.set_yticks([4 + 8 * d for d in range(10)], [str(d) for d in range(10)])
+    ax.set_yticks([5 + 10 * d for d in range(10)], [str(d) for d in range(10)])
     ax.set_title(title, fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
@@ -273,6 +276,22 @@ def evaluate_and_record(pipe_cls, folder: Path, name: str, args, provenance: dic
     (folder / "prompts.txt").write_text("\n".join(p for p, _ in all_prompts()) + "\n")
     provenance["sha256"] = sha256_files(folder)
     (folder / "provenance.json").write_text(json.dumps(provenance, indent=1, sort_keys=True) + "\n")
+
+
+def stage_grids(args) -> None:
+    """Redraw the sample grids from the shipped folders (the models are not changed)."""
+    import diffusers
+
+    for pipe_cls, folder, name, extra in (
+            (diffusers.StableDiffusionPipeline, args.out / "digits_t2i", "digits-t2i", {}),
+            (diffusers.StableDiffusion3Pipeline, args.out / "digits_t2i_flow", "digits-t2i-flow",
+             {"max_sequence_length": FLOW_T5_TOKENS})):
+        kwargs = {"text_encoder_3": None, "tokenizer_3": None} if "3" in pipe_cls.__name__ else {}
+        pipe = pipe_cls.from_pretrained(folder, **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        for guidance in (1.0, 7.5):
+            sample_grid(pipe, guidance, args.seed + 200, args.eval_steps, extra, PLOTS / f"{name}_cfg{guidance:g}.png",
+                        f"{name}, {type(pipe.scheduler).__name__} {args.eval_steps} steps, guidance {guidance:g}")
 
 
 def base_provenance(args, x_images: np.ndarray, info: dict, stage: str) -> dict:
@@ -465,7 +484,7 @@ def stage_flow(args, x: torch.Tensor, images: np.ndarray, labels: torch.Tensor) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", choices=("vae", "sd", "flow"), required=True)
+    ap.add_argument("--stage", choices=("vae", "sd", "flow", "grids"), required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=1200)
     ap.add_argument("--kl-weight", type=float, default=1e-3)
@@ -483,7 +502,7 @@ def main() -> None:
     x = to_model_range(images)
     y = torch.as_tensor(labels)
     {"vae": lambda: stage_vae(args, x, y), "sd": lambda: stage_sd(args, x, images, y),
-     "flow": lambda: stage_flow(args, x, images, y)}[args.stage]()
+     "flow": lambda: stage_flow(args, x, images, y), "grids": lambda: stage_grids(args)}[args.stage]()
 
 
 if __name__ == "__main__":
