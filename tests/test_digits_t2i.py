@@ -125,3 +125,44 @@ def test_guidance_raises_prompt_accuracy(stock, classifier) -> None:
 
     plain, guided = mean_probability(1.0), mean_probability(7.5)
     assert plain > 0.3 and 1 - guided < 0.5 * (1 - plain), (name, plain, guided)
+
+
+# ----- prompt-accuracy and fd-per-digit (s3search.metrics.digits_prompts) ---------------------------------------
+def test_prompts_name_their_digit() -> None:
+    from s3search.metrics.digits_prompts import prompted_digit
+
+    assert [prompted_digit(p) for p in ("a handwritten 7", "the digit Seven", "a bold 0", "number 9")] == [7, 7, 0, 9]
+    for bad in ("a cat", "number 10", "a 3 and a 4", "sevenfold"):
+        with pytest.raises(ValueError, match="exactly one digit"):
+            prompted_digit(bad)
+    assert prompted_digit("a 3, three") == 3      # the same digit twice is still one digit
+
+
+def _real(n: int):
+    images, labels = load_digits_data()
+    return to_model_range(images[:n]), torch.as_tensor(labels[:n])
+
+
+def test_prompt_accuracy_and_fd_per_digit_on_real_digits() -> None:
+    """Real digits under their own prompts score near the floor; under another digit's prompts, near the worst."""
+    from s3search import metrics
+    from s3search.metrics import MetricContext
+
+    x, y = _real(600)
+    right = tuple(f"the digit {WORDS[d]}" for d in y.tolist())
+    wrong = tuple(f"a bold {(d + 1) % 10}" for d in y.tolist())
+    spec = registry.get("digits-t2i")
+    acc, fd = metrics.get("prompt-accuracy"), metrics.get("fd-per-digit")
+    assert acc.compute(x, MetricContext(spec, prompts=right)) < 0.05        # 1 - mean probability
+    assert acc.compute(x, MetricContext(spec, prompts=wrong)) > 0.9
+    near, far = fd.compute(x, MetricContext(spec, prompts=right)), fd.compute(x, MetricContext(spec, prompts=wrong))
+    assert near < 0.2 * far, (near, far)
+    with pytest.raises(ValueError, match="one prompt per sample"):
+        acc.compute(x, MetricContext(spec, prompts=right[:-1]))
+
+
+def test_digit_metrics_are_offered_to_text_to_image_digits_only() -> None:
+    for metric in ("prompt-accuracy", "fd-per-digit"):
+        assert registry.metric_error("digits-t2i", metric) is None
+        assert registry.metric_error("digits-t2i-flow", metric) is None
+        assert "not a text-to-image model" in registry.metric_error("digits", metric)

@@ -6,7 +6,8 @@
     ref = metric.reference_stats(spec, lambda: spec.reference_sampler(n, g))   # cached by evaluation.reference
     value = metric.compute(samples, MetricContext(spec, ref))
 
-Lower is better for every metric, so `clip-score` is minus the CLIP score. `reference_stats` returns named float64
+Lower is better for every metric, so `clip-score` is minus the CLIP score and `prompt-accuracy` is 1 - the
+digits classifier's mean probability of the prompted digit. `reference_stats` returns named float64
 tensors (stored as safetensors). `metric.model_problem(spec)` adds to `problem` what only the files can tell (the
 Inception weights file is there).
 """
@@ -19,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from ..models.base import ModelSpec, ModelTraits
-from . import clip, frechet, mixture, mmd, reference_stats, sliced, trajectory
+from . import clip, digits_prompts, frechet, mixture, mmd, reference_stats, sliced, trajectory
 
 __all__ = ["Metric", "MetricContext", "names", "get", "UnknownMetricError", "batched_features"]
 
@@ -46,6 +47,7 @@ class Metric:
     needs_trajectory_reference: bool = False
     needs_inception: bool = False          # the features must be Inception's (metrics.fid.InceptionFeatures)
     needs_clip: bool = False               # needs model.clip (metrics.clip.CLIPScorer) and the rows' prompts
+    needs_prompts: bool = False            # a text-to-image model and the rows' prompts (digits_prompts)
     _stats: Optional[Callable[[ModelSpec, ReferenceDraw], dict[str, torch.Tensor]]] = None
     _compute: Callable[[torch.Tensor, MetricContext], float] = lambda x, ctx: float("nan")
 
@@ -59,6 +61,9 @@ class Metric:
                 return f"metric={self.name!r} scores images against their prompts; {who} is not a text-to-image model"
             return (f"metric={self.name!r} needs CLIP weights: set clip = \"/models/clip-vit-large-patch14\" (a "
                     f"transformers CLIPModel folder) in the registry entry of {who}")
+        if self.needs_prompts and not traits.text_to_image:
+            return (f"metric={self.name!r} reads each image as the digit its prompt names; {who} is not a "
+                    "text-to-image model (digits-t2i and digits-t2i-flow are)")
         if traits.text_to_image and self.needs_reference:
             if not self.needs_features:
                 return (f"metric={self.name!r} compares samples with reference samples in the model's own (latent) "
@@ -81,6 +86,8 @@ class Metric:
         """`problem`, then the files: Inception features need their weights file, which is read only on first use,
         so a missing one would otherwise surface as an error on every evaluation."""
         problem = self.problem(model.traits, model.name)
+        if problem is None and self.needs_prompts:
+            return digits_prompts.model_problem(self.name, model)   # 8x8 images, prompts that name a digit
         if problem is not None or not (self.needs_features and model.traits.features == "inception"):
             return problem
         from .fid import resolve_weights_path
@@ -106,7 +113,7 @@ class Metric:
             raise ValueError(f"metric={self.name!r} needs reference stats")
         if self.needs_trajectory_reference and ctx.trajectory_reference is None:
             raise ValueError(f"metric={self.name!r} needs a trajectory reference from the same x_T")
-        if self.needs_clip and (ctx.prompts is None or len(ctx.prompts) != len(samples)):
+        if (self.needs_clip or self.needs_prompts) and (ctx.prompts is None or len(ctx.prompts) != len(samples)):
             raise ValueError(f"metric={self.name!r} needs one prompt per sample ({len(samples)} samples, "
                              f"{'no' if ctx.prompts is None else len(ctx.prompts)} prompts)")
         return float(self._compute(samples, ctx))
@@ -192,6 +199,12 @@ _METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("clip-score", "minus the CLIP score, max(100 mean cos(image, prompt), 0) as torchmetrics' CLIPScore, "
            "of each decoded image with its row's prompt (local CLIP weights)", "1", needs_clip=True,
            _compute=_minus_clip_score),
+    Metric("prompt-accuracy", "1 - the digits classifier's mean probability of the digit each row's prompt names "
+           "(digits text-to-image models)", "1", needs_prompts=True,
+           _compute=lambda x, ctx: digits_prompts.prompt_accuracy_error(x, ctx.prompts)),
+    Metric("fd-per-digit", "class-balanced feature FD: per prompted digit, FD in the digits classifier's features "
+           "to that digit's real images, averaged over digits (digits text-to-image models)", "1",
+           needs_prompts=True, _compute=lambda x, ctx: digits_prompts.fd_per_digit(x, ctx.prompts)),
     Metric("sw2", "sliced Wasserstein-2 distance, 512 fixed projections", "1", needs_reference=True,
            _stats=_samples_stats,
            _compute=lambda x, ctx: sliced.sliced_wasserstein2(x, ctx.reference["samples"])),
