@@ -1,13 +1,13 @@
 """Overhead of running a schedule through S3Scheduler in a DDPMPipeline, against `sample` and a stock scheduler.
 
-S3Scheduler replays `sample`'s update arithmetic at every step (O(N^2) tensor updates for N UNet calls, no extra
-model calls). This measures what that costs next to the UNet:
+S3Scheduler drives the same resumable integrator as `sample` (integrator.Integration: O(1) work a step, no extra
+model calls). This measures what it costs next to the UNet:
 
     OMP_NUM_THREADS=1 python bench/scheduler_overhead.py --steps 10 25 50 --repeats 3
 
 Prints wall seconds per image batch for: `sample` with the UNet as denoiser, the pipeline with S3Scheduler, the
-pipeline with diffusers' DPMSolverMultistepScheduler (2M) on the same number of steps, and the replay alone
-(a zero-cost model), with the UNet size it used.
+pipeline with diffusers' DPMSolverMultistepScheduler (2M) on the same number of steps, and the scheduler alone
+(a zero-cost model), with the UNet size it used. bench/scheduler_steps.py measures the per-step cost against N.
 """
 
 from __future__ import annotations
