@@ -262,20 +262,24 @@ def test_sigkilled_runner_is_resumed_without_evaluating_a_trial_twice(db_url, se
     assert_accounted(db_url, job, seen)
 
 
-def test_two_runners_on_one_database_run_each_job_once(db_url, sessions_of, tmp_path):
-    env = cli_env(db_url, **FAST_POLL)
+def _jobs_on_two_runners(env: dict, sessions, tmp_path: Path, n_jobs: int, started: str) -> list[Job]:
+    """Start runners r1 and r2, wait until both logged `started`, submit n jobs and wait for all to succeed."""
     runners = [runner(f"r{i}", env, tmp_path) for i in (1, 2)]
     try:
         deadline = time.monotonic() + 120
-        while not all(" on " in (tmp_path / f"r{i}.log").read_text() for i in (1, 2)):
+        while not all(started in (tmp_path / f"r{i}.log").read_text() for i in (1, 2)):
             assert time.monotonic() < deadline, "runners did not start"
             time.sleep(0.3)
-        ids = [submit(sessions_of, budget=3, seed=i) for i in range(4)]
-        jobs = [wait_for(sessions_of, j, lambda job: job.status == "succeeded", what="four jobs") for j in ids]
+        ids = [submit(sessions, budget=3, seed=i) for i in range(n_jobs)]
+        return [wait_for(sessions, j, lambda job: job.status == "succeeded", what=f"{n_jobs} jobs") for j in ids]
     finally:
         for r in runners:
             stop(r)
         _logs(tmp_path)
+
+
+def test_two_runners_on_one_database_run_each_job_once(db_url, sessions_of, tmp_path):
+    jobs = _jobs_on_two_runners(cli_env(db_url, **FAST_POLL), sessions_of, tmp_path, 4, " on ")
     assert all(j.attempts == 1 for j in jobs)
     assert {j.runner_id for j in jobs} == {"r1", "r2"}
     for j in jobs:
@@ -287,19 +291,7 @@ def test_two_runners_on_one_database_run_each_job_once(db_url, sessions_of, tmp_
 def test_two_runners_on_postgres_run_each_of_ten_jobs_once(postgres_url, tmp_path):
     engine = make_engine(postgres_url)
     sessions = make_session_factory(engine)
-    env = cli_env(postgres_url)
-    runners = [cli(["runner", "--id", f"r{i}", "--heartbeat", "0.5"], env, tmp_path / f"r{i}.log") for i in (1, 2)]
-    try:
-        deadline = time.monotonic() + 120
-        while not all("on postgresql" in (tmp_path / f"r{i}.log").read_text() for i in (1, 2)):
-            assert time.monotonic() < deadline, "runners did not start"
-            time.sleep(0.3)
-        ids = [submit(sessions, budget=3, seed=i) for i in range(10)]
-        jobs = [wait_for(sessions, j, lambda job: job.status == "succeeded", what="ten jobs") for j in ids]
-    finally:
-        for r in runners:
-            stop(r)
-        _logs(tmp_path)
+    jobs = _jobs_on_two_runners(cli_env(postgres_url), sessions, tmp_path, 10, "on postgresql")
     assert all(j.attempts == 1 for j in jobs)
     assert {j.runner_id for j in jobs} == {"r1", "r2"}
     for j in jobs:
