@@ -201,6 +201,18 @@ class Ema:
                 pe.lerp_(p, 1.0 - decay)
 
 
+def optimise(loss: torch.Tensor, net: torch.nn.Module, opt, sched, ema: Ema, step: int,
+             running: float | None) -> float:
+    """One optimiser step of a denoiser (clipped gradients, learning-rate schedule, EMA); the running loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    ema.update(net, step)
+    return loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
+
+
 def lr_lambda(steps: int):
     warmup = max(1, steps // 50)
     return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(s, steps) / steps))
@@ -338,7 +350,6 @@ def stage_sd(args, x: torch.Tensor, images: np.ndarray, labels: torch.Tensor) ->
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=plain, tokenizer=tok, unet=unet,
                                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
-    table = all_prompts()
     with torch.no_grad():
         emb = pipe.encode_prompt([p for d in range(10) for p in prompts_for(d)], "cpu", 1, False)[0]
         empty = pipe.encode_prompt([""], "cpu", 1, False)[0]
@@ -362,13 +373,7 @@ def stage_sd(args, x: torch.Tensor, images: np.ndarray, labels: torch.Tensor) ->
         a = alphas[t].reshape(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         loss = torch.nn.functional.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.update(unet, step)
-        running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
+        running = optimise(loss, unet, opt, sched, ema, step, running)
         if step % 100 == 0 or step == args.steps - 1:
             log(f"sd step {step} loss(avg) {running:.4f} elapsed {time.time() - t0:.0f}s")
     train_seconds = time.time() - t0
@@ -450,13 +455,7 @@ def stage_flow(args, x: torch.Tensor, images: np.ndarray, labels: torch.Tensor) 
         pred = transformer(hidden_states=zt, encoder_hidden_states=cond, pooled_projections=pool,
                            timestep=sigma * 1000).sample
         loss = torch.nn.functional.mse_loss(pred, noise - z0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.update(transformer, step)
-        running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
+        running = optimise(loss, transformer, opt, sched, ema, step, running)
         if step % 100 == 0 or step == args.steps - 1:
             log(f"flow step {step} loss(avg) {running:.4f} elapsed {time.time() - t0:.0f}s")
     train_seconds = time.time() - t0

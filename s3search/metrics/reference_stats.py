@@ -14,7 +14,6 @@ whole, so keep a large image set as `.npy`.
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+
+from ..models.base import file_sha256
 
 __all__ = ["INCEPTION_DIMS", "InceptionReference", "open_reference", "array_headers"]
 
@@ -53,14 +54,6 @@ def array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a readable numpy file: {e}") from None
     raise ValueError(f"{path} must be an .npz (mu, sigma or images) or an .npy (images)")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,7 +125,7 @@ def open_reference(path: str | Path, dims: int = INCEPTION_DIMS) -> InceptionRef
             mean, cov = torch.from_numpy(z["mu"].astype(np.float64)), torch.from_numpy(z["sigma"].astype(np.float64))
         if not (torch.isfinite(mean).all() and torch.isfinite(cov).all()):
             raise ValueError(f"{path}: mu or sigma holds NaN or inf")
-        return InceptionReference(path, _sha256(path), "stats", mu_shape, _stats={"mean": mean, "cov": cov})
+        return InceptionReference(path, file_sha256(path), "stats", mu_shape, _stats={"mean": mean, "cov": cov})
     name = "" if path.suffix == ".npy" else ("images" if "images" in headers else
                                             next(iter(headers)) if len(headers) == 1 else None)
     if name is None:
@@ -144,4 +137,4 @@ def open_reference(path: str | Path, dims: int = INCEPTION_DIMS) -> InceptionRef
                          "[N >= 2, 3, H, W]")
     if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
         raise ValueError(f"{path}: reference images must be uint8 (0 .. 255) or float (0 .. 1), not {dtype}")
-    return InceptionReference(path, _sha256(path), "images", shape, array=name)
+    return InceptionReference(path, file_sha256(path), "images", shape, array=name)

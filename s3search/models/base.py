@@ -7,13 +7,14 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from ..denoisers import Denoiser
 
-__all__ = ["Conditions", "ModelSpec", "ModelTraits", "single_threaded"]
+__all__ = ["Conditions", "ModelSpec", "ModelTraits", "single_threaded", "file_sha256"]
 
 
 @dataclass(frozen=True)
@@ -158,3 +159,12 @@ def _numpy_blas_single_thread() -> contextlib.AbstractContextManager:
         # threads; OpenBLAS runs products up to 64^3 (the largest the built-in mixtures form) on one thread.
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (weights files may be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

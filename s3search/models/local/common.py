@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from ..base import file_sha256
 from .registry_file import LocalModelEntry
 
 __all__ = ["device_of", "on_device", "existing", "read_json", "import_target", "load_reference", "features_of",
@@ -111,14 +111,6 @@ def features_of(entry: LocalModelEntry) -> Optional[Callable[[torch.Tensor], tor
 
         return load_feature_fn()
     return import_target(entry, "features", entry.features)()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def features_hashes(entry: LocalModelEntry) -> dict[str, str]:
