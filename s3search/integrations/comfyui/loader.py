@@ -26,7 +26,7 @@ __all__ = ["API_KEY_ENV", "API_KEY_HEADER", "MAX_BYTES", "Loaded", "ScheduleSour
 # The service's key header (api/deps.py); this module must not import the service, which ComfyUI lacks.
 API_KEY_HEADER = "X-API-Key"
 # A key typed into the node is saved with the workflow (and into every PNG ComfyUI writes): this avoids that.
-API_KEY_ENV = "S3SEARCH_API_KEY"
+API_KEY_ENV = "S3S_API_KEY"
 # A schedule document is a few kilobytes; this bound only stops a wrong URL from filling memory.
 MAX_BYTES = 8 * 1024 * 1024
 
@@ -152,7 +152,7 @@ def fetch_schedule(url: str, api_key: Optional[str] = None, timeout: float = 30.
 
 
 def read_source(source: str, api_key: str = "", timeout: float = 30.0) -> Loaded:
-    """A schedule from a file path or an http(s) URL; an empty `api_key` falls back to $S3SEARCH_API_KEY."""
+    """A schedule from a file path or an http(s) URL; an empty `api_key` falls back to $S3S_API_KEY."""
     source = (source or "").strip()
     if not source:
         raise ScheduleSourceError("source is empty: give a schedule JSON file or a job's /schedule URL")
