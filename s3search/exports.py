@@ -54,6 +54,7 @@ __all__ = [
     "ve_sigmas",
     "flow_sigmas",
     "betas_process",
+    "mean_json",
     "BETAS",
 ]
 
@@ -68,6 +69,12 @@ _EXACT_ROUTE = {
                    "step exactly",
     "comfyui": "call s3search.integrations.k_diffusion.sample_schedule from a custom sampler node to run every "
                "step exactly",
+}
+# Where each tool's exact route takes the data mean of first_step="mean-x0" (the `data_mean` the export carries).
+_MEAN_ROUTE = {
+    "diffusers": "the scheduler config's data_mean (S3Scheduler.from_config(..., data_mean=...))",
+    "k-diffusion": "sample_schedule(..., data_mean=export['data_mean'])",
+    "comfyui": "sample_schedule(..., data_mean=export['data_mean']) in the sampler node",
 }
 
 
@@ -461,6 +468,31 @@ def _same_betas(a: processes.NoiseProcess, b: processes.VPDiscrete) -> bool:
                       and bool(np.allclose(a.betas, b.betas, rtol=1e-6, atol=0.0)))
 
 
+# ----- the data mean of first_step="mean-x0" ---------------------------------------------------------------------
+def _needs_mean(schedule: Schedule) -> bool:
+    return not _is_named(schedule) and schedule.first_step == "mean-x0"
+
+
+def mean_json(data_mean: Any) -> Any:
+    """The data mean as JSON data (a number or nested lists of floats), checked finite."""
+    values = np.asarray(data_mean.detach().cpu().numpy() if hasattr(data_mean, "detach") else data_mean,
+                        dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ValueError("data_mean must be finite")
+    return values.tolist()
+
+
+def _mean_fields(schedule: Schedule, data_mean: Any, tool: str) -> tuple[dict[str, Any], list[str]]:
+    """({"data_mean": ...} when the schedule needs it and it is known, notes) for one tool's export."""
+    if not _needs_mean(schedule):
+        return {}, []
+    if data_mean is None:
+        return {}, [f"first_step=mean-x0 needs the model's data mean ({_MEAN_ROUTE[tool]}); this export was made "
+                    "without it"]
+    return {"data_mean": mean_json(data_mean)}, [f"first_step=mean-x0: data_mean is the model's data mean, for "
+                                                 f"{_MEAN_ROUTE[tool]}"]
+
+
 # ----- the formats ---------------------------------------------------------------------------------------------
 def to_json(schedule: Schedule) -> dict[str, Any]:
     """The native schedule JSON (the document `load_schedule` reads back)."""
@@ -509,13 +541,14 @@ def _flow_diffusers(schedule: Schedule) -> tuple[list[float], list[float], list[
 
 
 def to_diffusers(schedule: Schedule, discrete: Optional[processes.VPDiscrete] = None,
-                 betas: Optional[Betas] = None) -> dict[str, Any]:
+                 betas: Optional[Betas] = None, data_mean: Any = None) -> dict[str, Any]:
     """diffusers arrays: N timesteps (no trailing 0), N + 1 sigmas ending in 0.0, plus segments.
 
     A discrete VP model's timesteps are its integer training steps: `betas` names the model's betas (see
     `betas_process`; `discrete` is the same as a process), by default the schedule's own process when it is
     discrete, else the 1000-step linear-beta DDPM process "vp-discrete". A flow schedule without `betas` is
-    written for flow models (flow sigmas, 1000 t).
+    written for flow models (flow sigmas, 1000 t). `data_mean` (first_step="mean-x0") goes into the scheduler
+    config, where S3Scheduler reads it.
     """
     if discrete is not None and betas is not None:
         raise ValueError("pass betas or discrete, not both")
@@ -538,6 +571,9 @@ def to_diffusers(schedule: Schedule, discrete: Optional[processes.VPDiscrete] = 
         if betas is None and not isinstance(proc, processes.VPDiscrete):
             notes.append("no betas given: timesteps are for the DDPM betas; name the model's (betas=, the CLI's "
                          "--betas, e.g. scaled_linear for Stable Diffusion or its scheduler_config.json)")
+    mean, mean_notes = _mean_fields(schedule, data_mean, "diffusers")
+    scheduler_config.update(mean)
+    notes += mean_notes
     segs = _segments(schedule, sigmas[:-1] if schedule.final == "none" else sigmas,
                      diffusers_flow=_is_flow(schedule))
     if schedule.final == "none":
@@ -565,16 +601,19 @@ def k_diffusion_sigmas(schedule: Schedule, device: Any = None):
     return torch.tensor(_tool_sigmas(schedule), dtype=torch.float32, device=device)
 
 
-def to_k_diffusion(schedule: Schedule) -> dict[str, Any]:
-    """k-diffusion: the VE sigmas list [s_0, ..., s_N, 0.0] (no 0.0 for final=none) and segments."""
+def to_k_diffusion(schedule: Schedule, data_mean: Any = None) -> dict[str, Any]:
+    """k-diffusion: the VE sigmas list [s_0, ..., s_N, 0.0] (no 0.0 for final=none) and segments; `data_mean`
+    (first_step="mean-x0") is carried for `sample_schedule`."""
     segs = segments(schedule)
-    notes = _notes(schedule, "k-diffusion", segs)
+    mean, mean_notes = _mean_fields(schedule, data_mean, "k-diffusion")
+    notes = mean_notes + _notes(schedule, "k-diffusion", segs)
     if _is_flow(schedule):
         notes.insert(0, "flow schedule on k-diffusion's VE scale: call the flow model as "
                         "model(x / (1 - t), t / (1 - t)), with sigma_ve = t / (1 - t)")
     return {
         "format": "k-diffusion",
         "sigmas": _tool_sigmas(schedule),
+        **mean,
         "segments": segs,
         "notes": notes,
         "nfe": schedule.nfe,
@@ -586,17 +625,19 @@ def _sigmas_string(values: list[float]) -> str:
     return ", ".join(repr(float(v)) for v in values)
 
 
-def to_comfyui(schedule: Schedule) -> dict[str, Any]:
+def to_comfyui(schedule: Schedule, data_mean: Any = None) -> dict[str, Any]:
     """ComfyUI: the sigmas as a comma-separated string (for a custom-sigmas node) and segments (sampler names).
 
     A flow schedule gives flow sigmas (SD3 / FLUX in ComfyUI take sigma = t); any other gives VE sigmas.
+    `data_mean` (first_step="mean-x0") is carried for the node's `sample_schedule`.
     """
     flow = _is_flow(schedule)
     sig = _with_final(schedule, flow_sigmas(schedule) if flow else ve_sigmas(schedule))
     segs = _segments(schedule, sig, flow_frame=flow, diffusers_flow=flow)
     for s in segs:
         s["sigmas_string"] = _sigmas_string(s["sigmas"])
-    notes = _notes(schedule, "comfyui", segs)
+    mean, mean_notes = _mean_fields(schedule, data_mean, "comfyui")
+    notes = mean_notes + _notes(schedule, "comfyui", segs)
     if flow:
         notes.insert(0, "flow schedule: sigmas are the flow time t in [0, 1], as ComfyUI's SD3 / FLUX models take "
                         f"them; 1.0 stands for the flow process's t_top = {processes.FLOW_T_TOP!r}; ComfyUI's "
@@ -605,6 +646,7 @@ def to_comfyui(schedule: Schedule) -> dict[str, Any]:
     return {
         "format": "comfyui",
         "sigmas": _sigmas_string(sig),
+        **mean,
         "segments": segs,
         "notes": notes,
         "nfe": schedule.nfe,
@@ -620,14 +662,19 @@ _EXPORTERS: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
-def export(schedule: Schedule, format: str, betas: Optional[Betas] = None) -> dict[str, Any]:
+def export(schedule: Schedule, format: str, betas: Optional[Betas] = None, data_mean: Any = None) -> dict[str, Any]:
     """The schedule in `format` (one of FORMATS); `betas` names a discrete model's betas for the diffusers
-    timesteps (see `to_diffusers`; the other formats do not depend on them)."""
+    timesteps (see `to_diffusers`; the other formats do not depend on them); `data_mean` is the model's data
+    mean, carried where the schedule needs it (first_step="mean-x0") and the format is a tool's."""
     key = _ALIASES.get(format, format) if isinstance(format, str) else format
     if key not in _EXPORTERS:
         raise ValueError(f"format={format!r} is unknown; known formats: {', '.join(FORMATS)}")
+    if data_mean is not None:
+        mean_json(data_mean)  # a bad value is refused whatever the format
     if key == "diffusers":
-        return to_diffusers(schedule, betas=betas)
+        return to_diffusers(schedule, betas=betas, data_mean=data_mean)
     if betas is not None:
         betas_process(betas)  # a bad value is refused whatever the format
-    return _EXPORTERS[key](schedule)
+    if key == "json":
+        return to_json(schedule)
+    return _EXPORTERS[key](schedule, data_mean=data_mean)

@@ -25,9 +25,17 @@ from . import processes
 from .schedule import (CORRECTORS, DERIVATIVES, FINALS, FIRST_STEPS, MAX_ORDER, PREDICTIONS, SolverSchedule,
                        StepSpec, evaluation_plan)
 
-__all__ = ["SpaceOptions", "SearchSpace", "BASE_GRIDS", "base_grid_lambdas"]
+__all__ = ["SpaceOptions", "SearchSpace", "BASE_GRIDS", "base_grid_lambdas", "TARGETS", "target_first_steps",
+           "restrict_to_target"]
 
 BASE_GRIDS = ("logsnr", "edm", "time-uniform", "quadratic")
+# The runtimes a searched schedule may be meant for (docs/search.md, "Targets"). Each runs every schedule of the
+# space bitwise as `sample` does; the diffusers pipeline loop alone pays for a first step without a model
+# evaluation: the pipeline calls its network at x_T before the first `step`, and that call is thrown away, so
+# such a schedule costs NFE + 1 network calls there. k-diffusion and ComfyUI (a node wrapping `sample_schedule`)
+# take mean-x0 given the data mean, which their exports carry.
+TARGETS = ("any", "diffusers", "comfyui", "k-diffusion")
+_TARGET_FIRST_STEPS: dict[str, tuple[str, ...]] = {"diffusers": ("model",)}
 _MIN_WEIGHT = 1e-3          # smallest lambda increment, relative to the mean one: keeps times distinct
 _LOG_W_RANGE = 2.5          # flat encoding: log-increment genes map [0, 1] -> [-2.5, 2.5]
 
@@ -92,6 +100,32 @@ class SpaceOptions:
         if unknown:
             raise ValueError(f"options.{unknown[0]} is not a search-space option")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()})
+
+
+def target_first_steps(target: str) -> Optional[tuple[str, ...]]:
+    """The first-step rules a target runs at the searched NFE (None: every one)."""
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r} must be one of {', '.join(TARGETS)}")
+    return _TARGET_FIRST_STEPS.get(target)
+
+
+def restrict_to_target(space: dict, target: str) -> dict:
+    """SpaceOptions fields (as JSON data) narrowed to what `target` runs at the searched NFE.
+
+    Choices the caller left unset are filled with the target's; a choice the caller set that the target does
+    not run raises ValueError naming the field, rather than being dropped without a word.
+    """
+    allowed = target_first_steps(target)
+    if allowed is None:
+        return dict(space)
+    given = space.get("first_steps")
+    if given is None:
+        return {**space, "first_steps": allowed}
+    bad = [f for f in given if f not in allowed]
+    if bad:
+        raise ValueError(f"options.space.first_steps={bad[0]!r}: target={target!r} does not run it at the searched "
+                         f"NFE (it runs {', '.join(allowed)})")
+    return dict(space)
 
 
 def base_grid_lambdas(process: processes.NoiseProcess, kind: str, n: int, t_start: float, t_end: float,

@@ -40,6 +40,7 @@ BAD_OPTIONS = [
     ({"warm_start": "older"}, "options.warm_start"), ({"bogus": 1}, "options.bogus"),
     ({"top_baselines_on_grids": -1}, "options.top_baselines_on_grids"),
     ({"variants_of_best": 1000}, "options.variants_of_best"), ({"test_baselines": None}, "options.test_baselines"),
+    ({"target": "cuda"}, "options.target"), ({"target": 3}, "options.target"),
 ]
 
 

@@ -9,7 +9,9 @@ import hashlib
 import importlib
 import json
 import math
+import os
 from datetime import datetime, timezone
+from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal, Optional
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -36,6 +38,11 @@ IdempotencyKey = Annotated[Optional[str], Header(alias="Idempotency-Key", min_le
 Offset = Annotated[int, Query(ge=0, le=1_000_000_000)]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+BetasName = Literal["model", "linear", "scaled_linear"]
+_BETAS_DOC = ("the model's betas for the diffusers timesteps: model (the job's model's own scheduler config, read "
+              "from its folder), linear (DDPM), scaled_linear (Stable Diffusion). Default: model where the job's "
+              "model is a diffusers folder with a discrete-beta scheduler config, else the schedule's own process "
+              "when it is discrete, else the DDPM betas (the export's notes say which)")
 
 
 # ----- helpers -----------------------------------------------------------------------------------------------
@@ -172,6 +179,65 @@ def best_schedule_doc(job: Job) -> Optional[dict[str, Any]]:
     return job.best_schedule
 
 
+def _model_entry(name: str) -> Any:
+    """The registry entry of a model folder (a built-in pipeline or the server's registry file), read without
+    loading any weights; None for models built in code (mixtures, digits)."""
+    from s3search.models import digits_t2i, registry
+    from s3search.models.local import parse_registry
+
+    entries = {e.name: e for e in digits_t2i.entries()}
+    path = os.environ.get(registry.ENV_REGISTRY, "").strip()
+    if path:
+        entries.update({e.name: e for e in parse_registry(path)})   # the file overrides built-ins, as in registry
+    return entries.get(name)
+
+
+def model_scheduler_config(name: str) -> Optional[dict[str, Any]]:
+    """The discrete-beta scheduler config of a diffusers model folder, or None (no folder, a flow-matching
+    scheduler, no readable config): what `betas=model` names."""
+    try:
+        entry = _model_entry(name)
+    except (OSError, ValueError):
+        return None
+    if entry is None or entry.kind not in ("diffusers-pipeline", "diffusers-unet"):
+        return None
+    root = FilePath(entry.path)
+    for candidate in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json"):
+        try:
+            config = json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(config, dict):
+            return None
+        flow = ("shift" in config or config.get("prediction_type") == "flow_prediction"
+                or str(config.get("_class_name", "")).startswith("FlowMatch"))
+        return None if flow else config
+    return None
+
+
+def _model_data_mean(name: str) -> Any:
+    """The model's data mean (for a mean-x0 winner's export), or None where the model cannot say."""
+    from s3search.models import registry
+
+    try:
+        return getattr(registry.get(name).denoiser, "data_mean", None)
+    except (KeyError, OSError, ValueError, ImportError, RuntimeError):
+        return None
+
+
+def _export_betas(betas: Optional[str], format: str, schedule: Any, model: str) -> tuple[Any, Optional[str]]:
+    """(the betas to export with, an error message for the `betas` query parameter or None)."""
+    if betas in ("linear", "scaled_linear"):
+        return betas, None
+    if betas is None and (format != "diffusers" or getattr(schedule, "process", "") == "flow"):
+        return None, None
+    config = model_scheduler_config(model)
+    if config is None and betas == "model":
+        return None, (f"betas=model: model={model!r} has no discrete-beta scheduler config (a diffusers folder's "
+                      "scheduler_config.json); name the betas (linear, scaled_linear) instead")
+    return config, None
+
+
 def _jsonable(x: Any) -> Any:
     if hasattr(x, "tolist"):
         return x.tolist()
@@ -282,7 +348,8 @@ def build_router(settings: Settings) -> APIRouter:
                             ".json); both run with s3search as they are.")
     def get_schedule(job_id: JobId, owner: OwnerDep, session: SessionDep,
                      format: Annotated[Literal["json", "diffusers", "k-diffusion", "comfyui"],
-                                       Query(description="json: the native schedule document")] = "json") -> Any:
+                                       Query(description="json: the native schedule document")] = "json",
+                     betas: Annotated[Optional[BetasName], Query(description=_BETAS_DOC)] = None) -> Any:
         job = repo.get_job(session, job_id, owner)
         if job is None:
             return _not_found(job_id)
@@ -294,14 +361,21 @@ def build_router(settings: Settings) -> APIRouter:
         headers = {"X-Job-Status": job.status}
         if format == "json":
             return JSONResponse(schedule.to_dict(), headers=headers)
+        model = str((job.spec or {}).get("model", ""))
+        betas_value, problem = _export_betas(betas, format, schedule, model)
+        if problem is not None:
+            return validation_error([{"field": "betas", "message": problem, "loc": ["query", "betas"]}])
+        # Only a mean-x0 schedule needs the mean, and only then is the model asked for it.
+        mean = _model_data_mean(model) if getattr(schedule, "first_step", None) == "mean-x0" else None
         try:
             exports = importlib.import_module("s3search.exports")
-            document = exports.export(schedule, format)
+            document = exports.export(schedule, format, betas=betas_value, data_mean=mean)
         except (ImportError, AttributeError):
             return JSONResponse({"detail": f"format={format!r}: the exporter is not installed on this server"},
                                 status_code=501)
         except ValueError as e:
-            return validation_error([{"field": "format", "message": str(e), "loc": ["query", "format"]}])
+            name = "betas" if str(e).startswith("betas") else "format"
+            return validation_error([{"field": name, "message": str(e), "loc": ["query", name]}])
         document = finite(json.loads(json.dumps(document, default=_jsonable)))
         record_export(session, job.id, format, schedule.canonical_hash(), document)
         return JSONResponse(document, headers=headers)

@@ -7,6 +7,9 @@ returns, float32 included) its exact times are kept; otherwise the schedule is r
 through its process (t = t_of_sigma_ve(sigma)). The work is done by `s3search.integrator.sample`, on the
 schedule's process: a VP schedule sees x_vp = alpha x_ve and D_vp(x, t) = model(x / alpha, sigma / alpha), which is
 the same exponential-integrator step (docs/math.md §2), so the result does not depend on the frame.
+
+first_step="mean-x0" takes E[x0 | x_T] to be the data mean, which a k-diffusion model does not know: pass it as
+`data_mean` (the k-diffusion and ComfyUI exports carry it as `data_mean`).
 """
 
 from __future__ import annotations
@@ -60,15 +63,19 @@ def retime(schedule: Any, sigmas: Any) -> Any:
 def sample_schedule(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, schedule: Any,
                     generator: GeneratorArg = None, extra_args: Optional[dict[str, Any]] = None,
                     callback: Optional[Callable[[dict[str, Any]], None]] = None,
-                    disable: Any = None) -> torch.Tensor:
+                    disable: Any = None, data_mean: Any = None) -> torch.Tensor:
     """Run `schedule` on the grid `sigmas` with a k-diffusion model; x is the noisy input at sigmas[0].
 
     Returns the denoised sample (final=denoise) or x at sigmas[-1] on the VE scale (final=none). `callback`
     receives k-diffusion's dict {x, i, sigma, sigma_hat, denoised} at every model evaluation; `disable` is accepted
-    for signature compatibility (there is no progress bar).
+    for signature compatibility (there is no progress bar). `data_mean`: the data mean, for first_step="mean-x0"
+    (one sample's shape, or broadcastable to it).
     """
     extra_args = {} if extra_args is None else extra_args
     sched = retime(schedule, sigmas)
+    if getattr(sched, "first_step", "model") == "mean-x0" and data_mean is None:
+        raise ValueError("schedule.first_step='mean-x0' needs the data mean: pass data_mean=... (the export's "
+                         "data_mean)")
     proc = processes.get(sched.process)
     s_in = x.new_ones([x.shape[0]])
     calls = [0]
@@ -81,6 +88,9 @@ def sample_schedule(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas:
             callback({"x": x_ve, "i": calls[0], "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         calls[0] += 1
         return denoised
+
+    # x0 is the same on every frame, so the mean is handed over as it is (the integrator reads this attribute).
+    denoiser.data_mean = data_mean  # type: ignore[attr-defined]
 
     alpha_0 = proc.alpha(sched.timesteps[0])
     out = sample(denoiser, x if alpha_0 == 1.0 else x * alpha_0, sched, generator=generator)

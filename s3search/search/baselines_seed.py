@@ -11,13 +11,18 @@ Labels are "<baseline>@<grid>"; the comparison table keeps, per baseline, its be
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Optional, Sequence
 
+import torch
+
 from .. import baselines, grids, processes
+from ..schedule import SolverSchedule
+from ..space import target_first_steps
 from .study import AnySchedule, Candidate, Evaluated
 
 __all__ = ["CONVENTIONAL_GRID", "SEED_GRIDS", "FLOW_SEED_GRIDS", "seed_grids", "label", "parse_label",
-           "conventional", "on_grids", "best_per_baseline", "best_grids"]
+           "conventional", "on_grids", "best_per_baseline", "best_grids", "runs_on", "runnable_names"]
 
 # The grid each method's reference code uses by default (DPM-Solver / UniPC: logSNR; EDM-family codes: rho = 7;
 # Li et al. and DDIM on discrete models: time-uniform).
@@ -46,6 +51,50 @@ def parse_label(text: str) -> tuple[str, str]:
     return name, grid
 
 
+@functools.lru_cache(maxsize=4096)
+def _first_call_at_start(schedule: AnySchedule) -> bool:
+    """Whether a named sampler's first model evaluation is at x_T itself (a dry run with a zero denoiser).
+
+    Samplers that move x_T first (noise churn, an ancestral first step) are evaluated elsewhere, so a diffusers
+    pipeline's own first network call, made at x_T, is wasted on them."""
+    from ..integrator import sample
+
+    first: list[torch.Tensor] = []
+
+    def denoiser(x: torch.Tensor, t: float) -> torch.Tensor:
+        if not first:
+            first.append(x.clone())
+        return torch.zeros_like(x)
+
+    x_T = torch.randn((1, 3), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sample(denoiser, x_T, schedule, generator=torch.Generator().manual_seed(1))
+    return bool(first) and torch.equal(first[0], x_T)
+
+
+def runs_on(schedule: AnySchedule, target: str) -> bool:
+    """Whether `target` runs `schedule` exactly at its NFE (space.TARGETS; the rules are space.py's)."""
+    allowed = target_first_steps(target)
+    if allowed is None:
+        return True
+    if isinstance(schedule, SolverSchedule):
+        return schedule.first_step in allowed
+    # A named sampler has no first-step rule: what matters is where its first evaluation is.
+    return "model" not in allowed or _first_call_at_start(schedule)
+
+
+def runnable_names(target: str, nfes: Iterable[int], process: str,
+                   names: Optional[Sequence[str]] = None) -> tuple[str, ...]:
+    """The baselines (of `names`, default all) that `target` runs at every NFE where they exist, on their
+    conventional grid: what a search for that target may seed with."""
+    process = processes.get(process).name
+    out = []
+    for name in names if names is not None else baselines.names():
+        built = [_build(name, nfe, process, CONVENTIONAL_GRID.get(name, "logsnr"), None, None) for nfe in nfes]
+        if all(s is None or runs_on(s, target) for s in built):
+            out.append(name)
+    return tuple(out)
+
+
 def _build(name: str, nfe: int, process: str, grid: str, t_start: Optional[float],
            t_end: Optional[float]) -> Optional[AnySchedule]:
     if grid.startswith("ays-"):
@@ -72,22 +121,25 @@ def _inside(schedule: AnySchedule, t_start: Optional[float], t_end: Optional[flo
 
 
 def conventional(nfe: int, process: str, *, names: Optional[Sequence[str]] = None,
-                 t_start: Optional[float] = None, t_end: Optional[float] = None) -> list[Candidate]:
-    """Stage 1: each baseline on its conventional grid (falling back to logSNR)."""
+                 t_start: Optional[float] = None, t_end: Optional[float] = None,
+                 target: str = "any") -> list[Candidate]:
+    """Stage 1: each baseline on its conventional grid (falling back to logSNR); only those `target` runs."""
     process = processes.get(process).name
     out = []
     for name in names if names is not None else baselines.names():
         for grid in dict.fromkeys((CONVENTIONAL_GRID.get(name, "logsnr"), "logsnr")):
             sched = _build(name, nfe, process, grid, t_start, t_end)
-            if sched is not None:
+            if sched is not None and runs_on(sched, target):
                 out.append(Candidate(sched, source="baseline", label=label(name, grid)))
                 break
     return out
 
 
 def on_grids(names: Iterable[str], nfe: int, process: str, *, grid_names: Sequence[str] = SEED_GRIDS,
-             t_start: Optional[float] = None, t_end: Optional[float] = None) -> list[Candidate]:
-    """Stage 2: the named baselines on every grid in `grid_names` that exists and fits the process."""
+             t_start: Optional[float] = None, t_end: Optional[float] = None,
+             target: str = "any") -> list[Candidate]:
+    """Stage 2: the named baselines on every grid in `grid_names` that exists and fits the process (and that
+    `target` runs)."""
     process = processes.get(process).name
     known = set(grids.names())
     out = []
@@ -96,7 +148,7 @@ def on_grids(names: Iterable[str], nfe: int, process: str, *, grid_names: Sequen
             if grid not in known:
                 continue
             sched = _build(name, nfe, process, grid, t_start, t_end)
-            if sched is not None:
+            if sched is not None and runs_on(sched, target):
                 out.append(Candidate(sched, source="baseline", label=label(name, grid)))
     return out
 

@@ -9,9 +9,10 @@ from typing import Any, Callable, Mapping, Optional
 
 from ..evaluation.base import EvalRequest
 from ..schedule import SolverSchedule
+from ..space import restrict_to_target, target_first_steps
 from .options import ConfigError, FieldProblem, SearchOptions
 
-__all__ = ["SearchConfig", "field_default", "SearchOptions", "ConfigError", "Limits", "check_limits", "SearchFailed", "METHODS",
+__all__ = ["SearchConfig", "field_default", "default_target", "SearchOptions", "ConfigError", "Limits", "check_limits", "SearchFailed", "METHODS",
            "Progress", "SearchResult", "ProgressFn", "StopFn"]
 
 
@@ -93,9 +94,52 @@ class SearchConfig:
         return EvalRequest(self.model, str(self.metric), n_samples, self.seed, split,  # type: ignore[arg-type]
                            prompt_set=self.prompt_set, guidance_scale=self.guidance_scale)
 
-    def with_model_defaults(self, default_metric: str) -> "SearchConfig":
-        """The same config with an unset metric set to the model's default (one rule for CLI, API and runner)."""
-        return self if self.metric else dataclasses.replace(self, metric=default_metric)
+    def with_model_defaults(self, default_metric: str, model: Any = None) -> "SearchConfig":
+        """The same config with the model's defaults filled in (one rule for CLI, API and runner): an unset
+        metric set to `default_metric`, an unset target to the model's (`default_target`), and the space and the
+        baselines narrowed to what the target runs. `model` is the ModelSpec, looked up by name when not given
+        and when the target needs it. ConfigError names a choice the job set that its target does not run."""
+        config = self if self.metric else dataclasses.replace(self, metric=default_metric)
+        target = self.options.target
+        if target is None:
+            target = default_target(model if model is not None else _model(self.model))
+        options = config.options.replace(target=target)
+        if target_first_steps(target) is not None:
+            process = (model if model is not None else _model(self.model)).process.name
+            options = _restricted(options, target, config.nfe, process)
+        return config if options == config.options else dataclasses.replace(config, options=options)
+
+
+def default_target(model: Any) -> str:
+    """The target a job on `model` gets when it names none: a diffusers pipeline folder runs in diffusers."""
+    kind = dict(getattr(model, "provenance", None) or {}).get("kind")
+    return "diffusers" if kind == "diffusers-pipeline" else "any"
+
+
+def _model(name: str) -> Any:
+    from ..models import registry  # here: the contract itself needs no model
+
+    return registry.get(name)
+
+
+def _restricted(options: SearchOptions, target: str, nfe: tuple[int, ...], process: str) -> SearchOptions:
+    """`options` with the space and the seeding baselines narrowed to what `target` runs at the searched NFE."""
+    from .baselines_seed import runnable_names
+
+    try:
+        space = restrict_to_target(dict(options.space), target)
+    except ValueError as e:
+        raise ConfigError.one("options.space", str(e)) from None
+    runnable = runnable_names(target, nfe, process, names=options.baselines)
+    if options.baselines is not None and runnable != options.baselines:
+        bad = next(b for b in options.baselines if b not in runnable)
+        raise ConfigError.one("options.baselines", f"options.baselines: {bad!r} is not run by target={target!r} at "
+                                                   "the searched NFE (its first model evaluation is not at x_T)")
+    from .. import baselines as registry
+
+    every = tuple(registry.names())
+    keep = None if runnable == every else runnable
+    return options.replace(space=space, baselines=keep if options.baselines is None else options.baselines)
 
 
 def field_default(name: str) -> Any:

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from ..space import SpaceOptions
+from ..space import TARGETS, SpaceOptions
 
 __all__ = ["ConfigError", "FieldProblem", "Rule", "WarmStart", "SearchOptions", "REFINE_METHODS",
            "option_rules"]
@@ -88,6 +88,9 @@ class WarmStart:
 class SearchOptions:
     space: Mapping[str, Any] = _opt(dict, "space", "SpaceOptions fields: which values each per-step choice may "
                                     "take (first_steps unset: mean-x0 is added when the model has a data mean)")
+    target: Optional[str] = _opt(None, "string", "the runtime the winner is for: the space and the baselines keep "
+                                 "what it runs at the searched NFE (default: diffusers for a diffusers-pipeline "
+                                 "model, else any)", choices=TARGETS, nullable=True)
     t_min: Optional[float] = _opt(None, "number", "smallest time of searched schedules (default: the process's)",
                                   gt=0, nullable=True)
     t_max: Optional[float] = _opt(None, "number", "largest time of searched schedules (default: the process's)",
