@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["Run", "BaselineEntry", "Results", "load_results", "parse_results", "best_so_far",
+__all__ = ["Run", "BaselineEntry", "Results", "load_results", "parse_results", "merge_documents", "read_documents",
+           "best_so_far",
            "plot_metric_vs_nfe", "plot_best_so_far", "plot_sample_grid", "make_all"]
 
 
@@ -41,6 +42,7 @@ class Results:
     metric: str = ""
     runs: list[Run] = field(default_factory=list)
     baselines: list[BaselineEntry] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)   # documents left out: another model or metric
 
 
 def _number(value: Any, path: str, *, allow_inf: bool = True) -> float:
@@ -138,32 +140,63 @@ def _from_search_bench(doc: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def load_results(path: str | Path) -> Results:
-    """One results file, or every *.json results file in a directory, merged (they must share model and metric)."""
+def _document(doc: Any, source: str) -> Optional[dict[str, Any]]:
+    """The document in this module's format, or None for another kind of JSON file (a summary, a config)."""
+    if not isinstance(doc, dict) or not ({"runs", "baselines", "curves"} & set(doc)):
+        return None
+    if isinstance(doc.get("runs"), dict) or "curves" in doc:
+        return _from_search_bench(doc, source)
+    return doc
+
+
+def merge_documents(docs: Sequence[tuple[str, Any]], model: Optional[str] = None) -> Results:
+    """Results documents (source name, parsed JSON) merged into one Results for one model and metric.
+
+    The model is `model`, else the first document's; documents of another model or metric are skipped and
+    listed in `Results.skipped`, since one folder often holds several searches. ValueError names a bad field.
+    """
+    merged = Results(model=model or "")
+    for source, raw in docs:
+        doc = _document(raw, source)
+        if doc is None:
+            continue
+        part = parse_results(doc, source)
+        if merged.model and part.model and part.model != merged.model:
+            merged.skipped.append(f"{source}: model {part.model!r}, not {merged.model!r}")
+            continue
+        if merged.metric and part.metric and part.metric != merged.metric:
+            merged.skipped.append(f"{source}: metric {part.metric!r}, not {merged.metric!r}")
+            continue
+        merged.model, merged.metric = merged.model or part.model, merged.metric or part.metric
+        merged.runs.extend(part.runs)
+        merged.baselines.extend(part.baselines)
+    return merged
+
+
+def read_documents(path: str | Path) -> list[tuple[str, Any]]:
+    """(file name, parsed JSON) of one results file, or of every *.json file in a folder."""
     p = Path(path)
     files = sorted(p.glob("*.json")) if p.is_dir() else [p]
     if not files or not all(f.is_file() for f in files):
         raise ValueError(f"results={str(p)!r}: no results JSON file found")
-    merged = Results()
+    out = []
     for f in files:
         try:
-            doc = json.loads(f.read_text())
+            out.append((f.name, json.loads(f.read_text())))
+        except UnicodeDecodeError:
+            raise ValueError(f"{f.name} is not a JSON text file (an s3search.db? pass it as --results "
+                             f"FILE.db or a storage URL)") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{f.name} is not valid JSON: {e}") from None
-        if not isinstance(doc, dict) or not ({"runs", "baselines", "curves"} & set(doc)):
-            continue  # another file in the folder (a summary, a config)
-        if isinstance(doc.get("runs"), dict) or "curves" in doc:
-            doc = _from_search_bench(doc, f.name)
-        part = parse_results(doc, f.name)
-        for key in ("model", "metric"):
-            mine, theirs = getattr(merged, key), getattr(part, key)
-            if mine and theirs and mine != theirs:
-                raise ValueError(f"{f.name}: {key}={theirs!r} differs from {mine!r} in the other files")
-            setattr(merged, key, mine or theirs)
-        merged.runs.extend(part.runs)
-        merged.baselines.extend(part.baselines)
+    return out
+
+
+def load_results(path: str | Path, model: Optional[str] = None) -> Results:
+    """One results file, or every *.json results file in a folder, merged (see merge_documents)."""
+    merged = merge_documents(read_documents(path), model)
     if not merged.runs and not merged.baselines:
-        raise ValueError(f"results={str(p)!r}: no runs or baselines found")
+        skipped = f" ({len(merged.skipped)} of other models or metrics skipped)" if merged.skipped else ""
+        raise ValueError(f"results={str(path)!r}: no runs or baselines found{skipped}")
     return merged
 
 
@@ -339,14 +372,33 @@ def _save(fig: Any, out: str | Path) -> Path:
     return path
 
 
-def make_all(results: str | Path, out_dir: str | Path, n_samples: int = 8, seed: int = 0,
-             model_loader: Optional[Callable[[str], Any]] = None) -> list[Path]:
-    """Every plot the results allow: metric_vs_nfe.png, best_so_far.png, samples_nfe{N}.png (image models)."""
-    res = load_results(results)
+def make_all(results: str | Path | Results, out_dir: str | Path, n_samples: int = 8, seed: int = 0,
+             model_loader: Optional[Callable[[str], Any]] = None,
+             on_plot: Optional[Callable[[Path], None]] = None,
+             on_note: Optional[Callable[[str], None]] = None) -> list[Path]:
+    """Every plot the results allow: metric_vs_nfe.png, best_so_far.png, samples_nfe{N}.png (image models).
+    `on_plot` hears of each file as it is written (sample grids run the model, which takes a while); `on_note`
+    of a plot left out and why (default: a warning)."""
+    res = results if isinstance(results, Results) else load_results(results)
+    if not res.runs and not res.baselines:
+        raise ValueError("the results hold no runs or baselines")
     out = Path(out_dir)
-    paths = [plot_metric_vs_nfe(res, out / "metric_vs_nfe.png")]
+    paths: list[Path] = []
+
+    def note(text: str) -> None:
+        if on_note is not None:
+            on_note(text)
+        else:
+            warnings.warn(text, stacklevel=3)
+
+    def done(path: Path) -> None:
+        paths.append(path)
+        if on_plot is not None:
+            on_plot(path)
+
+    done(plot_metric_vs_nfe(res, out / "metric_vs_nfe.png"))
     if any(r.history for r in res.runs):
-        paths.append(plot_best_so_far(res, out / "best_so_far.png"))
+        done(plot_best_so_far(res, out / "best_so_far.png"))
     if res.model:
         if model_loader is None:
             from .models import registry
@@ -355,10 +407,12 @@ def make_all(results: str | Path, out_dir: str | Path, n_samples: int = 8, seed:
         try:
             model = model_loader(res.model)
         except (KeyError, FileNotFoundError) as e:  # unknown model, or weights not built on this machine
-            warnings.warn(f"sample grids skipped: {e}", stacklevel=2)
+            note(f"sample grids skipped: {e}")
             return paths
-        if len(model.shape) == 3:
+        if getattr(model, "conditional", False):
+            note(f"sample grids skipped: {res.model} is a conditional model, and the grids draw unconditional "
+                 f"samples")
+        elif len(model.shape) == 3:
             for nfe in sorted({r.nfe for r in res.runs if r.schedule}):
-                paths.append(plot_sample_grid(res, nfe, model, out / f"samples_nfe{nfe}.png", n=n_samples,
-                                              seed=seed))
+                done(plot_sample_grid(res, nfe, model, out / f"samples_nfe{nfe}.png", n=n_samples, seed=seed))
     return paths

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Optional
+import sys
+from typing import Callable, Optional
 
 import typer
 
@@ -23,9 +24,10 @@ def parse_nfe(text: str) -> list[int]:
 
 def baseline_table(model: str, nfe: list[int], grid: str = "logsnr", metric: Optional[str] = None,
                    n_samples: int = 1000, seed: int = 0, only: Optional[list[str]] = None,
-                   evaluator=None) -> dict[str, dict[int, Optional[float]]]:
+                   evaluator=None, progress: Optional[Callable[[int, int], None]] = None,
+                   chunk: int = 4) -> dict[str, dict[int, Optional[float]]]:
     """{baseline: {nfe: metric value, or None where the baseline cannot make exactly that many evaluations,
-    or nan where its evaluation failed}}."""
+    or nan where its evaluation failed}}. `progress(done, total)` hears after every `chunk` evaluations."""
     from .. import baselines
     from ..evaluation.base import EvalRequest
     from ..evaluation.local import LocalEvaluator
@@ -39,16 +41,43 @@ def baseline_table(model: str, nfe: list[int], grid: str = "logsnr", metric: Opt
                           split="test")
     evaluator = evaluator or LocalEvaluator()
     table: dict[str, dict[int, Optional[float]]] = {name: {} for name in names}
+    jobs = []
     for k in nfe:
-        jobs = []
         for name in names:
             try:
-                jobs.append((name, baselines.for_nfe(name, k, spec.process.name, grid=grid)))
+                jobs.append((name, k, baselines.for_nfe(name, k, spec.process.name, grid=grid)))
             except ValueError:
                 table[name][k] = None
-        for (name, _), result in zip(jobs, evaluator.evaluate([s for _, s in jobs], request)):
+    for start in range(0, len(jobs), chunk):
+        part = jobs[start:start + chunk]
+        for (name, k, _), result in zip(part, evaluator.evaluate([s for _, _, s in part], request)):
             table[name][k] = result.value if result.ok else math.nan
+        if progress is not None:
+            progress(start + len(part), len(jobs))
     return table
+
+
+class _progress_bar:
+    """A tqdm bar on stderr fed by baseline_table's progress(done, total); nothing under --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.bar = quiet, None
+
+    def __enter__(self) -> "_progress_bar":
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="baselines", unit="eval", file=sys.stderr, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _format(table: dict[str, dict[int, Optional[float]]], nfe: list[int]) -> str:
@@ -75,6 +104,7 @@ def register(app: typer.Typer) -> None:
         only: Optional[str] = typer.Option(None, "--only", help="comma-separated baseline names"),
         as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
         list_only: bool = typer.Option(False, "--list", help="list the baselines and exit"),
+        quiet: bool = typer.Option(False, "--quiet", help="no progress bar on stderr"),
     ) -> None:
         """Print every baseline's metric per NFE for a model (blank where a baseline cannot hit that NFE)."""
         from .. import baselines
@@ -92,7 +122,9 @@ def register(app: typer.Typer) -> None:
         try:
             budgets = parse_nfe(nfe)
             names = [n.strip() for n in only.split(",")] if only else None
-            table = baseline_table(model, budgets, grid, metric, n_samples, seed, names)
+            with _progress_bar(quiet) as bar:
+                table = baseline_table(model, budgets, grid, metric, n_samples, seed, names,
+                                       progress=bar)
         except (ValueError, KeyError) as e:
             raise typer.BadParameter(str(e)) from None
         if as_json:

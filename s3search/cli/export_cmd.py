@@ -85,19 +85,76 @@ def export_command(
     emit(result, out)
 
 
+def _storage_url(results: str) -> Optional[str]:
+    """The Optuna storage `--results` names, or None for a results JSON file or folder."""
+    if "://" in results:
+        return results
+    path = Path(results)
+    if path.is_file():
+        with path.open("rb") as f:
+            if f.read(16) == b"SQLite format 3\x00":    # the CLI's s3search.db, whatever its name
+                return f"sqlite:///{path.resolve()}"
+    return None
+
+
+def _study_documents(url: str, study: Optional[str]) -> list[tuple[str, Any]]:
+    import optuna
+
+    from ..search.results_doc import results_document, studies_with_results
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    finished = studies_with_results(url)
+    if study is not None and study not in finished:
+        known = optuna.get_all_study_names(url)
+        why = "has no test-split results yet" if study in known else "does not exist"
+        raise ValueError(f"--study {study!r} {why} in {url}; finished studies: {', '.join(finished) or 'none'}")
+    names = [study] if study else finished
+    if not names:
+        raise ValueError(f"no study in {url} holds test-split results yet")
+    return [(f"study {n!r}", results_document(optuna.load_study(study_name=n, storage=url))) for n in names]
+
+
 def plots_command(
-    results: Path = typer.Option(..., "--results", "-r", help="results JSON file or folder (docs/exports.md)"),
+    results: str = typer.Option(..., "--results", "-r",
+                                help="results JSON file or folder (docs/exports.md), an s3search.db file, or an "
+                                     "Optuna storage URL"),
     out: Path = typer.Option(Path("plots"), "--out", "-o", help="folder for the PNG files"),
+    study: Optional[str] = typer.Option(None, "--study", help="with a database: the study to plot (default: "
+                                                              "every finished one of the model)"),
+    model: Optional[str] = typer.Option(None, "--model", help="plot this model's results only (default: the "
+                                                              "first one found; the others are skipped)"),
     n_samples: int = typer.Option(8, "--samples", min=1, max=64, help="samples per row of the sample grids"),
     seed: int = typer.Option(0, "--seed", help="base seed of the sample grids"),
+    quiet: bool = typer.Option(False, "--quiet", help="print only the files written"),
 ) -> None:
     """Draw metric-vs-NFE, best-so-far and (image models) sample grids from search results."""
     from .. import plots
 
+    def say(text: str) -> None:
+        if not quiet:
+            typer.echo(text, err=True)
+
     try:
-        paths = plots.make_all(results, out, n_samples=n_samples, seed=seed)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--results") from None
+        url = _storage_url(results)
+        if url is not None:
+            say(f"reading the studies in {url}")
+            docs = _study_documents(url, study)
+        elif study is not None:
+            raise ValueError("--study applies to a database (an s3search.db file or a storage URL)")
+        else:
+            docs = plots.read_documents(results)
+        merged = plots.merge_documents(docs, model)
+        for line in merged.skipped:
+            say(f"skipped {line}")
+        if not merged.runs and not merged.baselines:
+            raise ValueError(f"results={results!r}: no runs or baselines found"
+                             + (f" for model {model!r}" if model else ""))
+        say(f"plotting {merged.model or 'the results'} ({merged.metric or 'metric'}): {len(merged.runs)} runs, "
+            f"{len(merged.baselines)} baseline scores")
+        paths = plots.make_all(merged, out, n_samples=n_samples, seed=seed,
+                               on_plot=lambda p: say(f"wrote {p}"), on_note=say)
+    except (ValueError, KeyError) as e:
+        raise typer.BadParameter(str(e).strip("'\""), param_hint="--results") from None
     for p in paths:
         typer.echo(str(p))
 

@@ -83,7 +83,8 @@ def register(app: typer.Typer) -> None:
     @models.command("check")
     def check_cmd(name: Optional[list[str]] = typer.Argument(None, help="models to check (default: all)"),
                   registry_file: Optional[str] = typer.Option(None, "--registry",
-                                                              help="a registry file (else $S3SEARCH_MODEL_REGISTRY)")
+                                                              help="a registry file (else $S3SEARCH_MODEL_REGISTRY)"),
+                  quiet: bool = typer.Option(False, "--quiet", help="no progress lines on stderr")
                   ) -> None:
         """Load each model, run its denoiser once at mid noise, and its decoder, features and CLIP where it has
         them."""
@@ -92,7 +93,10 @@ def register(app: typer.Typer) -> None:
         if registry_file:
             os.environ[registry.ENV_REGISTRY] = registry_file
         failed = 0
-        for model in name or registry.names():
+        models_to_check = list(name or registry.names())
+        for i, model in enumerate(models_to_check, 1):
+            if not quiet:   # loading a pipeline's weights can take a while: say which one is loading
+                typer.echo(f"[{i}/{len(models_to_check)}] checking {model} ...", err=True)
             try:
                 typer.echo(json.dumps(check_model(model)))
             except Exception as e:  # report every model, then fail

@@ -4,7 +4,6 @@ schedule against every baseline on the test split. Rerunning with the same --stu
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -13,8 +12,9 @@ from typing import Optional
 import typer
 
 from ..search.config import SearchConfig, field_default
+from .report import format_table, summary_line, winner_notes
 
-__all__ = ["register", "search", "format_table"]
+__all__ = ["register", "search", "format_table"]  # format_table: from .report
 
 
 def _parse_nfe(text: str) -> tuple[int, ...]:
@@ -25,27 +25,6 @@ def _parse_nfe(text: str) -> tuple[int, ...]:
     if not values or any(v < 1 for v in values):
         raise typer.BadParameter(f"--nfe={text!r} must hold positive integers")
     return values
-
-
-def format_table(result, nfe: int) -> str:
-    """Searched schedule vs every baseline (its best grid), test split, best first; with the other metrics the
-    evaluations reported (FID and CLIP score of a text-to-image model) as extra columns."""
-    searched = "searched (S3)"
-    extras = getattr(result, "test_extras", {}) or {}
-    columns = sorted({k for row in extras.values() for k in row})
-    rows = [(searched, result.test_value, extras.get("searched", {}))]
-    rows += [(name, value, extras.get(name, {})) for name, value in result.baselines.items()]
-    rows.sort(key=lambda r: r[1] if math.isfinite(r[1]) else math.inf)
-    best_base = min((v for n, v, _ in rows if n != searched and math.isfinite(v)), default=math.nan)
-    titles = {"fid": "FID", "clip_score": "CLIP score"}
-    head = f"{'sampler':<24}{'test':>14}{'vs best baseline':>18}" + "".join(f"{titles.get(c, c):>14}" for c in columns)
-    lines = [f"NFE {nfe} - test split (lower is better" + ("; CLIP score: higher is better)" if "clip_score" in
-                                                           columns else ")"), head]
-    for name, value, row in rows:
-        ratio = value / best_base if math.isfinite(best_base) and best_base > 0 and math.isfinite(value) else math.nan
-        lines.append(f"{name:<24}{value:>14.6g}{ratio:>17.3f}x"
-                     + "".join(f"{row.get(c, math.nan):>14.6g}" for c in columns))
-    return "\n".join(lines)
 
 
 def search(
@@ -68,7 +47,10 @@ def search(
     options: str = typer.Option("{}", help="JSON object of search options (see docs/search.md; bad ones are "
                                            "refused naming the option)."),
     out: Optional[Path] = typer.Option(None, help="Write the best schedule JSON here."),
-    quiet: bool = typer.Option(False, help="Print only the final table."),
+    results: Optional[Path] = typer.Option(None, help="Write the results file `s3search plots` reads here "
+                                                      "(default: results/<study name>.json beside a SQLite "
+                                                      "storage file, else in the current folder)."),
+    quiet: bool = typer.Option(False, help="Print only the final table: no progress on stderr."),
 ) -> None:
     """Search a solver schedule for MODEL at NFE and compare it with every baseline."""
     import optuna
@@ -106,8 +88,8 @@ def search(
         if quiet:
             return
         tau = f"  tau={p.predictor_tau:.2f}" if p.predictor_tau is not None else ""
-        typer.echo(f"[{time.perf_counter() - start:7.1f}s] {p.evaluations:4d}/{p.budget} best={p.best_value:.6g}"
-                   f"{tau}  {p.message}", err=True)
+        typer.echo(f"[{time.perf_counter() - start:7.1f}s] {100 * p.fraction:3.0f}% {p.evaluations:4d}/{p.budget} "
+                   f"best(search split)={p.best_value:.6g}{tau}  {p.message}", err=True)
 
     try:
         result = run_search(config, study, progress=progress)
@@ -121,13 +103,37 @@ def search(
     typer.echo(f"study {name!r} in {storage}: {result.evaluations} evaluations, metric {metric}")
     for n, r in sorted(per_nfe.items()):
         typer.echo("")
-        typer.echo(format_table(r, n))
+        typer.echo(format_table(r, n, method))
+        typer.echo(summary_line(r, n))
+        for note in winner_notes(r):
+            typer.echo(note)
         typer.echo(f"best schedule (NFE {n}): {r.best.to_json()}")
+    _write_results(study, results if results is not None else default_results_path(storage, name))
     if out is not None:
         out.write_text(json.dumps({str(n): json.loads(r.best.to_json()) for n, r in per_nfe.items()}, indent=1)
                        if len(per_nfe) > 1 else result.best.to_json(indent=1))
         typer.echo(f"wrote {out}")
     sys.stdout.flush()
+
+
+def default_results_path(storage: str, study_name: str) -> Path:
+    """results/<study>.json beside the SQLite file the study lives in (the current folder for other storage)."""
+    folder = Path(".")
+    if storage.startswith("sqlite:///") and storage != "sqlite:///:memory:":
+        folder = Path(storage[len("sqlite:///"):]).parent
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in study_name)
+    return folder / "results" / f"{safe}.json"
+
+
+def _write_results(study, path: Path) -> None:
+    """The study as the results file `s3search plots` reads; a stopped search (no test scores) writes none."""
+    from ..search.results_doc import has_results, results_document
+
+    if not has_results(study.user_attrs):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results_document(study), indent=1))
+    typer.echo(f"wrote {path} (plot it: s3search plots --results {path})")
 
 
 def register(app: typer.Typer) -> None:

@@ -237,7 +237,7 @@ def _summary(job: dict[str, Any]) -> str:
     best = job.get("best") or {}
     line = f"{job['id']}  {job['status']:<10} {p['evaluations']}/{p['budget']} evaluations"
     if best.get("value") is not None:
-        line += f"  best {best['value']:.6g}"
+        line += f"  best(search split) {best['value']:.6g}"
     if job.get("error"):
         line += f"  error: {job['error']}"
     return line

@@ -33,11 +33,23 @@ from .s3 import run_s3
 from .study import AnySchedule, Candidate, Evaluated, Ledger, chash
 
 __all__ = ["run_search", "METHODS", "MultiNFEResult", "preflight", "UnknownPromptSet", "build_space",
-           "default_evaluator"]
+           "default_evaluator", "NFEResult"]
 
 
 @dataclass(frozen=True)
-class MultiNFEResult(SearchResult):
+class NFEResult(SearchResult):
+    """A SearchResult that says where its winner came from."""
+
+    # The trial source that proposed the winner (baseline, variant, s3, s3-local, refine, random, tpe, cmaes,
+    # requeued) and, for a baseline or one of its variants, its label: a reader must see when the search's
+    # "winner" is a baseline it was seeded with.
+    winner_source: str = ""
+    winner_label: str = ""
+    baseline_grids: dict[str, str] = field(default_factory=dict)   # baseline name -> the grid it was scored on
+
+
+@dataclass(frozen=True)
+class MultiNFEResult(NFEResult):
     """A SearchResult for the first NFE of the config, plus one per NFE when several were searched."""
 
     per_nfe: dict[int, SearchResult] = field(default_factory=dict)
@@ -183,17 +195,25 @@ REPORTED_EXTRAS = ("fid", "clip_score")
 
 
 def _score_missing(ctx: SearchContext, cached: dict[str, Optional[float]], want: dict[str, AnySchedule],
-                   req: EvalRequest, extras: Optional[dict[str, dict[str, float]]] = None
+                   req: EvalRequest, label: str, extras: Optional[dict[str, dict[str, float]]] = None
                    ) -> dict[str, Optional[float]]:
     """`cached` with every key of `want` it lacked scored on `req`'s split; None marks a failed or non-finite
-    score (the form the study's user attributes store). The reported extras of new scores go into `extras`."""
-    todo = {k: s for k, s in want.items() if k not in cached}
-    if todo:
-        for key, res in zip(todo, ctx.ledger.evaluator.evaluate(list(todo.values()), req)):
+    score (the form the study's user attributes store). The reported extras of new scores go into `extras`.
+    Progress messages start with `label`; the work done is added to `ctx.final_done` as it is done."""
+    todo = list((k, s) for k, s in want.items() if k not in cached)
+    # In chunks of a search batch, with a progress report after each: on an image model the validation and
+    # test evaluations (more samples per schedule) can take most of a job's time.
+    chunk = max(1, ctx.options.batch_size)
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        for (key, _), res in zip(part, ctx.ledger.evaluator.evaluate([s for _, s in part], req)):
             cached[key] = float(res.value) if res.ok and math.isfinite(res.value) else None
             shown = {k: float(v) for k, v in (res.extras or {}).items() if k in REPORTED_EXTRAS and math.isfinite(v)}
             if extras is not None and shown:
                 extras[key] = shown
+        ctx.final_done += len(part) * req.n_samples / ctx.config.n_samples
+        ctx.report(f"{label}: {min(start + chunk, len(todo))}/{len(todo)} schedules scored on the {req.split} split "
+                   f"({req.n_samples} samples each)")
     return cached
 
 
@@ -207,9 +227,11 @@ def _test_scores(ctx: SearchContext, study: optuna.Study, nfe: int, best: AnySch
     want = {"searched:" + chash(best): best}
     want.update({"baseline:" + name: s for name, s in baselines.items()})
     extras = dict(entry.get("extras", {}))
-    cached = _score_missing(ctx, dict(entry.get("values", {})), want, req, extras)
+    done_before = ctx.final_done
+    cached = _score_missing(ctx, dict(entry.get("values", {})), want, req, f"nfe={nfe}", extras)
     entry["extras"] = extras
-    ctx.final_done += len(want) * cfg.n_test_samples / cfg.n_samples
+    # Cached scores cost nothing now, but count as done: the job's fraction must reach its total.
+    ctx.final_done = done_before + len(want) * cfg.n_test_samples / cfg.n_samples
     ctx.report(f"nfe={nfe}: test split scored ({len(want)} schedules)")
     entry["values"] = cached
     entry["best_schedule"] = best.to_json()
@@ -273,8 +295,10 @@ def _validated_best(ctx: SearchContext, study: optuna.Study, nfe: int) -> tuple[
     before = dict(stored.get(str(nfe), {}))
     req = cfg.eval_request(n, "validation")
     ctx.report(f"nfe={nfe}: validating the top {len(top)} on fresh seeds")
-    cached = _score_missing(ctx, dict(before), {chash(e.schedule): e.schedule for e in top}, req)
-    ctx.final_done += len(top) * n / cfg.n_samples
+    done_before = ctx.final_done
+    cached = _score_missing(ctx, dict(before), {chash(e.schedule): e.schedule for e in top}, req,
+                            f"nfe={nfe}")
+    ctx.final_done = done_before + len(top) * n / cfg.n_samples
     if cached != before:
         stored[str(nfe)] = cached
         study.set_user_attr("validation", stored)
@@ -325,27 +349,32 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
     study.set_user_attr("rounds", ctx.log[-200:])
 
     stopped = ctx.stopped()
-    per_nfe: dict[int, SearchResult] = {}
+    per_nfe: dict[int, NFEResult] = {}
     for nfe in sorted(set(config.nfe)):
         best, validation = ledger.best(nfe), math.nan
         if best is None:
             continue
         if not stopped:
             best, validation = _validated_best(ctx, study, nfe)
-        chosen = {name: e.schedule for name, e in baselines_seed.best_per_baseline(ledger.done.values(), nfe).items()}
+        best_of = baselines_seed.best_per_baseline(ledger.done.values(), nfe)
+        chosen = {name: e.schedule for name, e in best_of.items()}
+        grids = {name: baselines_seed.parse_label(e.label)[1] for name, e in best_of.items()}
         if stopped:
             test, base, extras = math.nan, {}, {}
         else:
             test, base, extras = _test_scores(ctx, study, nfe, best.schedule,
                                               chosen if options.test_baselines else {})
-        per_nfe[nfe] = SearchResult(best=best.schedule, best_value=best.value, test_value=test, baselines=base,
-                                    evaluations=sum(1 for e in ledger.done.values() if e.nfe == nfe),
-                                    validation_value=validation, test_extras=extras)
+        per_nfe[nfe] = NFEResult(best=best.schedule, best_value=best.value, test_value=test, baselines=base,
+                                 evaluations=sum(1 for e in ledger.done.values() if e.nfe == nfe),
+                                 validation_value=validation, test_extras=extras, winner_source=best.source,
+                                 winner_label=best.label, baseline_grids={n: grids[n] for n in base if n in grids})
     if not per_nfe:
         raise SearchFailed("no schedule was evaluated successfully; see the trials' error attributes")
     first = per_nfe.get(config.nfe[0]) or next(iter(per_nfe.values()))
     ctx.report("stopped" if stopped else "done", done=not stopped)
     return MultiNFEResult(best=first.best, best_value=first.best_value, test_value=first.test_value,
                           baselines=first.baselines, evaluations=ledger.count, per_nfe=per_nfe, stopped=stopped,
-                          validation_value=first.validation_value, test_extras=first.test_extras)
+                          validation_value=first.validation_value, test_extras=first.test_extras,
+                          winner_source=first.winner_source, winner_label=first.winner_label,
+                          baseline_grids=first.baseline_grids)
 

@@ -1,0 +1,75 @@
+"""A finished study as a results document: the format `s3search plots` reads (docs/exports.md, "Results").
+
+`run_search` leaves everything a plot needs in the study itself: the model and metric as study attributes,
+every true evaluation as a trial (NFE and value), and the test split's scores with the schedules they belong
+to under the "test" attribute. So the document is rebuilt from any study, the CLI's SQLite file or the
+service's database alike, and a resumed search rewrites it whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Optional
+
+import optuna
+from optuna.trial import TrialState
+
+from .study import ATTR
+
+__all__ = ["results_document", "has_results", "studies_with_results"]
+
+
+def _finite(value: Any) -> Optional[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _history(study: optuna.Study, nfe: int) -> list[Optional[float]]:
+    """Every true evaluation at this NFE, in the order they were made; None for a failed one."""
+    out: list[Optional[float]] = []
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if t.user_attrs.get(ATTR.NFE) != nfe or ATTR.DISCARDED in t.user_attrs or ATTR.STALE in t.user_attrs:
+            continue
+        if t.state == TrialState.COMPLETE:
+            out.append(_finite(t.value))
+        elif t.state == TrialState.FAIL and ATTR.ERROR in t.user_attrs:
+            out.append(None)
+    return out
+
+
+def has_results(study_attrs: dict[str, Any]) -> bool:
+    """Whether a study (by its user attributes) holds test-split scores to plot."""
+    return isinstance(study_attrs.get("test"), dict) and bool(study_attrs["test"])
+
+
+def results_document(study: optuna.Study) -> dict[str, Any]:
+    """{model, metric, study, runs, baselines}: per NFE the winner's test value, schedule and search history,
+    and every baseline's test value and schedule. ValueError when the study holds no test scores yet."""
+    attrs = study.user_attrs
+    if not has_results(attrs):
+        raise ValueError(f"study {study.study_name!r} has no test-split scores yet (unfinished or stopped)")
+    method = str(attrs.get("method", "s3"))
+    runs, base = [], []
+    for key, entry in sorted(attrs["test"].items(), key=lambda kv: int(kv[0])):
+        nfe, values = int(key), entry.get("values", {})
+        best = entry.get("best_schedule")
+        searched = next((v for k, v in values.items() if k.startswith("searched:")), None)
+        if best is not None:
+            from .study import chash, schedule_from_json
+
+            searched = values.get("searched:" + chash(schedule_from_json(best)), searched)
+        runs.append({"method": method, "nfe": nfe, "value": _finite(searched),
+                     "schedule": json.loads(best) if best else None, "history": _history(study, nfe)})
+        for name, doc in sorted((entry.get("baseline_schedules") or {}).items()):
+            base.append({"name": name, "nfe": nfe, "value": _finite(values.get("baseline:" + name)),
+                         "schedule": json.loads(doc)})
+    return {"model": str(attrs.get("model", "")), "metric": str(attrs.get("metric", "")),
+            "study": study.study_name, "runs": runs, "baselines": base}
+
+
+def studies_with_results(storage: Any) -> list[str]:
+    """Names of the studies in `storage` (a URL or an optuna storage) that hold test-split scores."""
+    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+            if has_results(s.user_attrs)]
