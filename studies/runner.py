@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from s3search.evaluation.base import Evaluator
 from s3search.search.config import Progress, SearchConfig, SearchResult
 from s3search.search.study import settle
+from s3search.search.study_note import publish_study_note
 
 from . import jobs as repo
 from .db import make_engine, make_session_factory
@@ -297,23 +298,10 @@ class Runner:
 
     @staticmethod
     def _note(study: optuna.Study, job: Job, result: Optional[dict[str, Any]]) -> None:
-        """The dashboard's note for the study: the job spec and, once known, the baselines' scores."""
+        """The dashboard's note for the study (the builder the CLI uses too): the job's config and spec and,
+        once known, each NFE's winner and the test split's table of the baselines."""
         try:
-            from optuna_dashboard import save_note
-        except ImportError:
-            return
-        import json
-        lines = [f"# s3search job `{job.id}`", "", "## Spec", "", "```json",
-                 json.dumps(job.spec, indent=2, sort_keys=True), "```", ""]
-        if result is not None:
-            lines += ["## Result (test split)", "", f"- searched schedule: {result['test_value']}",
-                      f"- evaluations: {result['evaluations']}", "", "| baseline | test value |", "|---|---|"]
-            lines += [f"| {k} | {v} |" for k, v in sorted(result["baselines"].items(),
-                                                            key=lambda kv: (kv[1] is None, kv[1] or 0.0))]
-        else:
-            lines += ["Baseline scores appear here when the job finishes."]
-        try:
-            save_note(study, "\n".join(lines))
+            publish_study_note(study, job.spec, result, title=f"s3search job `{job.id}`", spec=job.spec)
         except Exception as e:  # noqa: BLE001 - the note is a convenience; never fail a job for it
             if claim_lost_in(e):
                 raise

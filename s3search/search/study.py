@@ -4,6 +4,15 @@ A trial carries the schedule JSON, its hash, NFE, where it came from (baseline l
 the predicted score, the seeds and sample count, the evaluation time and the metric value as user attributes, so
 optuna-dashboard shows the search while it runs. Baselines are enqueued trials labelled `baseline=<name>`.
 
+A trial also carries the schedule's choices as Optuna params (`schedule_params`), so the dashboard's importance,
+slice and contour plots have something to show: `first_step`, `final`, `grid.t_start` and `grid.t_end` for every
+NFE, and `nfe<N>.n_steps` and `nfe<N>.step<i>.{order,prediction,derivative,corrector,eta,lambda_share}` per NFE
+(a step position means different things at NFE 4 and 6). Every name has one fixed distribution, which Optuna's
+importance needs: it assesses only params every complete trial holds with the same distribution. A named
+baseline carries the grid params alone (its per-step choices are not the space's). The params are written with
+the queued trial in one storage call; a study that cannot take them (a name already held with another
+distribution) gets the trial without them, never a failed trial.
+
 Resume: `Ledger.load` reads every trial already in the study. COMPLETE trials (and trials whose evaluation
 itself failed, state FAIL with an `error` attribute) count as done and are never evaluated again; a RUNNING
 trial left by a runner that died ends FAIL (marked `stale`) and its schedule goes back into the queue (a WAITING
@@ -24,12 +33,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from .. import processes
 from ..evaluation.base import EvalRequest, EvalResult, Evaluator
-from ..schedule import SolverSchedule
+from ..schedule import CORRECTORS, DERIVATIVES, FINALS, FIRST_STEPS, MAX_ORDER, PREDICTIONS, SolverSchedule
 
-__all__ = ["AnySchedule", "Evaluated", "Candidate", "Ledger", "schedule_from_json", "ATTR", "chash", "settle"]
+__all__ = ["AnySchedule", "Evaluated", "Candidate", "Ledger", "schedule_from_json", "ATTR", "chash", "settle",
+           "schedule_params", "ETA_HIGH"]
 
 try:  # NamedSchedule is the baselines' type for samplers the space cannot express.
     from ..named import NamedSchedule
@@ -106,11 +118,14 @@ class Ledger:
     """The study's evaluations, by canonical hash; the only path by which schedules get evaluated."""
 
     def __init__(self, study: optuna.Study, evaluator: Evaluator, request: EvalRequest,
-                 should_stop: Optional[Callable[[], bool]] = None) -> None:
+                 should_stop: Optional[Callable[[], bool]] = None, with_params: bool = True) -> None:
         self.study = study
         self.evaluator = evaluator
         self.request = request
         self.should_stop = should_stop       # enqueue nothing once it says stop (the queue would outlive the search)
+        # Params cost an RDB storage a few queries each per trial (tens of ms a trial on SQLite): a benchmark of
+        # the search's own overhead may go without them.
+        self.with_params = with_params
         self.done: dict[str, Evaluated] = {}
         self.history: list[Evaluated] = []       # in evaluation order (for best-so-far curves)
 
@@ -144,8 +159,8 @@ class Ledger:
             return
         h = t.user_attrs.get(ATTR.HASH)
         if h not in self.done and h not in {w.user_attrs.get(ATTR.HASH) for w in self.waiting()}:
-            self.study.enqueue_trial({}, user_attrs={k: v for k, v in t.user_attrs.items()
-                                                     if k in _REQUEUED_ATTRS})
+            _enqueue(self.study, {k: v for k, v in t.user_attrs.items() if k in _REQUEUED_ATTRS},
+                     dict(t.params), dict(t.distributions))
 
     def _record_trial(self, t: optuna.trial.FrozenTrial) -> Evaluated:
         value = float(t.value) if t.state == TrialState.COMPLETE and t.value is not None else math.inf
@@ -198,7 +213,7 @@ class Ledger:
             attrs = self._attrs(c, h)
             attrs.update({ATTR.METRIC: self.request.metric, ATTR.SEED: self.request.seed,
                           ATTR.N_SAMPLES: self.request.n_samples, ATTR.SPLIT: self.request.split})
-            self.study.enqueue_trial({}, user_attrs=attrs)
+            _enqueue(self.study, attrs, *(schedule_params(c.schedule) if self.with_params else ({}, {})))
             queued.add(h)
             n += 1
         return n
@@ -298,6 +313,75 @@ class Ledger:
 
 _REQUEUED_ATTRS = (ATTR.SCHEDULE, ATTR.HASH, ATTR.NFE, ATTR.SOURCE, ATTR.BASELINE, ATTR.PREDICTED, ATTR.GENERATION,
                    ATTR.FLAT, ATTR.METRIC, ATTR.SEED, ATTR.N_SAMPLES, ATTR.SPLIT)
+
+
+ETA_HIGH = 2.0        # the eta param's upper bound: fixed, as its distribution must be; a larger eta goes unrecorded
+
+
+def _step_name(nfe: int, i: int) -> str:
+    # Zero-padded where a schedule may have ten steps or more, so the dashboard's sorted param list is in order.
+    return f"nfe{nfe}.step{i + 1:0{len(str(nfe + 1))}d}"
+
+
+def schedule_params(schedule: AnySchedule) -> tuple[dict[str, Any], dict[str, BaseDistribution]]:
+    """The schedule's choices as Optuna (params, distributions); what cannot be encoded is left out.
+
+    Steps are read in canonical form: a choice that cannot change a step's result (the derivative of a
+    first-order step) would otherwise show up as importance it does not have. `lambda_share` is the step's part
+    of the grid's half-logSNR span, the scale-free increment the search space perturbs.
+    """
+    params: dict[str, Any] = {}
+    dists: dict[str, BaseDistribution] = {}
+
+    def put(name: str, value: Any, dist: BaseDistribution) -> None:
+        try:
+            if dist._contains(dist.to_internal_repr(value)):
+                params[name], dists[name] = value, dist
+        except (TypeError, ValueError):
+            pass
+
+    try:
+        proc = processes.get(schedule.process)
+        nfe = int(schedule.nfe)
+        ts = [float(t) for t in schedule.timesteps]
+        lam = [float(proc.lambda_(t)) for t in ts]
+    except Exception:  # noqa: BLE001 - a schedule the params cannot describe simply carries none
+        return {}, {}
+    t_dist = FloatDistribution(float(proc.t_min), float(proc.t_max), log=proc.t_min > 0)
+    put("grid.t_start", ts[0], t_dist)
+    put("grid.t_end", ts[-1], t_dist)
+    put("final", str(schedule.final), CategoricalDistribution(FINALS))
+    put(f"nfe{nfe}.n_steps", len(ts) - 1, IntDistribution(1, 2 * nfe + 2))
+    span = lam[-1] - lam[0]
+    if math.isfinite(span) and span > 0:
+        for i in range(len(ts) - 1):
+            put(f"{_step_name(nfe, i)}.lambda_share", (lam[i + 1] - lam[i]) / span, FloatDistribution(0.0, 1.0))
+    if not isinstance(schedule, SolverSchedule):
+        return params, dists
+    put("first_step", schedule.first_step, CategoricalDistribution(FIRST_STEPS))
+    for i, step in enumerate(schedule.steps):
+        s, name = step.canonical(), _step_name(nfe, i)
+        put(f"{name}.order", int(s.order), IntDistribution(1, MAX_ORDER))
+        put(f"{name}.prediction", s.prediction, CategoricalDistribution(PREDICTIONS))
+        put(f"{name}.derivative", s.derivative, CategoricalDistribution(DERIVATIVES))
+        put(f"{name}.corrector", s.corrector, CategoricalDistribution(CORRECTORS))
+        put(f"{name}.eta", float(s.eta), FloatDistribution(0.0, ETA_HIGH))
+    return params, dists
+
+
+def _enqueue(study: optuna.Study, attrs: dict[str, Any], params: dict[str, Any],
+             dists: dict[str, BaseDistribution]) -> None:
+    """Queue one trial (WAITING) with its user attributes and params, in one storage call."""
+    if params:
+        try:
+            study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=params, distributions=dists,
+                                                      user_attrs=attrs, system_attrs={"fixed_params": {}}))
+            return
+        except ValueError:
+            # A param name the study already holds with another distribution (a study an older version
+            # wrote): the storage rolled the insert back, and the trial goes in without params.
+            pass
+    study.enqueue_trial({}, user_attrs=attrs)
 
 
 def _is_done(t: optuna.trial.FrozenTrial) -> bool:
