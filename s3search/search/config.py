@@ -102,11 +102,12 @@ class SearchConfig:
         config = self if self.metric else dataclasses.replace(self, metric=default_metric)
         target = self.options.target
         if target is None:
-            target = default_target(model if model is not None else _model(self.model))
+            model = model if model is not None else _model(self.model)
+            target = default_target(model)
         options = config.options.replace(target=target)
         if target_first_steps(target) is not None:
-            process = (model if model is not None else _model(self.model)).process.name
-            options = _restricted(options, target, config.nfe, process)
+            model = model if model is not None else _model(self.model)
+            options = _restricted(options, target, config.nfe, model.process.name)
         return config if options == config.options else dataclasses.replace(config, options=options)
 
 
@@ -134,10 +135,11 @@ def _restricted(options: SearchOptions, target: str, nfe: tuple[int, ...], proce
     if options.baselines is not None and runnable != options.baselines:
         bad = next(b for b in options.baselines if b not in runnable)
         raise ConfigError.one("options.baselines", f"options.baselines: {bad!r} is not run by target={target!r} at "
-                                                   "the searched NFE (its first model evaluation is not at x_T)")
-    from .. import baselines as registry
+                                                   "the searched NFE (docs/search.md, Targets)")
+    from .. import baselines as baseline_registry
 
-    every = tuple(registry.names())
+    # Written out only when it leaves some out, so a job whose target drops nothing keeps `null` (all).
+    every = tuple(baseline_registry.names())
     keep = None if runnable == every else runnable
     return options.replace(space=space, baselines=keep if options.baselines is None else options.baselines)
 
