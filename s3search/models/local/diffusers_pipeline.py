@@ -12,6 +12,7 @@ model, checked before the pipeline is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import re
@@ -109,8 +110,38 @@ def _weights(entry: LocalModelEntry, folder: Path) -> list[Path]:
     return []
 
 
+@contextlib.contextmanager
+def _libraries_quiet():
+    """diffusers' and transformers' loading chatter off while a pipeline loads: warnings about optional packages
+    s3search never uses (torchvision image processors, accelerate) and a progress bar per component would bury
+    the search's own progress. Errors still show; the libraries' own settings come back afterwards."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    before = (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity())
+    bars = (diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled())
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(before[0])
+        transformers_logging.set_verbosity(before[1])
+        if bars[0]:
+            diffusers_logging.enable_progress_bar()
+        if bars[1]:
+            transformers_logging.enable_progress_bar()
+
+
 def load(entry: LocalModelEntry) -> tuple[PipelineModel, list[Path]]:
     """The pipeline with its family adapter, and the files it was read from (for the weights hash)."""
+    with _libraries_quiet():
+        return _load(entry)
+
+
+def _load(entry: LocalModelEntry) -> tuple[PipelineModel, list[Path]]:
     import diffusers
 
     root, index = _index(entry)
