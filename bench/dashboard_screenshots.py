@@ -39,7 +39,8 @@ from studies.dashboard import dashboard_app, serve  # noqa: E402
 PAGES = {"top": "", "analytics": "/analytics", "note": "/note", "trials": "/trials"}
 
 
-def build_study(db: Path, model: str, nfe: list[int], budget: int, n_samples: int, method: str) -> optuna.Study:
+def build_study(db: Path, model: str, nfe: list[int], budget: int, n_samples: int, method: str,
+                with_spec: bool = False) -> optuna.Study:
     url = f"sqlite:///{db}"
     study = optuna.create_study(study_name=f"{model}-nfe{'-'.join(map(str, nfe))}-{method}", storage=url,
                                 direction="minimize", load_if_exists=True)
@@ -49,7 +50,9 @@ def build_study(db: Path, model: str, nfe: list[int], budget: int, n_samples: in
     started = time.perf_counter()
     result = run_search(config, study)
     print(f"search: {result.evaluations} evaluations in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    publish_study_note(study, config, result, title=f"s3search study `{study.study_name}`")
+    # With the spec, the note is the service's (the runner shows the submitted document too).
+    publish_study_note(study, config, result, title=f"s3search study `{study.study_name}`",
+                       spec=config.to_dict() if with_spec else None)
     return study
 
 
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pages", nargs="+", default=list(PAGES), choices=list(PAGES))
     ap.add_argument("--width", type=int, default=1400)
     ap.add_argument("--height", type=int, default=1600)
+    ap.add_argument("--spec", action="store_true", help="the service's note: with the job spec as JSON")
     ap.add_argument("--db", type=Path, default=None, help="reuse this SQLite file (its study is resumed)")
     args = ap.parse_args(argv)
 
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         db = args.db or Path(tmp) / "study.db"
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = build_study(db, args.model, args.nfe, args.budget, args.n_samples, args.method)
+        study = build_study(db, args.model, args.nfe, args.budget, args.n_samples, args.method, args.spec)
         port = free_port()
         storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
         threading.Thread(target=serve, args=(dashboard_app(storage), "127.0.0.1", port), daemon=True).start()

@@ -186,6 +186,17 @@ def test_the_published_note_names_what_mattered_at_each_nfe(searched):
     assert "### What mattered" in note and f"`{next(iter(imp[4]))}`" in note
 
 
+def test_param_importances_leave_out_params_that_never_changed():
+    """PED-ANOVA hands a constant param a share of importance; the note's table must not list it."""
+    study = optuna.create_study()
+    dists = {"a": FloatDistribution(0, 4), "c": FloatDistribution(0, 2)}
+    for i in range(12):
+        study.add_trial(create_trial(value=float(i % 4) + 0.01 * i, params={"a": float(i % 4), "c": 1.0},
+                                     distributions=dists, user_attrs={ATTR.NFE: 4}))
+    imp = param_importances(study)
+    assert "a" in imp[4] and "c" not in imp[4]
+
+
 def test_note_before_a_result_says_what_comes():
     note = study_note(CONFIG.to_dict())
     assert "## Search" in note and "## NFE" not in note and "when the search ends" in note

@@ -209,12 +209,12 @@ def study_note(config: Union[SearchConfig, Mapping[str, Any]], result: Optional[
     cfg, doc = _config(config)
     metric = str((cfg.metric if cfg is not None else doc.get("metric")) or "value")
     lines = [f"# {title}", "", "## Search", ""] + _table(["", ""], _config_rows(cfg, doc)) + [""]
-    if spec is not None:
-        lines += ["<details><summary>spec</summary>", "", "```json", json.dumps(spec, indent=2, sort_keys=True),
-                  "```", "", "</details>", ""]
+    # The dashboard renders no HTML (a <details> block shows as text), so the spec goes last, after the result.
+    tail = ["## Spec, as submitted", "", "```json", json.dumps(spec, indent=2, sort_keys=True), "```", ""] \
+        if spec is not None else []
     if result is None:
         lines += ["The winner and the test-split table of the baselines appear here when the search ends.", ""]
-        return "\n".join(lines)
+        return "\n".join(lines + tail)
     stopped = bool(result.get("stopped") if isinstance(result, Mapping) else getattr(result, "stopped", False))
     if stopped:
         lines += ["The search was stopped before its end: the best so far is shown, not validated nor tested.", ""]
@@ -231,7 +231,7 @@ def study_note(config: Union[SearchConfig, Mapping[str, Any]], result: Optional[
                       "Optuna's PED-ANOVA importance of the schedule's params over this NFE's complete trials "
                       "(the dashboard's importance plot pools every NFE):", "", importance_table(importances[o.nfe]),
                       ""]
-    return "\n".join(lines)
+    return "\n".join(lines + tail)
 
 
 def param_importances(study: optuna.Study, top: int = 10) -> dict[int, dict[str, float]]:
@@ -249,11 +249,19 @@ def param_importances(study: optuna.Study, top: int = 10) -> dict[int, dict[str,
         # One NFE at a time, on an in-memory copy: step params of other NFE would only dilute it.
         shadow = optuna.create_study(direction="minimize")
         shadow.add_trials(trials)
+        seen: dict[str, set] = {}
+        for t in trials:
+            for k, v in t.params.items():
+                seen.setdefault(k, set()).add(v)
+        # PED-ANOVA gives a param that never changed a share of importance: only those that did are assessed.
+        varied = sorted(k for k, values in seen.items() if len(values) > 1)
+        if not varied:
+            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")   # "some regimes have less than 2 trials": expected on a short search
                 imp = optuna.importance.get_param_importances(
-                    shadow, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+                    shadow, params=varied, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
         except (ValueError, RuntimeError, ZeroDivisionError):
             continue
         ranked = [(k, float(v)) for k, v in sorted(imp.items(), key=lambda kv: -kv[1]) if math.isfinite(v) and v > 0]
