@@ -166,7 +166,7 @@ def test_cli_lists_and_scores():
     out = runner.invoke(app, ["baselines", "--model", "gmm-8x8", "--nfe", "3,4", "--only", "ddim,edm_heun",
                               "--n-samples", "64", "--metric", "fd", "--json"])
     assert out.exit_code == 0, out.output
-    table = json.loads(out.output)
+    table = json.loads(out.stdout)   # the progress bar goes to stderr
     assert table["edm_heun"]["4"] is None and table["edm_heun"]["3"] > 0 and table["ddim"]["4"] > 0
     bad = runner.invoke(app, ["baselines", "--model", "gmm-8x8", "--nfe", "x"])
     assert bad.exit_code != 0 and "nfe" in bad.output

@@ -127,3 +127,15 @@ def test_baselines_show_a_progress_bar_unless_quiet():
     assert loud.exit_code == 0 and "baselines" in loud.stderr and "ddim" in loud.stdout
     quiet = CliRunner().invoke(app, [*args, "--quiet"])
     assert quiet.exit_code == 0 and quiet.stderr == "" and "deis" in quiet.stdout
+
+
+def test_a_cli_study_gets_the_dashboard_note_with_the_winning_schedule(tmp_path):
+    import optuna
+    from optuna_dashboard import get_note
+
+    db, run = _search(tmp_path, "--results", str(tmp_path / "r.json"))
+    assert run.exit_code == 0, run.output
+    study = optuna.load_study(study_name="out", storage=db)
+    note = get_note(study)
+    assert note and "gmm-8x4" in note and "NFE 4" in note
+    assert "| step" in note.lower() or "|step" in note.lower(), note[:2000]     # the schedule as a table

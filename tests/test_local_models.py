@@ -412,7 +412,7 @@ def test_models_cli_lists_and_checks_registry_models(tmp_path, entry_module, mon
         rows = {r["name"]: r["source"] for r in json.loads(listed.output)}
         assert rows["ok"] == "registry file" and rows["broken"] == "registry file"
         good = runner.invoke(app, ["models", "check", "ok"])
-        assert good.exit_code == 0 and json.loads(good.output)["shape"] == [2]
+        assert good.exit_code == 0 and json.loads(good.stdout)["shape"] == [2]
         bad = runner.invoke(app, ["models", "check", "ok", "broken"])
         assert bad.exit_code == 1 and "missing.pt does not exist" in bad.output
     finally:

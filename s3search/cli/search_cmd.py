@@ -91,6 +91,10 @@ def search(
         typer.echo(f"[{time.perf_counter() - start:7.1f}s] {100 * p.fraction:3.0f}% {p.evaluations:4d}/{p.budget} "
                    f"best(search split)={p.best_value:.6g}{tau}  {p.message}", err=True)
 
+    from ..search.study_note import publish_study_note
+
+    title = f"s3search study `{name}`"
+    publish_study_note(study, config, None, title=title)   # optuna-dashboard shows what runs while it runs
     try:
         result = run_search(config, study, progress=progress)
     except ValueError as e:
@@ -99,6 +103,8 @@ def search(
     except SearchFailed as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
+    if not result.stopped:
+        publish_study_note(study, config, result, title=title)
     per_nfe = getattr(result, "per_nfe", None) or {nfes[0]: result}
     typer.echo(f"study {name!r} in {storage}: {result.evaluations} evaluations, metric {metric}")
     for n, r in sorted(per_nfe.items()):

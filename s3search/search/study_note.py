@@ -360,7 +360,9 @@ def save_study_note(study: optuna.Study, text: str, *, history: bool = True) -> 
     metric = study.user_attrs.get("metric")
     if isinstance(metric, str) and metric and study.metric_names != [metric]:
         # The dashboard's own plots then name the axis after the metric instead of "Objective 0".
-        study.set_metric_names([metric])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)   # stable since optuna 3.2
+            study.set_metric_names([metric])
     if history:
         save_history_plot(study)
     return True
