@@ -41,7 +41,7 @@ def service(db_url, tmp_path):
             print(f"--- {name} log ---\n" + (tmp_path / f"{name}.log").read_text()[-3000:])
 
 
-def test_submit_poll_fetch_sample_and_dashboard(service):
+def test_submit_poll_fetch_sample_and_dashboard(service, tmp_path):
     client, key, dashboard, env = service
     r = client.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "e2e-1"})
     assert r.status_code == 202, r.text
@@ -112,3 +112,9 @@ def test_submit_poll_fetch_sample_and_dashboard(service):
     detail = httpx.get(f"{dashboard}/api/studies/{study['study_id']}", timeout=60).json()
     assert len([t for t in detail["trials"] if t["state"].lower() == "complete"]) == JOB["budget"]
     assert job_id in json.dumps(detail.get("note", {}))
+
+    # The job's study plots as a CLI search does: `s3search plots` reads it from the service's database.
+    plotted = cli_run(["plots", "--results", env["DATABASE_URL"], "--study", job["study_name"],
+                       "--out", str(tmp_path / "plots")], env)
+    assert plotted.returncode == 0, plotted.stderr
+    assert (tmp_path / "plots" / "metric_vs_nfe.png").is_file() and (tmp_path / "plots" / "best_so_far.png").is_file()
