@@ -139,3 +139,9 @@ def test_a_cli_study_gets_the_dashboard_note_with_the_winning_schedule(tmp_path)
     note = get_note(study)
     assert note and "gmm-8x4" in note and "NFE 4" in note
     assert "| step" in note.lower() or "|step" in note.lower(), note[:2000]     # the schedule as a table
+
+
+def test_a_variant_winner_names_its_baseline_and_rules():
+    notes = winner_notes(_result("variant", "dpmpp_2m@logsnr+mean-x0/none"))
+    assert notes == [notes[0]] and "variant of the baseline dpmpp_2m@logsnr" in notes[0]
+    assert "first step mean-x0" in notes[0] and "final rule none" in notes[0]

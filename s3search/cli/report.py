@@ -81,7 +81,11 @@ def winner_notes(result: Any) -> list[str]:
         notes.append(f"note: the winner is the baseline {label or name} itself: no searched schedule beat it on the "
                      f"validation split, so its row and the row of {name} (its best grid) may be the same schedule")
     elif source == "variant":
-        notes.append(f"note: the winner is {label}, a baseline with a different first step or final rule")
+        base, _, rules = label.partition("+")
+        first, _, final = rules.partition("/")
+        notes.append(f"note: the winner is a structural variant of the baseline {base or 'it was seeded with'}: "
+                     f"first step {first or '?'}, final rule {final or '?'}, with any evaluation that frees spent on "
+                     f"another step")
     best = result.best
     if getattr(best, "final", "denoise") == "none":
         from .. import processes
