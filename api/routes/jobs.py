@@ -11,7 +11,6 @@ import json
 import math
 import os
 from datetime import datetime, timezone
-from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal, Optional
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -192,7 +191,7 @@ def _model_entry(name: str) -> Any:
     return entries.get(name)
 
 
-def model_scheduler_config(name: str) -> Optional[dict[str, Any]]:
+def _model_scheduler_config(name: str) -> Optional[dict[str, Any]]:
     """The discrete-beta scheduler config of a diffusers model folder, or None (no folder, a flow-matching
     scheduler, no readable config): what `betas=model` names."""
     try:
@@ -201,7 +200,7 @@ def model_scheduler_config(name: str) -> Optional[dict[str, Any]]:
         return None
     if entry is None or entry.kind not in ("diffusers-pipeline", "diffusers-unet"):
         return None
-    root = FilePath(entry.path)
+    root = entry.resolve(entry.path)   # a registry file's relative paths are relative to the file
     for candidate in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json"):
         try:
             config = json.loads(candidate.read_text())
@@ -231,7 +230,7 @@ def _export_betas(betas: Optional[str], format: str, schedule: Any, model: str) 
         return betas, None
     if betas is None and (format != "diffusers" or getattr(schedule, "process", "") == "flow"):
         return None, None
-    config = model_scheduler_config(model)
+    config = _model_scheduler_config(model)
     if config is None and betas == "model":
         return None, (f"betas=model: model={model!r} has no discrete-beta scheduler config (a diffusers folder's "
                       "scheduler_config.json); name the betas (linear, scaled_linear) instead")

@@ -100,3 +100,23 @@ def test_a_mean_x0_winner_exports_with_the_models_data_mean_and_a_job_takes_opti
     assert _export(server, job_id, "format=diffusers").json()["scheduler"]["config"]["data_mean"] == \
         pytest.approx(mean)
     assert "data_mean" not in _export(server, job_id, "format=json").json()
+
+
+def test_betas_model_reads_a_registry_file_entry_relative_to_the_file_without_loading_weights(tmp_path,
+                                                                                                 monkeypatch):
+    from api.routes.jobs import _model_scheduler_config
+    from s3search.models import registry
+
+    (tmp_path / "ddpm" / "scheduler").mkdir(parents=True)     # no weights at all: none are read
+    config = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+              "beta_end": 0.012, "num_train_timesteps": 1000}
+    (tmp_path / "ddpm" / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    (tmp_path / "flow" / "scheduler").mkdir(parents=True)
+    (tmp_path / "flow" / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}))
+    (tmp_path / "models.toml").write_text('[models.my-ddpm]\nkind = "diffusers-unet"\npath = "ddpm"\n\n'
+                                          '[models.my-flow]\nkind = "diffusers-unet"\npath = "flow"\n')
+    monkeypatch.setenv(registry.ENV_REGISTRY, str(tmp_path / "models.toml"))
+    assert _model_scheduler_config("my-ddpm") == config
+    assert _model_scheduler_config("my-flow") is None           # a flow-matching scheduler has no betas
+    assert _model_scheduler_config("gmm-64d") is None
