@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from .models import Export, Job
 
-__all__ = ["open_job_study", "page_of_trials", "record_export"]
+__all__ = ["open_job_study", "page_of_trials", "record_export", "job_results"]
 
 
 def open_job_study(session: Session, storage: Any, job: Job) -> Optional[int]:
@@ -61,3 +61,15 @@ def record_export(session: Session, job_id: str, fmt: str, schedule_hash: str, d
         session.commit()
     except IntegrityError:
         session.rollback()    # this export was recorded before
+
+
+def job_results(storage: Any, job: Job) -> Optional[dict[str, Any]]:
+    """The job's study as a results document (`s3search.search.results_doc`), or None while it has no test
+    scores (queued, running, stopped or failed before the test split)."""
+    from s3search.search.results_doc import has_results, results_document
+
+    try:
+        study = optuna.load_study(study_name=job.study_name, storage=storage)
+    except KeyError:
+        return None
+    return results_document(study) if has_results(study.user_attrs) else None

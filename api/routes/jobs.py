@@ -20,7 +20,7 @@ from s3search.schedule import SolverSchedule
 from s3search.search.config import ConfigError, Limits, SearchConfig, check_limits
 from studies import jobs as repo
 from studies.models import Job
-from studies.results import open_job_study, page_of_trials, record_export
+from studies.results import job_results, open_job_study, page_of_trials, record_export
 
 from ..catalog import model_names
 from ..deps import OwnerDep, SessionDep, SettingsDep, StorageDep
@@ -378,5 +378,20 @@ def build_router(settings: Settings) -> APIRouter:
         document = finite(json.loads(json.dumps(document, default=_jsonable)))
         record_export(session, job.id, format, schedule.canonical_hash(), document)
         return JSONResponse(document, headers=headers)
+
+    @router.get("/{job_id}/results", responses={**_ERRORS, 409: {"model": ErrorBody}},
+                response_model=dict[str, Any],
+                description="The finished job as a results document (docs/exports.md, \"Results format\"): per "
+                            "NFE the winner's test value, schedule and search history, and every baseline's test "
+                            "value and schedule. `s3search plots --results FILE` draws it.")
+    def get_results(job_id: JobId, owner: OwnerDep, session: SessionDep, storage: StorageDep) -> Any:  # type: ignore[valid-type]
+        job = repo.get_job(session, job_id, owner)
+        if job is None:
+            return _not_found(job_id)
+        document = job_results(storage, job)
+        if document is None:
+            return JSONResponse({"detail": f"job {job_id} has no test-split results yet (status {job.status})"},
+                                status_code=409)
+        return JSONResponse(finite(document), headers={"X-Job-Status": job.status})
 
     return router

@@ -345,6 +345,19 @@ def export(job_id: Optional[str] = typer.Argument(None, help="a job id: fetch it
     emit(json.dumps(doc, indent=2), out)
 
 
+def results(job_id: str = typer.Argument(..., help="a finished job's id"),
+            out: Path = typer.Option(Path("results"), "--out", "-o",
+                                     help="a folder (the file is <job id>.json in it) or a .json file"),
+            server: str = _server_option(), key: str = _key_option()) -> None:
+    """Save a finished job's results file (what `s3search plots --results` draws)."""
+    with _client(server, key) as c:
+        doc = _check(c.get(f"/v1/jobs/{job_id}/results"))
+    path = out if out.suffix == ".json" else out / f"{job_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1))
+    typer.echo(f"wrote {path} (plot it: s3search plots --results {path})")
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
     app.command("runner")(runner)
@@ -354,3 +367,4 @@ def register(app: typer.Typer) -> None:
     app.command("submit")(submit)
     app.command("status")(status)
     app.command("export")(export)
+    app.command("results")(results)

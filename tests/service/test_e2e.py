@@ -118,3 +118,13 @@ def test_submit_poll_fetch_sample_and_dashboard(service, tmp_path):
                        "--out", str(tmp_path / "plots")], env)
     assert plotted.returncode == 0, plotted.stderr
     assert (tmp_path / "plots" / "metric_vs_nfe.png").is_file() and (tmp_path / "plots" / "best_so_far.png").is_file()
+
+    # ... and over HTTP: the results file of a finished job, and a 409 while one has none.
+    saved = cli_run(["results", job_id, "--out", str(tmp_path / "res"), "--server", str(client.base_url),
+                     "--key", key], env)
+    assert saved.returncode == 0, saved.stderr
+    doc = json.loads((tmp_path / "res" / f"{job_id}.json").read_text())
+    assert doc["model"] == "gmm-64d" and doc["runs"][0]["nfe"] == 4 and len(doc["runs"][0]["history"]) == JOB["budget"]
+    assert doc["runs"][0]["value"] == pytest.approx(job["result"]["test_value"])
+    assert client.get(f"/v1/jobs/{second['id']}/results").status_code == 409
+    assert client.get(f"/v1/jobs/{'0' * 32}/results").status_code == 404
