@@ -105,10 +105,14 @@ class SearchOptions:
                                       ge=0, le=50)
     max_seed_fraction: float = _opt(0.5, "number", "at most this share of the budget goes to baselines",
                                     ge=0, le=1)
-    variants_of_best: int = _opt(3, "integer", "the best k baselines with every other first-step / final rule",
+    variants_of_best: int = _opt(3, "integer", "the best k baselines with every other first-step / final "
+                                 "rule (within the seeding share)",
                                  ge=0, le=50)
     init_random: Optional[int] = _opt(None, "integer", "random schedules after the baselines (default: "
-                                      "max(8, budget / 20))", ge=0, le=10_000, nullable=True)
+                                      "max(8, budget / 20), within the seeding share)", ge=0, le=10_000, nullable=True)
+    loop_share: float = _opt(0.3, "number", "share of each NFE's budget kept for the predictor loop: seeding "
+                             "past stage 1 shrinks to leave it (0: seeding is capped by max_seed_fraction alone)",
+                             ge=0, lt=1)
     batch_size: int = _opt(10, "integer", "true evaluations per S3 generation", ge=1, le=1000)
     population: int = _opt(128, "integer", "candidates kept by the predictor-scored evolution", ge=1, le=20_000)
     children: int = _opt(128, "integer", "children per evolution generation", ge=1, le=20_000)
@@ -118,7 +122,7 @@ class SearchOptions:
     niche_within: Optional[float] = _opt(None, "number", "structure niches: factor of the best within which "
                                          "other structures share the local effort (default: 1, off, with "
                                          "baselines seeded; 3 without)", ge=1, le=1e6, nullable=True)
-    refine_share: float = _opt(0.5, "number", "the last share of each NFE's budget: grid refinement", ge=0, lt=1)
+    refine_share: float = _opt(0.15, "number", "the last share of each NFE's budget: grid refinement", ge=0, lt=1)
     refine_method: str = _opt("gp", "string", "grid refinement optimiser", choices=REFINE_METHODS)
     refine_arms: int = _opt(3, "integer", "refine the best schedule of this many structures", ge=1, le=16)
     refine_box: float = _opt(1.0, "number", "gp: half-width of the box around the start", gt=0, le=6)

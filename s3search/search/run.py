@@ -29,7 +29,7 @@ from .alternatives import run_optuna, run_random
 from .config import METHODS, ConfigError, ProgressFn, SearchConfig, SearchFailed, SearchResult, StopFn
 from .context import SearchContext
 from .options import SearchOptions
-from .s3 import run_s3
+from .s3 import later_baselines_cap, run_s3
 from .study import AnySchedule, Candidate, Evaluated, Ledger, chash
 
 __all__ = ["run_search", "METHODS", "MultiNFEResult", "preflight", "UnknownPromptSet", "build_space",
@@ -135,8 +135,11 @@ def _seed_baselines(ctx: SearchContext, nfe: int, process: str) -> None:
     o = ctx.options
     cap = max(0, int(o.max_seed_fraction * ctx.budgets[nfe]))
     t_start, t_end = ctx.space.t_max, ctx.space.t_min
-    _seed_stage(ctx, nfe, cap, baselines_seed.conventional(nfe, process, names=o.baselines, t_start=t_start,
-                                                            t_end=t_end))
+    stage1 = baselines_seed.conventional(nfe, process, names=o.baselines, t_start=t_start, t_end=t_end)
+    _seed_stage(ctx, nfe, cap, stage1)
+    # Stages 2 and 3 share the seeding share with the variants and random seeds (s3.later_baselines_cap), so at
+    # small budgets they shrink and the predictor loop keeps its share; stage 1 stays whole for the final table.
+    cap = min(cap, later_baselines_cap(o, ctx.budgets[nfe], min(cap, len(stage1))))
     best = baselines_seed.best_per_baseline(ctx.ledger.done.values(), nfe)
     top = [name for name, _ in sorted(best.items(), key=lambda kv: kv[1].value)][: o.top_baselines_on_grids]
     grids = tuple(o.baseline_grids or baselines_seed.seed_grids(process))

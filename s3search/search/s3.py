@@ -1,6 +1,11 @@
 """The S³ loop: evaluate seeds, fit the predictor, evolve a large predictor-scored population, truly evaluate
-the predicted top k, repeat until only the refinement share of the NFE's budget is left, which CMA-ES spends on
-the best schedule's grid (`refine`).
+the predicted top k, repeat until only the refinement share of the NFE's budget is left, which the refinement
+spends on the best schedules' grids (`refine`).
+
+The budget is split before the loop (`budget_shares`): the refinement's share at the end, `loop_share` kept for
+the loop, and the rest for seeding. Stage 1 of the baselines (each on its conventional grid) is always seeded,
+since the final table compares against it; the other seeding stages share what the seeding share leaves, so at
+small budgets they shrink first and the loop still runs.
 
 One predictor serves every NFE of the search (and warm-start pairs from earlier studies): pairs are grouped by
 (source, NFE) so only scores within one group are compared while fitting.
@@ -9,9 +14,11 @@ One predictor serves every NFE of the search (and warm-start pairs from earlier 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import numpy as np
+from sklearn.isotonic import IsotonicRegression
 
 import predictors
 from predictors.base import kendall_tau
@@ -23,8 +30,95 @@ from .options import SearchOptions
 from .refine import refine_budget, refine_grid
 from .study import Candidate, chash
 
-__all__ = ["run_s3", "evolve", "local_pool", "fit_predictor", "seed_random", "seed_variants", "structural_variants",
-           "niche_factor", "niches", "niche_elites"]
+__all__ = ["run_s3", "budget_shares", "Shares", "later_baselines_cap", "variants_cap", "random_seeds",
+           "loop_batch", "calibrator", "evolve", "local_pool", "fit_predictor", "seed_random", "seed_variants",
+           "structural_variants", "niche_factor", "niches", "niche_elites"]
+
+
+@dataclass(frozen=True)
+class Shares:
+    """How an NFE's budget is split, in evaluations."""
+
+    seed: int      # before the loop: baselines, structural variants, random seeds
+    loop: int      # kept for the predictor loop (it also gets whatever seeding leaves unused)
+    refine: int    # kept for grid refinement at the end
+
+
+def budget_shares(options: SearchOptions, budget: int) -> Shares:
+    refine = refine_budget(options, budget)
+    loop = min(budget - refine, math.ceil(float(options.loop_share) * budget))
+    return Shares(seed=budget - refine - loop, loop=loop, refine=refine)
+
+
+def _capped(options: SearchOptions) -> bool:
+    # loop_share 0 keeps the seeding rules from before the loop had a share (max_seed_fraction only), so the
+    # old behaviour stays reproducible with explicit options.
+    return float(options.loop_share) > 0
+
+
+def later_baselines_cap(options: SearchOptions, budget: int, stage1: int) -> int:
+    """Baseline evaluations allowed once stage 1 (`stage1` evaluations) is done: stages 2 and 3 get half of what
+    the seeding share leaves after stage 1, within `max_seed_fraction`; the other half is for variants and
+    random seeds."""
+    frac_cap = max(0, int(options.max_seed_fraction * budget))
+    if not _capped(options):
+        return frac_cap
+    left = max(0, budget_shares(options, budget).seed - stage1)
+    return min(frac_cap, stage1 + (left + 1) // 2)
+
+
+def variants_cap(options: SearchOptions, budget: int, seeded: int) -> Optional[int]:
+    """Structural variants allowed after `seeded` seeding evaluations: two thirds of what the seeding share
+    has left (the rest is for random seeds); None: no cap."""
+    if not _capped(options):
+        return None
+    left = max(0, budget_shares(options, budget).seed - seeded)
+    return left - left // 3
+
+
+def random_seeds(options: SearchOptions, budget: int, seeded: int) -> int:
+    """Random seeds to evaluate after `seeded` seeding evaluations: `init_random` when set, else max(8,
+    budget / 20) within what the seeding share has left."""
+    if options.init_random is not None:
+        return int(options.init_random)
+    default = max(8, budget // 20)
+    if not _capped(options):
+        return default
+    return min(default, max(0, budget_shares(options, budget).seed - seeded))
+
+
+def loop_batch(options: SearchOptions, budget: int) -> int:
+    """True evaluations per loop round: `batch_size`, made smaller when the loop's share would otherwise buy
+    fewer than about four rounds, since the predictor learns from each round before it picks the next."""
+    size = int(options.batch_size)
+    if not _capped(options):
+        return size
+    return max(1, min(size, max(4, budget_shares(options, budget).loop // 4)))
+
+
+def calibrator(predictor: predictors.Predictor, schedules: Sequence[SolverSchedule], values: Sequence[float]
+               ) -> Optional[Callable[[np.ndarray], np.ndarray]]:
+    """A monotone map from the predictor's raw scores to the metric's scale, fitted on (raw score, true value)
+    of the given evaluated schedules (one NFE group: raw scores of different groups are not comparable).
+
+    The raw score of a ranking predictor is a number only its order means; stored beside the true value it
+    reads as nonsense. The map is non-decreasing, so it never reorders candidates; ranking still uses the raw
+    score, since ties of the fitted steps would throw information away. None with fewer than two distinct
+    finite pairs."""
+    keep = [i for i, v in enumerate(values) if math.isfinite(v)]
+    if len(keep) < 2:
+        return None
+    raw = np.asarray(predictor.predict([schedules[i] for i in keep]), dtype=np.float64)
+    true = np.asarray([values[i] for i in keep], dtype=np.float64)
+    if len(np.unique(raw)) < 2:
+        return None
+    iso = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(raw, true)
+    return lambda scores: np.asarray(iso.predict(np.asarray(scores, dtype=np.float64)), dtype=np.float64)
+
+
+def _seeded(ctx: SearchContext, nfe: int, sources: tuple[str, ...]) -> int:
+    # Counted by source so a resumed search computes the same caps as the first run did at that point.
+    return sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source in sources)
 
 
 def seed_random(ctx: SearchContext, nfe: int, n: int) -> None:
@@ -59,8 +153,9 @@ def structural_variants(space: SearchSpace, schedule: SolverSchedule, rng: np.ra
     return list(out.values())
 
 
-def seed_variants(ctx: SearchContext, nfe: int, n_best: int) -> None:
-    """Evaluate the structural variants of the n best baselines that lie in the space."""
+def seed_variants(ctx: SearchContext, nfe: int, n_best: int, limit: Optional[int] = None) -> None:
+    """Evaluate the structural variants of the n best baselines that lie in the space (at most `limit`, those
+    of the best baseline first)."""
     have = sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source == "variant")
     if n_best <= 0 or have:
         return
@@ -70,8 +165,19 @@ def seed_variants(ctx: SearchContext, nfe: int, n_best: int) -> None:
     # ctx.evaluate drops copies and what the study already holds, and stops at the NFE's budget.
     cands = [Candidate(v, source="variant", label=f"{e.label}+{v.first_step}/{v.final}")
              for e in best for v in structural_variants(ctx.space, e.schedule, ctx.rng)]
+    cands = _fresh(ctx, cands)[:limit] if limit is not None else cands
     if cands:
         ctx.evaluate(cands, nfe)
+
+
+def _fresh(ctx: SearchContext, cands: list[Candidate]) -> list[Candidate]:
+    """cands without copies and without what the study already holds (so a cap counts new evaluations)."""
+    out: dict[str, Candidate] = {}
+    for c in cands:
+        h = chash(c.schedule)
+        if h not in out and not ctx.ledger.seen(c.schedule):
+            out[h] = c
+    return list(out.values())
 
 
 def fit_predictor(ctx: SearchContext, holdout: float = 0.2) -> Optional[predictors.Predictor]:
@@ -315,25 +421,41 @@ def _choose(local: list[tuple[SolverSchedule, float]], ranked: list[tuple[Solver
     return list(picks.values())
 
 
+def _on_metric_scale(to_metric: Optional[Callable[[np.ndarray], np.ndarray]], raw: Sequence[float]
+                     ) -> list[float]:
+    """Raw scores mapped to the metric's scale for storage (nan stays nan: a candidate chosen without the
+    predictor); the raw scores themselves where there is no map."""
+    out = [float(p) for p in raw]
+    idx = [i for i, p in enumerate(out) if math.isfinite(p)]
+    if to_metric is None or not idx:
+        return out
+    mapped = to_metric(np.asarray([out[i] for i in idx]))
+    for i, m in zip(idx, mapped):
+        out[i] = float(m)
+    return out
+
+
 def run_s3(ctx: SearchContext, nfe: int) -> None:
     """Spend this NFE's remaining budget with the S³ loop (seeds are evaluated before this is called)."""
     o = ctx.options
-    # Few random seeds: ~60 baselines on several grids already spread the predictor's first fit, and an
-    # evaluation kept from seeding goes to the loop, which helps a budget-200 search most (gmm-64d NFE 5,
-    # seeds 0 / 1: excess ratio 0.53 / 0.60 with 20 random seeds and stage 3 on two grids, 0.07 / 0.28 with 10
-    # and one; docs/bench/search.md).
-    init = o.init_random if o.init_random is not None else max(8, ctx.budgets[nfe] // 20)
-    seed_variants(ctx, nfe, int(o.variants_of_best))
+    budget = ctx.budgets[nfe]
+    # Few random seeds: the baselines on several grids already spread the predictor's first fit, and an
+    # evaluation kept from seeding goes to the loop (BENCHMARKS.md, "At budget 200 the loop's evaluations
+    # matter more than wider seeding").
+    seed_variants(ctx, nfe, int(o.variants_of_best), variants_cap(o, budget, _seeded(ctx, nfe, ("baseline",))))
+    init = random_seeds(o, budget, _seeded(ctx, nfe, ("baseline", "variant")))
     seed_random(ctx, nfe, init)
     generation = 0
     last_batch: list[tuple[float, float]] = []
-    keep = refine_budget(o, ctx.budgets[nfe])
+    keep = budget_shares(o, budget).refine
+    batch = loop_batch(o, budget)
     while ctx.remaining(nfe) > keep and not ctx.stopped():
         predictor = fit_predictor(ctx)
         if predictor is None:   # too few successful evaluations to learn from: explore at random
-            seed_random(ctx, nfe, init + ctx.options.batch_size)
-            init += ctx.options.batch_size
+            seed_random(ctx, nfe, init + batch)
+            init += batch
             continue
+        to_metric = calibrator(predictor, *ctx.ledger.solver_pairs(nfe))
         ranked_done = ctx.ranked_in_space(nfe)
         ranked_scheds, ranked_values = [e.schedule for e in ranked_done], [e.value for e in ranked_done]
         within = niche_factor(o)
@@ -343,7 +465,7 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
         ranked = evolve(ctx.space, predictor, elites, nfe, ctx.rng, population=int(o.population),
                         children=int(o.children), generations=int(o.generations), exclude=exclude)
         local = local_pool(ctx.space, predictor, elites[:8], ctx.rng, 2 * int(o.children), exclude)
-        k = min(int(o.batch_size), ctx.remaining(nfe) - keep)
+        k = min(batch, ctx.remaining(nfe) - keep)
         n_direct = min(k - 1, int(round(float(o.direct) * k))) if k > 1 else 0
         local = _by_structure_in_turn(local, [_structure(g[0]) for g in close])
         picks = _choose(local, ranked, k - n_direct, float(o.explore))
@@ -351,13 +473,16 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
         picks += direct_neighbours(ctx.space, parents, ctx.rng, n_direct, exclude | {chash(s) for s, _ in picks},
                                    first_share=share)
         generation += 1
-        cands = [Candidate(s, source="s3" if math.isfinite(p) else "s3-local", predicted=p, generation=generation)
-                 for s, p in picks]
+        raw = {chash(s): p for s, p in picks}
+        shown = _on_metric_scale(to_metric, [p for _, p in picks])
+        cands = [Candidate(s, source="s3" if math.isfinite(p) else "s3-local", predicted=q, generation=generation)
+                 for (s, p), q in zip(picks, shown)]
         done = ctx.evaluate(cands, nfe)
         if not done:   # everything proposed was already evaluated: widen the search with random schedules
             ctx.evaluate([Candidate(ctx.space.random(ctx.rng, nfe), source="random") for _ in range(k)], nfe)
             continue
-        last_batch = [(e.predicted, e.value) for e in done if e.predicted is not None and e.ok]
+        last_batch = [(raw[chash(e.schedule)], e.value) for e in done
+                      if e.ok and math.isfinite(raw.get(chash(e.schedule), math.nan))]
         batch_tau = kendall_tau([p for p, _ in last_batch], [v for _, v in last_batch]) \
             if len(last_batch) >= 3 else float("nan")
         best = ctx.ledger.best(nfe)
