@@ -55,11 +55,12 @@ def results_document(study: optuna.Study) -> dict[str, Any]:
     for key, entry in sorted(attrs["test"].items(), key=lambda kv: int(kv[0])):
         nfe, values = int(key), entry.get("values", {})
         best = entry.get("best_schedule")
-        searched = next((v for k, v in values.items() if k.startswith("searched:")), None)
-        if best is not None:
+        key = entry.get("best_key")
+        if key is None and best is not None:       # studies written before best_key was stored
             from .study import chash, schedule_from_json
 
-            searched = values.get("searched:" + chash(schedule_from_json(best)), searched)
+            key = "searched:" + chash(schedule_from_json(best))
+        searched = values.get(key) if key else None
         runs.append({"method": method, "nfe": nfe, "value": _finite(searched),
                      "schedule": json.loads(best) if best else None, "history": _history(study, nfe)})
         for name, doc in sorted((entry.get("baseline_schedules") or {}).items()):

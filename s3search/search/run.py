@@ -238,6 +238,7 @@ def _test_scores(ctx: SearchContext, study: optuna.Study, nfe: int, best: AnySch
     ctx.report(f"nfe={nfe}: test split scored ({len(want)} schedules)")
     entry["values"] = cached
     entry["best_schedule"] = best.to_json()
+    entry["best_key"] = "searched:" + chash(best)   # a resumed search may have scored earlier winners too
     entry["baseline_schedules"] = {name: s.to_json() for name, s in baselines.items()}
     stored[str(nfe)] = entry
     study.set_user_attr("test", stored)

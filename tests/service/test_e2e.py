@@ -66,7 +66,11 @@ def test_submit_poll_fetch_sample_and_dashboard(service, tmp_path):
     complete = [t for t in trials["items"] if t["state"] == "COMPLETE"]
     assert trials["total"] >= JOB["budget"] and len(complete) == JOB["budget"]
     assert all(t["nfe"] == 4 and t["schedule"] for t in complete)
-    assert min(t["value"] for t in complete) == pytest.approx(job["result"]["best_value"])
+    # The winner is chosen on the validation split among the best few, so its search-split value is one of the
+    # trials' values, not necessarily the smallest.
+    values = [t["value"] for t in complete]
+    assert any(v == pytest.approx(job["result"]["best_value"]) for v in values)
+    assert job["result"]["best_value"] >= min(values)
 
     # The exported JSON runs through `sample`, at the job's NFE, on the job's model.
     exported = cli_run(["export", job_id, "--server", str(client.base_url), "--key", key], env)
