@@ -15,7 +15,7 @@ from typing import Any, Optional
 import optuna
 from optuna.trial import TrialState
 
-from .study import ATTR
+from .study import ATTR, chash, schedule_from_json
 
 __all__ = ["results_document", "has_results", "studies_with_results"]
 
@@ -57,8 +57,6 @@ def results_document(study: optuna.Study) -> dict[str, Any]:
         best = entry.get("best_schedule")
         key = entry.get("best_key")
         if key is None and best is not None:       # studies written before best_key was stored
-            from .study import chash, schedule_from_json
-
             key = "searched:" + chash(schedule_from_json(best))
         searched = values.get(key) if key else None
         runs.append({"method": method, "nfe": nfe, "value": _finite(searched),

@@ -101,3 +101,19 @@ def serving(db_url: str, folder: Path, owner: str = "alice", **settings: str) ->
     finally:
         stop(proc)
         print("--- api log ---\n" + (folder / "api.log").read_text()[-3000:])
+
+
+def report_best(db_url: str, job_id: str, best: dict) -> None:
+    """Claim the queued job `job_id` as a runner would and report `best` as its best schedule so far."""
+    from studies import jobs as repo
+    from studies.db import make_engine, make_session_factory
+
+    engine = make_engine(db_url)
+    try:
+        with make_session_factory(engine)() as s:
+            job = repo.claim_next(s, "test-runner")
+            assert job is not None and job.id == job_id
+            assert repo.record_progress(s, job_id, job.claim_token, evaluations=1, best_value=0.5,
+                                        best_schedule=best, message="running")
+    finally:
+        engine.dispose()

@@ -15,7 +15,7 @@ from s3search.search.config import SearchConfig
 from s3search.search.options import option_rules
 
 from test_options import BAD_OPTIONS  # tests/ is on sys.path (tests/conftest.py)
-from .procs import serving
+from .procs import report_best, serving
 
 GOOD = {"model": "gmm-64d", "nfe": 5, "budget": 3, "n_samples": 16, "n_test_samples": 16, "predictor": "ridge"}
 # More than the contract's own table: what only the service adds (server-only options, its limits, the model's
@@ -115,22 +115,11 @@ def test_schedule_of_a_running_job_is_always_a_schema_valid_native_document(serv
 
     from s3search import baselines, grids
     from s3search.schema_export import NAMED_SCHEMA_PATH, SCHEMA_PATH
-    from studies import jobs as repo
-    from studies.db import make_engine, make_session_factory
-
     r = server.post("/v1/jobs", json=GOOD)
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     named = baselines.get("edm_heun", timesteps=grids.get("edm", process="edm", n=3), process="edm")
-    engine = make_engine(db_url)
-    try:
-        with make_session_factory(engine)() as s:
-            job = repo.claim_next(s, "test-runner")
-            assert job is not None and job.id == job_id
-            assert repo.record_progress(s, job_id, job.claim_token, evaluations=1, best_value=0.5,
-                                        best_schedule=named.to_dict(), message="running")
-    finally:
-        engine.dispose()
+    report_best(db_url, job_id, named.to_dict())
     doc = server.get(f"/v1/jobs/{job_id}/schedule").json()
     assert "sampler" in doc
     jsonschema.validate(doc, json.loads(NAMED_SCHEMA_PATH.read_text()))

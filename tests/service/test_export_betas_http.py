@@ -13,7 +13,7 @@ import pytest
 from s3search import baselines, exports
 from s3search.schedule import SolverSchedule, StepSpec
 
-from .procs import serving
+from .procs import report_best, serving
 
 GOOD = {"nfe": 5, "budget": 3, "n_samples": 16, "n_test_samples": 16, "predictor": "ridge"}
 
@@ -27,21 +27,10 @@ def server(db_url, tmp_path):
 
 def _job_with_best(client: httpx.Client, db_url: str, model: str, best: dict, **body) -> tuple[str, dict]:
     """A submitted job (id, public document) whose runner reported `best` as its best schedule so far."""
-    from studies import jobs as repo
-    from studies.db import make_engine, make_session_factory
-
     r = client.post("/v1/jobs", json={**GOOD, "model": model, **body})
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
-    engine = make_engine(db_url)
-    try:
-        with make_session_factory(engine)() as s:
-            job = repo.claim_next(s, "test-runner")
-            assert job is not None and job.id == job_id
-            assert repo.record_progress(s, job_id, job.claim_token, evaluations=1, best_value=0.5,
-                                        best_schedule=best, message="running")
-    finally:
-        engine.dispose()
+    report_best(db_url, job_id, best)
     return job_id, r.json()
 
 
