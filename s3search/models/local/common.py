@@ -49,13 +49,13 @@ def existing(entry: LocalModelEntry, field_name: str, value: str, want_dir: bool
     return p
 
 
-def read_json(entry: LocalModelEntry, path: Path) -> dict[str, Any]:
+def read_json(entry: LocalModelEntry, path: Path, field_name: str = "path") -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(entry.err("path", f"{path} is not valid JSON: {e}")) from None
+        raise ValueError(entry.err(field_name, f"{path} is not valid JSON: {e}")) from None
     if not isinstance(data, dict):
-        raise ValueError(entry.err("path", f"{path} must hold a JSON object"))
+        raise ValueError(entry.err(field_name, f"{path} must hold a JSON object"))
     return data
 
 

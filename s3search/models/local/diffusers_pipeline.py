@@ -30,6 +30,7 @@ from ..prompts import PromptSet, load_prompt_set
 from .common import device_of, existing, file_sha256, read_json
 from .image_metrics import image_metric_parts
 from .noise import exposure, registered, target_name
+from . import single_file
 from .registry_file import LocalModelEntry
 
 __all__ = ["REQUIRED", "SKIPPED", "load", "build"]
@@ -47,43 +48,44 @@ REQUIRED = {
 # Components a sampler of latents never calls; they are passed as None so that nothing of theirs is read.
 SKIPPED = ("safety_checker", "feature_extractor", "image_encoder")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_PICKLED = single_file.PICKLED
 # name[.variant][-00001-of-00003].safetensors, as diffusers and transformers write weights and their shards
 _SAFETENSORS = re.compile(r"^[^.]+(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:-\d+-of-\d+)?\.safetensors$")
 
 
-def _index(entry: LocalModelEntry) -> tuple[Path, dict[str, Any]]:
-    root = existing(entry, "path", entry.path, want_dir=True,
-                    what_dir="a diffusers pipeline folder holding model_index.json")
+def _index(entry: LocalModelEntry, field: str = "path") -> tuple[Path, dict[str, Any]]:
+    """The pipeline folder (`path`) or a single file's config folder (`config`), and its model_index.json."""
+    what = ("a diffusers pipeline folder holding model_index.json" if field == "path" else
+            "the pipeline's diffusers config folder, holding model_index.json and the component configs")
+    root = existing(entry, field, getattr(entry, field), want_dir=True, what_dir=what)
     index_file = root / "model_index.json"
     if not index_file.is_file():
-        raise FileNotFoundError(entry.err("path", f"{root} holds no model_index.json (a pipeline folder as "
-                                                  "written by save_pretrained)"))
-    index = read_json(entry, index_file)
+        raise FileNotFoundError(entry.err(field, f"{root} holds no model_index.json ({what})"))
+    index = read_json(entry, index_file, field)
     name = index.get("_class_name")
     if name not in FAMILIES:
-        raise ValueError(entry.err("path", f"{index_file} names {name!r}; kind=diffusers-pipeline loads "
-                                           f"{', '.join(FAMILIES)}"))
+        raise ValueError(entry.err(field, f"{index_file} names {name!r}; kind=diffusers-pipeline loads "
+                                          f"{', '.join(FAMILIES)}"))
     return root, index
 
 
-def _components(entry: LocalModelEntry, root: Path, index: dict[str, Any]) -> dict[str, Path]:
+def _components(entry: LocalModelEntry, root: Path, index: dict[str, Any], field: str = "path") -> dict[str, Path]:
     """name -> folder of every component that will be loaded, after checking the required ones are there."""
     pipeline = index["_class_name"]
     listed = {k: v for k, v in index.items()
               if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and k not in SKIPPED}
     for name in REQUIRED[pipeline]:
         if name not in listed or listed[name][1] is None:
-            raise ValueError(entry.err("path", f"{root / 'model_index.json'} lists no {name}; {pipeline} needs "
-                                               f"its {name} to sample and decode from prompts"))
+            raise ValueError(entry.err(field, f"{root / 'model_index.json'} lists no {name}; {pipeline} needs "
+                                              f"its {name} to sample and decode from prompts"))
     out = {}
     for name, (_, cls) in sorted(listed.items()):
         if cls is None:
             continue  # an optional component saved as absent (SD3's text_encoder_3, ...)
         folder = root / name
         if not folder.is_dir():
-            raise FileNotFoundError(entry.err("path", f"{folder} is missing (model_index.json lists {name} = "
-                                                      f"{cls})"))
+            raise FileNotFoundError(entry.err(field, f"{folder} is missing (model_index.json lists {name} = "
+                                                     f"{cls})"))
         out[name] = folder
     return out
 
@@ -141,13 +143,20 @@ def load(entry: LocalModelEntry) -> tuple[PipelineModel, list[Path]]:
         return _load(entry)
 
 
-def _load(entry: LocalModelEntry) -> tuple[PipelineModel, list[Path]]:
-    import diffusers
+def _sources(entry: LocalModelEntry) -> tuple[Path, dict[str, Any], dict[str, Path], dict[str, list[Path]]]:
+    """(config root, model_index, component folders, weights per folder): of the pipeline folder, or of the
+    config folder of a single-file checkpoint, whose component folders need no weights."""
+    if entry.config is None:
+        root, index = _index(entry, "path")
+        folders = _components(entry, root, index, "path")
+        return root, index, folders, {name: _weights(entry, folder) for name, folder in folders.items()}
+    root, index = _index(entry, "config")
+    folders = _components(entry, root, index, "config")
+    return root, index, folders, {name: single_file.config_weights(entry, folder)
+                                  for name, folder in folders.items()}
 
-    root, index = _index(entry)
-    folders = _components(entry, root, index)
-    weights = {name: _weights(entry, folder) for name, folder in folders.items()}
-    cls = getattr(diffusers, index["_class_name"])
+
+def _init_kwargs(cls: Any, index: dict[str, Any]) -> dict[str, Any]:
     params = inspect.signature(cls.__init__).parameters
     kwargs: dict[str, Any] = {name: None for name in SKIPPED if name in params}
     # diffusers insists on every expected component; one saved as absent (SD3 without T5) is passed as None
@@ -157,15 +166,43 @@ def _load(entry: LocalModelEntry) -> tuple[PipelineModel, list[Path]]:
         kwargs["requires_safety_checker"] = False
     if "add_watermarker" in params:
         kwargs["add_watermarker"] = False  # applied to decoded images by the pipeline's postprocessing, not here
+    return kwargs
+
+
+def _read_pipeline(entry: LocalModelEntry, cls: Any, root: Path, kwargs: dict[str, Any]) -> Any:
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    checkpoint = None if entry.config is None else single_file.checkpoint_file(entry)
+    source = f"{root}" if checkpoint is None else f"{checkpoint} (configs: {root})"
+    if checkpoint is not None:
+        single_file.check_class(entry, cls)
     try:
         with warnings.catch_warnings():
             # newer diffusers renamed torch_dtype to dtype; the old name works in every version >= 0.30
             warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
-            pipe = cls.from_pretrained(str(root), local_files_only=True, use_safetensors=True,
-                                       torch_dtype=_DTYPES[entry.dtype], variant=entry.variant, **kwargs)
-    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
-        raise ValueError(entry.err("path", f"{root} could not be loaded as a {cls.__name__}: {e}")) from None
-    pipe = pipe.to(device_of(entry))
+            if checkpoint is not None:
+                pipe = single_file.from_single_file(cls, checkpoint, root, _DTYPES[entry.dtype], kwargs)
+            else:
+                pipe = cls.from_pretrained(str(root), local_files_only=True, use_safetensors=True,
+                                           torch_dtype=_DTYPES[entry.dtype], variant=entry.variant, **kwargs)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, SingleFileComponentError) as e:
+        # diffusers' advice after the first line (pass the component in code) is no option of a registry entry
+        detail = str(e).split("\n")[0] if isinstance(e, SingleFileComponentError) else str(e)
+        raise ValueError(entry.err("path", f"{source} could not be loaded as a {cls.__name__}: {detail}")) from None
+    missing = [] if checkpoint is None else single_file.missing_weights(pipe, checkpoint)
+    if missing:
+        raise ValueError(entry.err("path", f"{source}: the checkpoint lacks {len(missing)} weight(s) of the "
+                                           f"{cls.__name__} (first: {missing[0]}); is it a {cls.__name__} "
+                                           "checkpoint of the config's architecture?"))
+    return pipe
+
+
+def _load(entry: LocalModelEntry) -> tuple[PipelineModel, list[Path]]:
+    import diffusers
+
+    root, index, folders, weights = _sources(entry)
+    cls = getattr(diffusers, index["_class_name"])
+    pipe = _read_pipeline(entry, cls, root, _init_kwargs(cls, index)).to(device_of(entry))
     settings = PipelineSettings(height=entry.height, width=entry.width, guidance_scale=entry.guidance_scale,
                                 negative_prompt=entry.negative_prompt,
                                 true_cfg_scale=1.0 if entry.true_cfg_scale is None else entry.true_cfg_scale,
@@ -178,6 +215,8 @@ def _load(entry: LocalModelEntry) -> tuple[PipelineModel, list[Path]]:
     except ValueError as e:
         raise ValueError(entry.err("path", f"{root}: {e}")) from None
     files = [root / "model_index.json"]
+    if entry.config is not None:
+        files.append(single_file.checkpoint_file(entry))
     for name, folder in folders.items():
         files += [p for p in sorted(folder.iterdir()) if p.is_file() and not _is_weights(p)] + weights[name]
     return model, files
@@ -190,7 +229,8 @@ def _is_weights(path: Path) -> bool:
 def _weights_sha256(root: Path, files: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in files:
-        digest.update(str(path.relative_to(root)).encode())
+        # a single-file checkpoint lies outside its config folder: its name, so moving both keeps the hash
+        digest.update(str(path.relative_to(root) if path.is_relative_to(root) else path.name).encode())
         digest.update(file_sha256(path).encode())
     return digest.hexdigest()
 
@@ -240,6 +280,7 @@ def build(entry: LocalModelEntry) -> ModelSpec:
     root = files[0].parent
     pipeline = type(model.pipe).__name__
     provenance = {"registry_entry": entry.where, "kind": entry.kind, "path": entry.path, "pipeline": pipeline,
+                  **({"config": entry.config} if entry.config is not None else {}),
                   "process": target.name, "process_note": process_note,
                   "weights_sha256": _weights_sha256(root, files), "dtype": entry.dtype,
                   "variant": entry.variant or "", "height": str(model.height), "width": str(model.width),

@@ -28,14 +28,14 @@ FIELDS = ("name", "kind", "path", "process", "prediction_type", "time_input", "s
           "guidance_scale", "class_label", "null_label", "reference", "features", "inception_weights",
           "metric", "description", "options", "device", "expose_process", "height", "width", "prompt",
           "negative_prompt", "true_cfg_scale", "max_sequence_length", "dtype", "batch_size", "variant",
-          "prompts", "reference_stats", "clip")
+          "prompts", "reference_stats", "clip", "config")
 # A pipeline reads its process, prediction type, time input and latent shape from its own folder, and has no
 # class labels; these fields belong to the other kinds. Its FID features are always Inception's (on the decoded
 # images, against reference_stats), so inception_weights applies to both.
 NETWORK_ONLY_FIELDS = ("process", "prediction_type", "time_input", "shape", "data_range", "class_label",
                        "null_label", "reference", "features", "options")
 PIPELINE_ONLY_FIELDS = ("height", "width", "prompt", "negative_prompt", "true_cfg_scale", "max_sequence_length",
-                        "dtype", "batch_size", "variant", "prompts", "reference_stats", "clip")
+                        "dtype", "batch_size", "variant", "prompts", "reference_stats", "clip", "config")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -75,6 +75,7 @@ class LocalModelEntry:
     prompts: dict[str, str] = field(default_factory=dict)   # prompt-set name -> .txt / .jsonl file; first: default
     reference_stats: Optional[str] = None       # fid: .npz of mu / sigma, or reference images (.npy / .npz)
     clip: Optional[str] = None                  # clip-score: a transformers CLIPModel folder
+    config: Optional[str] = None                # with a single-file checkpoint in path: its diffusers config folder
 
     def err(self, field_name: str, message: str) -> str:
         return f"{self.where}.{field_name}: {message}"
@@ -280,7 +281,37 @@ def _pipeline_fields(where: str, raw: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{where}.variant={variant!r} must be a variant name such as fp16 (the part of "
                              "'*.fp16.safetensors' between the dots)")
         kw["variant"] = variant
+    kw.update(_single_file_fields(where, raw))
     return kw
+
+
+# Weights loaded with torch.load, which can run code; from_single_file would read them, so they are refused.
+_PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _single_file_fields(where: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """`path` a single-file checkpoint (.safetensors) with `config` its diffusers config folder, or neither: the
+    file name decides, so a pickled checkpoint is refused before anything is read."""
+    path = str(raw["path"])
+    suffix = Path(path).suffix.lower()
+    if suffix in _PICKLED_SUFFIXES:
+        raise ValueError(f"{where}.path={path!r} is a pickled checkpoint ({suffix}), which is never loaded (it can "
+                         "run code); convert it to .safetensors and set config to its diffusers config folder")
+    if "config" not in raw:
+        if suffix == ".safetensors":
+            raise ValueError(f"{where}.config is required with the single-file checkpoint {path!r}: a diffusers "
+                             "config folder (model_index.json and the component configs, no weights needed)")
+        return {}
+    config = _typed(where, "config", raw["config"], str, "a path (a string)")
+    if not config.strip():
+        raise ValueError(f"{where}.config must be a non-empty path")
+    if suffix != ".safetensors":
+        raise ValueError(f"{where}.path={path!r} must be a .safetensors single-file checkpoint when config is set "
+                         "(a pipeline folder needs no config)")
+    if "variant" in raw:
+        raise ValueError(f"{where}.variant applies to pipeline folders; a single-file checkpoint has one set of "
+                         "weights")
+    return {"config": config}
 
 
 def parse_registry(path: str | Path) -> list[LocalModelEntry]:

@@ -1,0 +1,122 @@
+"""A diffusers StableDiffusionPipeline's weights in the original (CompVis / LDM) single-file layout, for tests.
+
+The inverse of diffusers' `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint` and
+`convert_ldm_clip_checkpoint` (diffusers.loaders.single_file_utils) for the SD 1.x architecture: the UNet under
+`model.diffusion_model.`, the VAE under `first_stage_model.`, the CLIP text encoder under
+`cond_stage_model.transformer.text_model.`. Written from those functions' key mapping, for the layouts the tiny
+pipelines use (down blocks of `layers_per_block` resnets and a downsampler but the last; up blocks of one resnet
+more and an upsampler but the last); it raises on a key it has no rule for rather than guess.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+__all__ = ["unet_key", "vae_key", "clip_key", "ldm_state_dict"]
+
+# diffusers name -> LDM name of the UNet's layers outside the blocks
+_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+# inside a UNet resnet: diffusers -> LDM
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+# inside the VAE's mid attention: diffusers -> LDM (q, k, v and the output are 1x1 convolutions there)
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_VAE_TOP = {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"}
+
+
+def _split(key: str) -> tuple[str, str]:
+    """'a.b.weight' -> ('a.b', 'weight')."""
+    module, _, param = key.rpartition(".")
+    return module, param
+
+
+def unet_key(key: str, layers_per_block: int, up_attention: set[int]) -> str:
+    """The LDM name of UNet2DConditionModel parameter `key`; `up_attention`: the up blocks that have attentions
+    (their upsampler comes after the attention, one index later)."""
+    module, param = _split(key)
+    if module in _UNET_TOP:
+        return f"{_UNET_TOP[module]}.{param}"
+    per_down, per_up = layers_per_block + 1, layers_per_block + 1
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = block * per_down + layer + 1
+        return (f"input_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}")
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)", key):
+        return f"input_blocks.{int(m[1]) * per_down + per_down}.0.op.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = block * per_up + layer
+        return (f"output_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}")
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)", key):
+        block = int(m[1])
+        return f"output_blocks.{block * per_up + layers_per_block}.{2 if block in up_attention else 1}.conv.{m[2]}"
+    raise KeyError(f"no LDM name for UNet parameter {key}")
+
+
+def _resnet(rest: str) -> str:
+    module, param = _split(rest)
+    if module not in _UNET_RESNET:
+        raise KeyError(f"no LDM name for UNet resnet parameter {rest}")
+    return f"{_UNET_RESNET[module]}.{param}"
+
+
+def vae_key(key: str, n_up_blocks: int) -> str:
+    """The LDM name of AutoencoderKL parameter `key` (the LDM decoder numbers its up blocks from the bottom)."""
+    module, param = _split(key)
+    if module in _VAE_TOP:
+        return f"{_VAE_TOP[module]}.{param}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)", key):
+        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        block = n_up_blocks - 1 - int(m[1])
+        return f"decoder.up.{block}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)", key):
+        return f"decoder.up.{n_up_blocks - 1 - int(m[1])}.upsample.conv.{m[2]}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(\w+)", key):
+        if m[2] not in _VAE_ATTENTION:
+            raise KeyError(f"no LDM name for VAE attention parameter {key}")
+        return f"{m[1]}.mid.attn_1.{_VAE_ATTENTION[m[2]]}.{m[3]}"
+    if re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\.\w+|(post_)?quant_conv\.\w+", key):
+        return key
+    raise KeyError(f"no LDM name for VAE parameter {key}")
+
+
+def clip_key(key: str) -> str:
+    """The LDM name of a CLIPTextModel parameter; newer transformers drop the `text_model.` level, LDM has it."""
+    return "cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")
+
+
+def _vae_tensor(ldm: str, tensor: torch.Tensor) -> torch.Tensor:
+    """LDM's VAE attention projections are 1x1 convolutions, diffusers' linear layers."""
+    if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", ldm) and tensor.ndim == 2:
+        return tensor[:, :, None, None]
+    return tensor
+
+
+def ldm_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
+    """One state dict of `pipe`'s UNet, VAE and text encoder in the LDM layout, contiguous copies (safetensors)."""
+    unet, vae = pipe.unet, pipe.vae
+    up_attention = {i for i, name in enumerate(unet.config.up_block_types) if "CrossAttn" in name}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in unet.state_dict().items():
+        out["model.diffusion_model." + unet_key(key, unet.config.layers_per_block, up_attention)] = tensor
+    for key, tensor in vae.state_dict().items():
+        ldm = vae_key(key, len(vae.config.up_block_types))
+        out["first_stage_model." + ldm] = _vae_tensor(ldm, tensor)
+    for key, tensor in pipe.text_encoder.state_dict().items():
+        out[clip_key(key)] = tensor
+    if len(out) != len(unet.state_dict()) + len(vae.state_dict()) + len(pipe.text_encoder.state_dict()):
+        raise ValueError("two parameters map to one LDM name")
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}

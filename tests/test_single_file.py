@@ -1,0 +1,252 @@
+"""Kind diffusers-pipeline with a single-file checkpoint: a tiny random StableDiffusionPipeline written as ONE
+original-layout (LDM) safetensors file (tests/ldm_layout.py), loaded with diffusers' from_single_file and the
+entry's config folder (the saved pipeline folder without weights). Nothing is downloaded.
+
+The loaded weights must equal the original pipeline's exactly, and the registry model's denoiser, decoder and
+schedule must equal those of the same pipeline loaded from its folder. Pickled checkpoints and broken config
+folders are refused naming the entry, the field and the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from s3search.models import local
+from s3search.models.base import Conditions, single_threaded
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from ldm_layout import ldm_state_dict  # noqa: E402
+from s3search.models.local import diffusers_pipeline  # noqa: E402
+from s3search.models.tiny_pipelines import tiny_pipeline  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+MODULES = ("unet", "vae", "text_encoder")
+PROMPTS = ("a cat", "dog")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_threaded():
+        yield
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Any]:
+    """The tiny pipeline, its saved folder, the config folder (that folder less its weights) and the checkpoint."""
+    root = tmp_path_factory.mktemp("single-file")
+    pipe = tiny_pipeline("sd", root / "work")
+    pipe.save_pretrained(root / "folder", safe_serialization=True)
+    shutil.copytree(root / "folder", root / "config", ignore=shutil.ignore_patterns("*.safetensors"))
+    safetensors_torch.save_file(ldm_state_dict(pipe), str(root / "tiny-sd.safetensors"))
+    return {"pipe": pipe, "root": root}
+
+
+def _registry(root: Path, body: str) -> Path:
+    path = root / "models.toml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def _entry(root: Path, **fields: Any) -> local.LocalModelEntry:
+    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in {"kind": "diffusers-pipeline", "device": "cpu",
+                                                            **fields}.items())
+    (entry,) = local.parse_registry(_registry(root, f"[models.m]\n{lines}\n"))
+    return entry
+
+
+def _both(root: Path) -> dict[str, local.LocalModelEntry]:
+    common = 'kind = "diffusers-pipeline"\ndevice = "cpu"\nguidance_scale = 3.0\nprompt = "a cat"\n' \
+             'negative_prompt = "blurry"'
+    path = _registry(root, f"""
+[models.folder]
+path = "folder"
+{common}
+
+[models.single]
+path = "tiny-sd.safetensors"
+config = "config"
+{common}
+""")
+    return {e.name: e for e in local.parse_registry(path)}
+
+
+def test_config_folder_holds_no_weights(built) -> None:
+    config = built["root"] / "config"
+    assert (config / "model_index.json").is_file()
+    assert not [p for p in config.rglob("*") if p.suffix in (".safetensors", ".bin")]
+
+
+def test_single_file_loads_the_original_weights_exactly(built, tmp_path) -> None:
+    entries = _both(built["root"])
+    model, files = diffusers_pipeline.load(entries["single"])
+    assert type(model.pipe).__name__ == "StableDiffusionPipeline"
+    for name in MODULES:
+        want, got = getattr(built["pipe"], name).state_dict(), getattr(model.pipe, name).state_dict()
+        assert set(got) == set(want), name
+        for key, tensor in want.items():
+            assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), f"{name}.{key}"
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(model.pipe.scheduler.config) == public(built["pipe"].scheduler.config)
+    assert model.pipe.tokenizer("a cat").input_ids == built["pipe"].tokenizer("a cat").input_ids
+    assert model.pipe.safety_checker is None and model.pipe.feature_extractor is None
+    # hashed: the config folder's files and the checkpoint, never a weights file of the folder entry
+    assert built["root"] / "tiny-sd.safetensors" in files
+    assert all(built["root"] / "config" in p.parents or p.name == "tiny-sd.safetensors" for p in files)
+
+
+def test_single_file_model_equals_the_folder_model(built) -> None:
+    entries = _both(built["root"])
+    folder, single = local.build_model(entries["folder"]), local.build_model(entries["single"])
+    assert single.shape == folder.shape and single.denoiser.process.name == folder.denoiser.process.name
+    assert single.scheduler_times(6) == folder.scheduler_times(6)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, *folder.shape, generator=g)
+    proc = folder.denoiser.process
+    conditions = Conditions(PROMPTS, guidance_scale=3.0)
+    for t in (proc.t_min * 4, 0.5 * (proc.t_min + proc.t_max), proc.t_max * 0.5):
+        xt = proc.sigma(t) * x
+        want = folder.denoiser_for(conditions)(xt, t)
+        got = single.denoiser_for(conditions)(xt, t)
+        assert torch.equal(got, want), t
+        assert torch.equal(single.denoiser(xt, t), folder.denoiser(xt, t))
+    assert torch.equal(single.decode(x[:2]), folder.decode(x[:2]))
+    assert single.provenance["config"] == "config" and single.provenance["path"] == "tiny-sd.safetensors"
+    assert single.provenance["weights_sha256"] != folder.provenance["weights_sha256"]
+
+
+def test_weights_hash_follows_the_checkpoint(built, tmp_path) -> None:
+    root = tmp_path
+    shutil.copytree(built["root"] / "config", root / "config")
+    state = ldm_state_dict(built["pipe"])
+    safetensors_torch.save_file(state, str(root / "a.safetensors"))
+    first = local.build_model(_entry(root, path="a.safetensors", config="config")).provenance["weights_sha256"]
+    key = next(k for k in state if k.startswith("model.diffusion_model."))
+    state[key] = state[key] + 1.0
+    safetensors_torch.save_file(state, str(root / "a.safetensors"))
+    second = local.build_model(_entry(root, path="a.safetensors", config="config")).provenance["weights_sha256"]
+    assert first != second
+
+
+# ----- refusals ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["v1-5-pruned.ckpt", "model.bin", "model.pt"])
+def test_pickled_checkpoint_is_refused_naming_file_and_field(tmp_path, name) -> None:
+    (tmp_path / name).write_bytes(b"not read")
+    for fields in ({"config": "config"}, {}):
+        with pytest.raises(ValueError, match=rf"models\.m\.path='{name}' is a pickled checkpoint") as e:
+            _entry(tmp_path, path=name, **fields)
+        assert "safetensors" in str(e.value)
+
+
+def test_safetensors_file_without_config_is_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"models\.m\.config is required with the single-file checkpoint "
+                                         r"'sd15\.safetensors'"):
+        _entry(tmp_path, path="sd15.safetensors")
+
+
+def test_config_needs_a_safetensors_path_and_no_variant(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"models\.m\.path='folder' must be a \.safetensors single-file"):
+        _entry(tmp_path, path="folder", config="config")
+    with pytest.raises(ValueError, match=r"models\.m\.variant applies to pipeline folders"):
+        _entry(tmp_path, path="sd15.safetensors", config="config", variant="fp16")
+    with pytest.raises(ValueError, match=r"models\.m\.config must be a non-empty path"):
+        _entry(tmp_path, path="sd15.safetensors", config=" ")
+    with pytest.raises(ValueError, match=r"models\.m\.config applies to kind=diffusers-pipeline only"):
+        local.parse_registry(_registry(tmp_path, '[models.m]\nkind = "diffusers-unet"\npath = "x"\n'
+                                                 'config = "c"\n'))
+
+
+def test_missing_config_folder_is_refused_naming_the_field(built, tmp_path) -> None:
+    shutil.copy(built["root"] / "tiny-sd.safetensors", tmp_path)
+    entry = _entry(tmp_path, path="tiny-sd.safetensors", config="no-such-folder")
+    with pytest.raises(FileNotFoundError, match=r"models\.m\.config: .*no-such-folder does not exist"):
+        local.build_model(entry)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"models\.m\.config: .*empty holds no model_index\.json"):
+        local.build_model(_entry(tmp_path, path="tiny-sd.safetensors", config="empty"))
+
+
+def test_missing_checkpoint_is_refused_naming_path(built, tmp_path) -> None:
+    shutil.copytree(built["root"] / "config", tmp_path / "config")
+    entry = _entry(tmp_path, path="gone.safetensors", config="config")
+    with pytest.raises(FileNotFoundError, match=r"models\.m\.path: .*gone\.safetensors does not exist"):
+        local.build_model(entry)
+
+
+def test_unsupported_family_in_config_is_refused(built, tmp_path) -> None:
+    shutil.copytree(built["root"] / "config", tmp_path / "config")
+    shutil.copy(built["root"] / "tiny-sd.safetensors", tmp_path)
+    index = json.loads((tmp_path / "config" / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionImg2ImgPipeline"
+    (tmp_path / "config" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"models\.m\.config: .*model_index\.json names "
+                                         r"'StableDiffusionImg2ImgPipeline'; kind=diffusers-pipeline loads "
+                                         r"StableDiffusionPipeline"):
+        local.build_model(_entry(tmp_path, path="tiny-sd.safetensors", config="config"))
+
+
+def test_pickled_weights_in_config_folder_are_refused(built, tmp_path) -> None:
+    shutil.copytree(built["root"] / "config", tmp_path / "config")
+    shutil.copy(built["root"] / "tiny-sd.safetensors", tmp_path)
+    (tmp_path / "config" / "text_encoder" / "pytorch_model.bin").write_bytes(b"never read")
+    with pytest.raises(FileNotFoundError, match=r"models\.m\.config: .*pytorch_model\.bin is pickled weights"):
+        local.build_model(_entry(tmp_path, path="tiny-sd.safetensors", config="config"))
+
+
+@pytest.mark.parametrize("drop, named", [("first_stage_model.", "Failed to load AutoencoderKL"),
+                                         ("model.diffusion_model.out.2.bias", "lacks 1 weight(s) of the "
+                                                                              "StableDiffusionPipeline (first: "
+                                                                              "unet.conv_out.bias)")])
+def test_checkpoint_lacking_weights_is_refused(built, tmp_path, drop, named) -> None:
+    """A whole component missing is diffusers' error; one weight missing would be left random without accelerate,
+    so it is looked for."""
+    shutil.copytree(built["root"] / "config", tmp_path / "config")
+    state = {k: v for k, v in ldm_state_dict(built["pipe"]).items() if not k.startswith(drop)}
+    safetensors_torch.save_file(state, str(tmp_path / "part.safetensors"))
+    with pytest.raises(ValueError, match=r"models\.m\.path: .*part\.safetensors") as e:
+        local.build_model(_entry(tmp_path, path="part.safetensors", config="config"))
+    assert named in str(e.value)
+
+
+def test_models_check_reports_a_missing_config_folder(built, tmp_path, monkeypatch) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from s3search.cli import models_cmd
+    from s3search.models import registry
+
+    shutil.copy(built["root"] / "tiny-sd.safetensors", tmp_path)
+    shutil.copytree(built["root"] / "config", tmp_path / "config")
+    path = _registry(tmp_path, """
+        [models.good]
+        kind = "diffusers-pipeline"
+        path = "tiny-sd.safetensors"
+        config = "config"
+        device = "cpu"
+        [models.bad]
+        kind = "diffusers-pipeline"
+        path = "tiny-sd.safetensors"
+        config = "missing-config"
+        device = "cpu"
+    """)
+    app = typer.Typer()
+    models_cmd.register(app)
+    monkeypatch.setenv(registry.ENV_REGISTRY, str(path))
+    registry.clear_cache()
+    try:
+        result = CliRunner().invoke(app, ["models", "check", "--quiet", "good", "bad"])
+        assert result.exit_code == 1
+        assert json.loads(result.stdout.splitlines()[0])["name"] == "good"
+        assert "models.bad.config" in result.output and "missing-config does not exist" in result.output
+    finally:
+        registry.clear_cache()
