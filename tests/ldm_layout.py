@@ -19,7 +19,8 @@ __all__ = ["unet_key", "vae_key", "clip_key", "ldm_state_dict"]
 
 # diffusers name -> LDM name of the UNet's layers outside the blocks
 _UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 # inside a UNet resnet: diffusers -> LDM
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
                 "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
@@ -93,9 +94,39 @@ def vae_key(key: str, n_up_blocks: int) -> str:
     raise KeyError(f"no LDM name for VAE parameter {key}")
 
 
-def clip_key(key: str) -> str:
+def clip_key(key: str, prefix: str = "cond_stage_model.transformer.") -> str:
     """The LDM name of a CLIPTextModel parameter; newer transformers drop the `text_model.` level, LDM has it."""
-    return "cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")
+    return prefix + "text_model." + key.removeprefix("text_model.")
+
+
+_OPEN_CLIP_TOP = {"text_model.embeddings.position_embedding.weight": "positional_embedding",
+                  "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                  "text_model.final_layer_norm.weight": "ln_final.weight",
+                  "text_model.final_layer_norm.bias": "ln_final.bias"}
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
+
+
+def open_clip_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection's state in OpenCLIP's layout (SDXL's second text encoder): q, k and v in one
+    in_proj, the projection as a matrix applied on the right."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key in _OPEN_CLIP_TOP:
+            out[prefix + _OPEN_CLIP_TOP[key]] = tensor
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = tensor.T
+        elif m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
+            if m[2] == "q":
+                parts = [state[f"text_model.encoder.layers.{m[1]}.self_attn.{c}_proj.{m[3]}"] for c in "qkv"]
+                out[f"{prefix}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"] = torch.cat(parts)
+        elif m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key):
+            if m[2] not in _OPEN_CLIP_LAYER:
+                raise KeyError(f"no OpenCLIP name for {key}")
+            out[f"{prefix}transformer.resblocks.{m[1]}.{_OPEN_CLIP_LAYER[m[2]]}.{m[3]}"] = tensor
+        else:
+            raise KeyError(f"no OpenCLIP name for {key}")
+    return out
 
 
 def _vae_tensor(ldm: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -106,7 +137,9 @@ def _vae_tensor(ldm: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def ldm_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
-    """One state dict of `pipe`'s UNet, VAE and text encoder in the LDM layout, contiguous copies (safetensors)."""
+    """One state dict of `pipe`'s UNet, VAE and text encoder(s) in the LDM layout of SD 1.x, or of SDXL (CLIP-L
+    under `conditioner.embedders.0.transformer.`, OpenCLIP-bigG under `conditioner.embedders.1.model.`),
+    contiguous copies (safetensors wants them)."""
     unet, vae = pipe.unet, pipe.vae
     up_attention = {i for i, name in enumerate(unet.config.up_block_types) if "CrossAttn" in name}
     out: dict[str, torch.Tensor] = {}
@@ -115,8 +148,14 @@ def ldm_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
     for key, tensor in vae.state_dict().items():
         ldm = vae_key(key, len(vae.config.up_block_types))
         out["first_stage_model." + ldm] = _vae_tensor(ldm, tensor)
+    xl = getattr(pipe, "text_encoder_2", None) is not None
     for key, tensor in pipe.text_encoder.state_dict().items():
-        out[clip_key(key)] = tensor
-    if len(out) != len(unet.state_dict()) + len(vae.state_dict()) + len(pipe.text_encoder.state_dict()):
+        out[clip_key(key, "conditioner.embedders.0.transformer." if xl else "cond_stage_model.transformer.")] = tensor
+    expected = len(unet.state_dict()) + len(vae.state_dict()) + len(pipe.text_encoder.state_dict())
+    if xl:
+        second = open_clip_state(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model.")
+        out.update(second)
+        expected += len(second)
+    if len(out) != expected:
         raise ValueError("two parameters map to one LDM name")
     return {k: v.detach().clone().contiguous() for k, v in out.items()}

@@ -46,10 +46,38 @@ def built(tmp_path_factory) -> dict[str, Any]:
     """The tiny pipeline, its saved folder, the config folder (that folder less its weights) and the checkpoint."""
     root = tmp_path_factory.mktemp("single-file")
     pipe = tiny_pipeline("sd", root / "work")
+    _write_checkpoint(pipe, root, "tiny-sd.safetensors")
+    return {"pipe": pipe, "root": root}
+
+
+def _tiny_sdxl(workdir: Path) -> Any:
+    """tiny_pipelines' SDXL, but with a second text encoder of another width (48): from_single_file tells SDXL's
+    two CLIP encoders apart by their width, as the released ones (768, 1280) differ."""
+    import transformers
+
+    from s3search.models.tiny_pipelines import _clip, _unet, _vae, clip_tokenizer, eval_mode
+
+    torch.manual_seed(0)
+    tok, vocab = clip_tokenizer(workdir / "tok")
+    wide = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=48, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, vocab_size=vocab, max_position_embeddings=77, projection_dim=32))
+    # cross attention sees both encoders' hidden states (32 + 48); the added embedding the pooled 32 and 6 time ids
+    unet = _unet(cross_attention_dim=80, use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                 projection_class_embeddings_input_dim=32 + 6 * 8)
+    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                 steps_offset=1, timestep_spacing="leading")
+    return eval_mode(diffusers.StableDiffusionXLPipeline(vae=_vae(), text_encoder=_clip(vocab), tokenizer=tok,
+                                                         text_encoder_2=wide, tokenizer_2=tok, unet=unet,
+                                                         scheduler=scheduler, add_watermarker=False))
+
+
+def _write_checkpoint(pipe: Any, root: Path, name: str) -> None:
+    """`pipe` saved as a folder, a config folder (the same less its weights) and one LDM-layout checkpoint."""
     pipe.save_pretrained(root / "folder", safe_serialization=True)
     shutil.copytree(root / "folder", root / "config", ignore=shutil.ignore_patterns("*.safetensors"))
-    safetensors_torch.save_file(ldm_state_dict(pipe), str(root / "tiny-sd.safetensors"))
-    return {"pipe": pipe, "root": root}
+    safetensors_torch.save_file(ldm_state_dict(pipe), str(root / name))
 
 
 def _registry(root: Path, body: str) -> Path:
@@ -65,7 +93,7 @@ def _entry(root: Path, **fields: Any) -> local.LocalModelEntry:
     return entry
 
 
-def _both(root: Path) -> dict[str, local.LocalModelEntry]:
+def _both(root: Path, checkpoint: str = "tiny-sd.safetensors") -> dict[str, local.LocalModelEntry]:
     common = 'kind = "diffusers-pipeline"\ndevice = "cpu"\nguidance_scale = 3.0\nprompt = "a cat"\n' \
              'negative_prompt = "blurry"'
     path = _registry(root, f"""
@@ -74,7 +102,7 @@ path = "folder"
 {common}
 
 [models.single]
-path = "tiny-sd.safetensors"
+path = "{checkpoint}"
 config = "config"
 {common}
 """)
@@ -108,21 +136,35 @@ def test_single_file_loads_the_original_weights_exactly(built, tmp_path) -> None
 def test_single_file_model_equals_the_folder_model(built) -> None:
     entries = _both(built["root"])
     folder, single = local.build_model(entries["folder"]), local.build_model(entries["single"])
+    _same_model(folder, single)
+    assert single.provenance["config"] == "config" and single.provenance["path"] == "tiny-sd.safetensors"
+    assert single.provenance["weights_sha256"] != folder.provenance["weights_sha256"]
+
+
+def _same_model(folder: Any, single: Any) -> None:
+    """The two specs' denoisers (with CFG, two prompts, a negative prompt), decoders and schedules agree exactly."""
     assert single.shape == folder.shape and single.denoiser.process.name == folder.denoiser.process.name
     assert single.scheduler_times(6) == folder.scheduler_times(6)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(4, *folder.shape, generator=g)
+    x = torch.randn(4, *folder.shape, generator=torch.Generator().manual_seed(3))
     proc = folder.denoiser.process
     conditions = Conditions(PROMPTS, guidance_scale=3.0)
     for t in (proc.t_min * 4, 0.5 * (proc.t_min + proc.t_max), proc.t_max * 0.5):
         xt = proc.sigma(t) * x
-        want = folder.denoiser_for(conditions)(xt, t)
-        got = single.denoiser_for(conditions)(xt, t)
-        assert torch.equal(got, want), t
+        assert torch.equal(single.denoiser_for(conditions)(xt, t), folder.denoiser_for(conditions)(xt, t)), t
         assert torch.equal(single.denoiser(xt, t), folder.denoiser(xt, t))
     assert torch.equal(single.decode(x[:2]), folder.decode(x[:2]))
-    assert single.provenance["config"] == "config" and single.provenance["path"] == "tiny-sd.safetensors"
-    assert single.provenance["weights_sha256"] != folder.provenance["weights_sha256"]
+
+
+def test_sdxl_single_file_equals_the_folder_model(tmp_path) -> None:
+    pipe = _tiny_sdxl(tmp_path / "work")
+    _write_checkpoint(pipe, tmp_path, "tiny-sdxl.safetensors")
+    entries = _both(tmp_path, "tiny-sdxl.safetensors")
+    model, _ = diffusers_pipeline.load(entries["single"])
+    assert type(model.pipe).__name__ == "StableDiffusionXLPipeline"
+    for name in (*MODULES, "text_encoder_2"):
+        want, got = getattr(pipe, name).state_dict(), getattr(model.pipe, name).state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), name
+    _same_model(local.build_model(entries["folder"]), local.build_model(entries["single"]))
 
 
 def test_weights_hash_follows_the_checkpoint(built, tmp_path) -> None:
