@@ -1,11 +1,13 @@
-"""A diffusers StableDiffusionPipeline's weights in the original (CompVis / LDM) single-file layout, for tests.
+"""Diffusers pipelines' weights in the original single-file layouts (CompVis / LDM, SGM, MMDiT), for tests.
 
-The inverse of diffusers' `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint` and
-`convert_ldm_clip_checkpoint` (diffusers.loaders.single_file_utils) for the SD 1.x architecture: the UNet under
-`model.diffusion_model.`, the VAE under `first_stage_model.`, the CLIP text encoder under
-`cond_stage_model.transformer.text_model.`. Written from those functions' key mapping, for the layouts the tiny
-pipelines use (down blocks of `layers_per_block` resnets and a downsampler but the last; up blocks of one resnet
-more and an upsampler but the last); it raises on a key it has no rule for rather than guess.
+The inverse of diffusers' conversions in diffusers.loaders.single_file_utils (`convert_ldm_unet_checkpoint`,
+`convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint`,
+`convert_sd3_transformer_checkpoint_to_diffusers`, the T5 prefix), written from their key mapping: SD 1.x (UNet
+under `model.diffusion_model.`, VAE under `first_stage_model.`, CLIP under `cond_stage_model.transformer.`),
+SDXL (CLIP-L and OpenCLIP-bigG under `conditioner.embedders.{0,1}.`) and SD3 (MMDiT, text encoders under
+`text_encoders.`). It covers the layouts the tiny pipelines use (down blocks of `layers_per_block` resnets and a
+downsampler but the last; up blocks of one resnet more and an upsampler but the last) and raises on a key it has
+no rule for rather than guess. FLUX is not here: diffusers' conversion assumes the released width (3072).
 """
 
 from __future__ import annotations
@@ -95,8 +97,9 @@ def vae_key(key: str, n_up_blocks: int) -> str:
 
 
 def clip_key(key: str, prefix: str = "cond_stage_model.transformer.") -> str:
-    """The LDM name of a CLIPTextModel parameter; newer transformers drop the `text_model.` level, LDM has it."""
-    return prefix + "text_model." + key.removeprefix("text_model.")
+    """The LDM name of a CLIP text-encoder parameter (transformers' own layout under `prefix`); newer transformers
+    drop a CLIPTextModel's `text_model.` level, which the checkpoint has."""
+    return prefix + (key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key)
 
 
 _OPEN_CLIP_TOP = {"text_model.embeddings.position_embedding.weight": "positional_embedding",
@@ -134,6 +137,81 @@ def _vae_tensor(ldm: str, tensor: torch.Tensor) -> torch.Tensor:
     if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", ldm) and tensor.ndim == 2:
         return tensor[:, :, None, None]
     return tensor
+
+
+# SD3's MMDiT: diffusers -> original names outside the blocks, and inside block i (x: image stream, context: text)
+_SD3_TOP = {"pos_embed.proj": "x_embedder.proj",
+            "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+            "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+            "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+            "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+            "context_embedder": "context_embedder", "proj_out": "final_layer.linear",
+            "norm_out.linear": "final_layer.adaLN_modulation.1"}
+_SD3_BLOCK = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+              "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+              "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+              "attn2.to_out.0": "x_block.attn2.proj", "attn2.norm_q": "x_block.attn2.ln_q",
+              "attn2.norm_k": "x_block.attn2.ln_k",
+              "norm1.linear": "x_block.adaLN_modulation.1", "norm1_context.linear": "context_block.adaLN_modulation.1",
+              "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+              "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2"}
+# q, k, v projections fused into one qkv in the original
+_SD3_QKV = {"attn.to_": "x_block.attn.qkv", "attn.add_": "context_block.attn.qkv", "attn2.to_": "x_block.attn2.qkv"}
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """diffusers orders an adaLN output (scale, shift), the original (shift, scale) where the two differ."""
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first])
+
+
+def sd3_transformer_state(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """An SD3Transformer2DModel's state in the original MMDiT layout (without the `model.diffusion_model.`)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        module, param = _split(key)
+        if key == "pos_embed.pos_embed":
+            out["pos_embed"] = tensor
+            continue
+        if module in _SD3_TOP:
+            out[f"{_SD3_TOP[module]}.{param}"] = _swap_halves(tensor) if module == "norm_out.linear" else tensor
+            continue
+        m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module)
+        if m is None:
+            raise KeyError(f"no original name for SD3 parameter {key}")
+        i, inner = int(m[1]), m[2]
+        fused = next(((head, name) for head, name in _SD3_QKV.items()
+                      if re.fullmatch(re.escape(head) + r"(q|k|v)(_proj)?", inner)), None)
+        if fused is not None:
+            head, name = fused
+            if inner.startswith(head + "q"):
+                tail = "_proj" if inner.endswith("_proj") else ""
+                parts = [state[f"transformer_blocks.{i}.{head}{c}{tail}.{param}"] for c in "qkv"]
+                out[f"joint_blocks.{i}.{name}.{param}"] = torch.cat(parts)
+            continue
+        if inner not in _SD3_BLOCK:
+            raise KeyError(f"no original name for SD3 parameter {key}")
+        # the last block's text stream only conditions the image stream: its adaLN has the diffusers order
+        swap = inner == "norm1_context.linear" and i == n_layers - 1
+        out[f"joint_blocks.{i}.{_SD3_BLOCK[inner]}.{param}"] = _swap_halves(tensor) if swap else tensor
+    return out
+
+
+def sd3_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
+    """An SD3 pipeline as one original checkpoint: the MMDiT under `model.diffusion_model.`, the VAE under
+    `first_stage_model.`, CLIP-L, CLIP-G and T5 under `text_encoders.{clip_l,clip_g,t5xxl}.transformer.`."""
+    transformer = pipe.transformer
+    out = {"model.diffusion_model." + k: v
+           for k, v in sd3_transformer_state(transformer.state_dict(), transformer.config.num_layers).items()}
+    for key, tensor in pipe.vae.state_dict().items():
+        ldm = vae_key(key, len(pipe.vae.config.up_block_types))
+        out["first_stage_model." + ldm] = _vae_tensor(ldm, tensor)
+    for attr, prefix in (("text_encoder", "text_encoders.clip_l.transformer."),
+                         ("text_encoder_2", "text_encoders.clip_g.transformer.")):
+        out.update({clip_key(k, prefix): v for k, v in getattr(pipe, attr).state_dict().items()})
+    if pipe.text_encoder_3 is not None:
+        out.update({"text_encoders.t5xxl.transformer." + k: v for k, v in pipe.text_encoder_3.state_dict().items()})
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
 def ldm_state_dict(pipe: Any) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from ldm_layout import ldm_state_dict  # noqa: E402
+from ldm_layout import ldm_state_dict, sd3_state_dict  # noqa: E402
 from s3search.models.local import diffusers_pipeline  # noqa: E402
 from s3search.models.tiny_pipelines import tiny_pipeline  # noqa: E402
 
@@ -73,11 +73,39 @@ def _tiny_sdxl(workdir: Path) -> Any:
                                                          scheduler=scheduler, add_watermarker=False))
 
 
+def _tiny_sd3(workdir: Path) -> Any:
+    """An SD3 pipeline of two MMDiT blocks (the last one's text stream differs) with T5. As in the released
+    checkpoints, CLIP-L's projection is the identity (from_single_file sets it so) and CLIP-G is wider than
+    CLIP-L (48 vs 32), which is how from_single_file tells the two apart."""
+    import transformers
+
+    from s3search.models.tiny_pipelines import _clip, _t5, _vae, clip_tokenizer, eval_mode, t5_tokenizer
+
+    torch.manual_seed(0)
+    tok, vocab = clip_tokenizer(workdir / "tok")
+    t5_tok, t5_vocab = t5_tokenizer(workdir / "t5tok")
+    clip_l = _clip(vocab, projection_dim=32)
+    with torch.no_grad():
+        clip_l.text_projection.weight.copy_(torch.eye(32))
+    clip_g = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=48, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, vocab_size=vocab, max_position_embeddings=77, projection_dim=32))
+    transformer = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4,
+                                                  num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                                                  caption_projection_dim=32, joint_attention_dim=32,
+                                                  pooled_projection_dim=64)
+    return eval_mode(diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(shift_factor=0.0609, scaling_factor=1.5035), text_encoder=clip_l, tokenizer=tok,
+        text_encoder_2=clip_g, tokenizer_2=tok, text_encoder_3=_t5(t5_vocab), tokenizer_3=t5_tok))
+
+
 def _write_checkpoint(pipe: Any, root: Path, name: str) -> None:
-    """`pipe` saved as a folder, a config folder (the same less its weights) and one LDM-layout checkpoint."""
+    """`pipe` saved as a folder, a config folder (the same less its weights) and one original-layout checkpoint."""
     pipe.save_pretrained(root / "folder", safe_serialization=True)
     shutil.copytree(root / "folder", root / "config", ignore=shutil.ignore_patterns("*.safetensors"))
-    safetensors_torch.save_file(ldm_state_dict(pipe), str(root / name))
+    state = sd3_state_dict(pipe) if hasattr(pipe, "transformer") else ldm_state_dict(pipe)
+    safetensors_torch.save_file(state, str(root / name))
 
 
 def _registry(root: Path, body: str) -> Path:
@@ -155,13 +183,16 @@ def _same_model(folder: Any, single: Any) -> None:
     assert torch.equal(single.decode(x[:2]), folder.decode(x[:2]))
 
 
-def test_sdxl_single_file_equals_the_folder_model(tmp_path) -> None:
-    pipe = _tiny_sdxl(tmp_path / "work")
-    _write_checkpoint(pipe, tmp_path, "tiny-sdxl.safetensors")
-    entries = _both(tmp_path, "tiny-sdxl.safetensors")
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_sdxl_and_sd3_single_files_equal_the_folder_models(tmp_path, family) -> None:
+    pipe = {"sdxl": _tiny_sdxl, "sd3": _tiny_sd3}[family](tmp_path / "work")
+    _write_checkpoint(pipe, tmp_path, f"tiny-{family}.safetensors")
+    entries = _both(tmp_path, f"tiny-{family}.safetensors")
     model, _ = diffusers_pipeline.load(entries["single"])
-    assert type(model.pipe).__name__ == "StableDiffusionXLPipeline"
-    for name in (*MODULES, "text_encoder_2"):
+    assert type(model.pipe) is type(pipe)
+    modules = [n for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)]
+    assert len(modules) == {"sdxl": 4, "sd3": 5}[family]
+    for name in modules:
         want, got = getattr(pipe, name).state_dict(), getattr(model.pipe, name).state_dict()
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), name
     _same_model(local.build_model(entries["folder"]), local.build_model(entries["single"]))
