@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence, TextIO
+from typing import Any, Callable, Optional, Protocol, Sequence, TextIO
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ __all__ = [
     "progress_printer",
     "StageResult",
     "AYSResult",
+    "AYSSettings",
+    "optimise_with",
+    "grid_document",
     "coordinate_search",
     "subdivide",
     "optimise",
@@ -103,7 +106,10 @@ class KLUBObjective:
     n_samples: int = 4096
     n_times: int = 32
     c: float = 0.5
+    # Below this VE sigma the grid's intervals cost nothing (see `optimise`); 0 keeps the plain KLUB.
+    sigma_floor: float = 0.0
     calls: int = field(default=0, init=False)
+    rows: int = field(default=0, init=False)   # denoiser rows evaluated: the optimiser's cost in model work
 
     def __post_init__(self) -> None:
         if isinstance(self.n_times, bool) or not isinstance(self.n_times, int) or self.n_times < 1:
@@ -112,12 +118,16 @@ class KLUBObjective:
             raise ValueError(f"n_samples={self.n_samples!r} must be an integer >= n_times={self.n_times}")
         if not (isinstance(self.c, (int, float)) and math.isfinite(self.c) and self.c > 0):
             raise ValueError(f"c={self.c!r} must be a finite number > 0")
+        if not (isinstance(self.sigma_floor, (int, float)) and math.isfinite(self.sigma_floor)
+                and self.sigma_floor >= 0):
+            raise ValueError(f"sigma_floor={self.sigma_floor!r} must be a finite number >= 0")
 
     def denoise_ve(self, x_ve: torch.Tensor, sigma: float) -> torch.Tensor:
         """D_VE(x~, sigma) = D(alpha x~, t) at the process time t of the VE level sigma."""
         proc = self.process
         t = min(max(proc.t_of_sigma_ve(sigma), proc.t_min), proc.t_max)
         self.calls += 1
+        self.rows += int(x_ve.shape[0])
         log_alpha = proc.log_alpha(t)
         return self.denoiser(x_ve if log_alpha == 0.0 else math.exp(log_alpha) * x_ve, t)
 
@@ -158,7 +168,11 @@ class KLUBObjective:
             for j, (lo, up) in enumerate(intervals):
                 if not 0 < lo < up:
                     raise ValueError(f"intervals[{j}]=({lo!r}, {up!r}) must satisfy 0 < lo < up")
-                out[j] = self._one(float(lo), float(up), x0, eps, eps_up, strata)
+                floor = float(self.sigma_floor)
+                if up <= floor * (1 + 1e-9):
+                    out[j] = 0.0
+                else:
+                    out[j] = self._one(max(float(lo), floor), float(up), x0, eps, eps_up, strata)
         return out
 
 
@@ -303,6 +317,7 @@ class AYSResult:
     iterations: int
     stopped_early: bool
     ends: tuple[float, float]          # the first and last process times, which the search never moves
+    model_rows: int = 0                # denoiser rows the Monte Carlo KLUB evaluated (0 for a given `cost`)
 
     def _times(self, sigmas: Sequence[float]) -> tuple[float, ...]:
         # The ends are kept as given: a round trip through sigma would move them by an ulp, out of range.
@@ -341,13 +356,16 @@ def optimise(denoiser: DenoiserFn, data_sampler: DataSampler, n: int = 10, *,
              t_start: Optional[float] = None, t_end: Optional[float] = None, subdivisions: int = 0,
              n_samples: int = 4096, n_times: int = 32, c: float = 0.5, seed: int = 0,
              max_iterations: int = 300, candidates: int = 11, window: float = 0.5, min_window: float = 0.02,
-             decay: float = 0.7, callback: Optional[ProgressCallback] = None,
+             decay: float = 0.7, sigma_floor: float = 0.0, callback: Optional[ProgressCallback] = None,
              cost: Optional[IntervalCost] = None) -> AYSResult:
     """Optimise an n-step grid by KLUB coordinate search, then subdivide `subdivisions` times (n * 2^k steps).
 
     `init` is a grid name ("auto": EDM rho = 7, or time-uniform for discrete-time processes, as the paper does)
     or explicit process times. `max_iterations` bounds coordinate updates over all stages; the paper stops
     stage 0 early (the KLUB minimiser is not the KL minimiser), which a callback returning True achieves.
+    `sigma_floor` > 0 charges each interval only for its part above that VE sigma: the KLUB's sigma^-3 weight
+    makes the intervals next to a small t_end dominate it, so without a floor the search spends the grid on
+    noise levels the final denoising step removes anyway (BENCHMARKS.md, "Align Your Steps grids").
     `cost` replaces the Monte Carlo KLUB by another separable interval cost (the tests use closed forms).
     """
     proc = process if process is not None else getattr(denoiser, "process", None)
@@ -359,7 +377,8 @@ def optimise(denoiser: DenoiserFn, data_sampler: DataSampler, n: int = 10, *,
         raise ValueError(f"subdivisions={subdivisions!r} must be an integer from 0 to 6")
     ts = _initial_grid(proc, n, init, t_start, t_end)
     sig = tuple(proc.sigma_ve(t) for t in ts)
-    objective = cost if cost is not None else KLUBObjective(denoiser, proc, data_sampler, n_samples, n_times, c)
+    objective = cost if cost is not None else KLUBObjective(denoiser, proc, data_sampler, n_samples, n_times, c,
+                                                            sigma_floor)
     opts = dict(seed=seed, candidates=candidates, window=window, min_window=min_window, decay=decay,
                 callback=callback)
     stages: list[StageResult] = []
@@ -375,4 +394,54 @@ def optimise(denoiser: DenoiserFn, data_sampler: DataSampler, n: int = 10, *,
         else:
             its = 0
         stages.append(StageResult(len(sig) - 1, tuple(sig), its))
-    return AYSResult(proc, tuple(sig), tuple(stages), used, stopped, (ts[0], ts[-1]))
+    rows = objective.rows if isinstance(objective, KLUBObjective) else 0
+    return AYSResult(proc, tuple(sig), tuple(stages), used, stopped, (ts[0], ts[-1]), rows)
+
+
+# ----- settings shared by `s3search ays` and the search's seeding grids ------------------------------------
+@dataclass(frozen=True)
+class AYSSettings:
+    """The optimiser settings of the `s3search ays` command and of a search's `ays_grids` (BENCHMARKS.md,
+    "Align Your Steps grids", measured the defaults). `iterations` bounds the coordinate updates of stage 0."""
+
+    iterations: int = 10
+    n_samples: int = 2048
+    n_times: int = 32
+    c: float = 0.5
+    sigma_floor: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "n_samples", "n_times", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1):
+                raise ValueError(f"{name}={v!r} must be an integer >= {0 if name == 'seed' else 1}")
+        if self.n_samples < self.n_times:
+            raise ValueError(f"n_samples={self.n_samples} must be >= n_times={self.n_times}")
+        for name, lowest in (("c", None), ("sigma_floor", 0.0)):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
+                (v > 0 if lowest is None else v >= lowest)
+            if not ok:
+                raise ValueError(f"{name}={v!r} must be a finite number {'> 0' if lowest is None else '>= 0'}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"iterations": self.iterations, "n_samples": self.n_samples, "n_times": self.n_times,
+                "c": float(self.c), "sigma_floor": float(self.sigma_floor), "seed": self.seed}
+
+
+def optimise_with(settings: AYSSettings, denoiser: DenoiserFn, data_sampler: DataSampler, n: int,
+                  process: NoiseProcess, t_start: Optional[float] = None, t_end: Optional[float] = None,
+                  callback: Optional[ProgressCallback] = None) -> AYSResult:
+    """`optimise` at n steps on [t_end, t_start] (default: the process's range) with `settings`."""
+    return optimise(denoiser, data_sampler, n, process=process, t_start=t_start, t_end=t_end,
+                    n_samples=settings.n_samples, n_times=settings.n_times, c=settings.c, seed=settings.seed,
+                    max_iterations=settings.iterations, sigma_floor=settings.sigma_floor, callback=callback)
+
+
+def grid_document(result: AYSResult, model: str, nfe: int, settings: AYSSettings) -> dict[str, Any]:
+    """The JSON document of an optimised grid: VE sigmas and process times (noisiest first) and how it was made."""
+    return {"kind": "ays-grid", "model": model, "process": result.process.name, "nfe": int(nfe),
+            "steps": len(result.sigmas) - 1, "sigmas": [float(v) for v in result.sigmas],
+            "timesteps": [float(t) for t in result.timesteps], "iterations": result.iterations,
+            "model_rows": result.model_rows, "settings": settings.to_dict()}

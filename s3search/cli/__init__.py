@@ -10,7 +10,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Search few-step diffusion solver schedules (S³), evaluate them, and serve the results.")
 
 # Each module defines register(app: typer.Typer) -> None.
-_COMMAND_MODULES = ("baselines_cmd", "search_cmd", "service_cmd", "worker_cmd", "export_cmd", "models_cmd")
+_COMMAND_MODULES = ("baselines_cmd", "search_cmd", "service_cmd", "worker_cmd", "export_cmd", "models_cmd",
+                    "ays_cmd")
 
 
 def _register_all() -> None:

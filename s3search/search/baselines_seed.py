@@ -7,22 +7,27 @@ Two stages keep the seed affordable at small budgets:
 3. every baseline on the grids that served the best ones (`best_grids`), which catches a method that ranks
    low on its conventional grid but well on another.
 Labels are "<baseline>@<grid>"; the comparison table keeps, per baseline, its best grid on the search split.
+
+With `ays_grids` a grid optimised for the job's model (Align Your Steps, `s3search.ays`) joins the grids of
+stages 2 and 3 under the name "ays-opt". It is not a registry grid, since it belongs to one model: the stages
+take it as an explicit `GridSource` (steps -> process times).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from .. import baselines, grids, processes
+from .. import ays, baselines, grids, processes
 from ..schedule import SolverSchedule
 from ..space import target_first_steps
 from .study import AnySchedule, Candidate, Evaluated
 
-__all__ = ["CONVENTIONAL_GRID", "SEED_GRIDS", "FLOW_SEED_GRIDS", "seed_grids", "label", "parse_label",
-           "conventional", "on_grids", "best_per_baseline", "best_grids", "runs_on", "runnable_names"]
+__all__ = ["CONVENTIONAL_GRID", "SEED_GRIDS", "FLOW_SEED_GRIDS", "AYS_GRID", "GridSource", "seed_grids", "label",
+           "parse_label", "conventional", "on_grids", "best_per_baseline", "best_grids", "runs_on",
+           "runnable_names", "ays_steps", "model_data_sampler", "ays_result", "ays_grid_sources", "clear_ays_cache"]
 
 # The grid each method's reference code uses by default (DPM-Solver / UniPC: logSNR; EDM-family codes: rho = 7;
 # Li et al. and DDIM on discrete models: time-uniform).
@@ -35,6 +40,8 @@ SEED_GRIDS = ("logsnr", "edm", "time-uniform", "quadratic", "kl-optimal", "ays-s
 # SD3's shifted grid (shift 3). On the search's range the other flow pipeline grids are this one again
 # (flow-dpm, flow-unipc) or nearly (flow-dynamic, shift e^1.15), so one is enough.
 FLOW_SEED_GRIDS = ("flow-shift",)
+AYS_GRID = "ays-opt"
+GridSource = Callable[[int], tuple[float, ...]]   # steps -> process times, noisiest first
 
 
 def seed_grids(process: str) -> tuple[str, ...]:
@@ -96,7 +103,9 @@ def runnable_names(target: str, nfes: Iterable[int], process: str,
 
 
 def _build(name: str, nfe: int, process: str, grid: str, t_start: Optional[float],
-           t_end: Optional[float]) -> Optional[AnySchedule]:
+           t_end: Optional[float], extra: Optional[Mapping[str, GridSource]] = None) -> Optional[AnySchedule]:
+    if extra and grid in extra:
+        return _on_source(name, nfe, process, extra[grid])
     if grid.startswith("ays-"):
         # An Align-Your-Steps table keeps its own noise levels where they fit the requested range (that range is
         # the table's point: SDXL's starts at sigma 14.6); stretched onto [t_end, t_start] only otherwise.
@@ -111,6 +120,17 @@ def _try(name: str, nfe: int, process: str, grid: str, t_start: Optional[float],
     try:
         sched = baselines.for_nfe(name, nfe, process, grid=grid, t_start=t_start, t_end=t_end)
     except ValueError:   # this baseline cannot make exactly `nfe` evaluations, or the grid does not fit
+        return None
+    return sched if sched.nfe == nfe else None
+
+
+def _on_source(name: str, nfe: int, process: str, source: GridSource) -> Optional[AnySchedule]:
+    m = baselines.num_timesteps_for(name, nfe, process)
+    if m is None:
+        return None
+    try:
+        sched = baselines.get(name, source(m - 1), process)
+    except ValueError:
         return None
     return sched if sched.nfe == nfe else None
 
@@ -137,17 +157,18 @@ def conventional(nfe: int, process: str, *, names: Optional[Sequence[str]] = Non
 
 def on_grids(names: Iterable[str], nfe: int, process: str, *, grid_names: Sequence[str] = SEED_GRIDS,
              t_start: Optional[float] = None, t_end: Optional[float] = None,
-             target: str = "any") -> list[Candidate]:
+             target: str = "any", extra_grids: Optional[Mapping[str, GridSource]] = None) -> list[Candidate]:
     """Stage 2: the named baselines on every grid in `grid_names` that exists and fits the process (and that
-    `target` runs)."""
+    `target` runs). `extra_grids` names grids outside the registry (the job's "ays-opt")."""
     process = processes.get(process).name
-    known = set(grids.names())
+    extra = dict(extra_grids or {})
+    known = set(grids.names()) | set(extra)
     out = []
     for name in names:
         for grid in grid_names:
             if grid not in known:
                 continue
-            sched = _build(name, nfe, process, grid, t_start, t_end)
+            sched = _build(name, nfe, process, grid, t_start, t_end, extra)
             if sched is not None and runs_on(sched, target):
                 out.append(Candidate(sched, source="baseline", label=label(name, grid)))
     return out
@@ -174,3 +195,62 @@ def best_grids(evaluated: Iterable[Evaluated], nfe: int) -> list[str]:
         _, grid = parse_label(e.label)
         best[grid] = min(best.get(grid, float("inf")), e.value)
     return sorted(best, key=best.get)
+
+
+# ----- Align Your Steps grids of the job's model ----------------------------------------------------------
+_AYS_CACHE: dict[tuple, ays.AYSResult] = {}
+AYS_SETTINGS = ays.AYSSettings()   # what a search's ays_grids uses (the `s3search ays` defaults)
+
+
+def ays_steps(nfe: int, process: str) -> int:
+    """The steps of the AYS grid for `nfe`: those of the one-evaluation-per-step baselines with a final
+    denoise (DDIM, DPM-Solver++(2M), iPNDM: nfe - 1); other step counts interpolate it (AYSResult.grid)."""
+    m = baselines.num_timesteps_for("dpmpp_2m", nfe, process)
+    if m is None or m < 3:
+        raise ValueError(f"nfe={nfe!r}: an AYS grid needs at least 2 steps (nfe >= 3)")
+    return m - 1
+
+
+def model_data_sampler(spec) -> Optional[ays.DataSampler]:
+    """Training data of a model for the KLUB: its reference sampler, else draws from its finite data set."""
+    if spec.reference_sampler is not None:
+        return spec.reference_sampler
+    if spec.reference_set is None:
+        return None
+    data_set = spec.reference_set
+
+    def draw(n: int, gen: torch.Generator) -> torch.Tensor:
+        data = data_set()
+        return data[torch.randint(0, data.shape[0], (n,), generator=gen)]
+
+    return draw
+
+
+def ays_result(model: str, nfe: int, *, t_start: Optional[float] = None, t_end: Optional[float] = None,
+               settings: Optional[ays.AYSSettings] = None,
+               callback: Optional[ays.ProgressCallback] = None) -> ays.AYSResult:
+    """The AYS grid of `model` for `nfe`, optimised once per (model, fingerprint, nfe, range, settings) in
+    this process: repeated searches of a runner reuse it."""
+    from ..models import registry
+
+    settings = settings if settings is not None else AYS_SETTINGS
+    spec = registry.get(model)
+    process = spec.process
+    key = (model, spec.fingerprint, process.name, int(nfe), t_start, t_end, settings)
+    if key not in _AYS_CACHE:
+        sampler = model_data_sampler(spec)
+        if sampler is None:
+            raise ValueError(f"model={model!r} has no data sampler or data set, which the AYS objective needs")
+        _AYS_CACHE[key] = ays.optimise_with(settings, spec.denoiser, sampler, ays_steps(nfe, process.name),
+                                            process, t_start, t_end, callback)
+    return _AYS_CACHE[key]
+
+
+def ays_grid_sources(model: str, nfe: int, *, t_start: Optional[float] = None, t_end: Optional[float] = None,
+                     settings: Optional[ays.AYSSettings] = None) -> dict[str, GridSource]:
+    """{"ays-opt": steps -> times} for `on_grids`."""
+    return {AYS_GRID: ays_result(model, nfe, t_start=t_start, t_end=t_end, settings=settings).grid}
+
+
+def clear_ays_cache() -> None:
+    _AYS_CACHE.clear()

@@ -100,6 +100,9 @@ class SearchOptions:
                                                 nullable=True)
     baseline_grids: Optional[tuple[str, ...]] = _opt(None, "strings", "grids of seeding stage 2 (default: six "
                                                      "standard grids, and flow-shift on the flow process)", nullable=True)
+    ays_grids: bool = _opt(False, "boolean", "optimise an Align Your Steps grid for the job's model at each NFE "
+                           "(s3search.ays, settings of `s3search ays`) and seed baselines on it as grid ays-opt "
+                           "in stages 2 and 3; its model calls are not trials")
     top_baselines_on_grids: int = _opt(5, "integer", "how many stage-1 baselines go on to stage 2", ge=0, le=100)
     baseline_spread_grids: int = _opt(1, "integer", "stage 3: every baseline on this many of the best grids",
                                       ge=0, le=50)

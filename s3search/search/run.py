@@ -142,15 +142,30 @@ def _seed_baselines(ctx: SearchContext, nfe: int, process: str) -> None:
     cap = min(cap, later_baselines_cap(o, ctx.budgets[nfe], min(cap, len(stage1))))
     best = baselines_seed.best_per_baseline(ctx.ledger.done.values(), nfe)
     top = [name for name, _ in sorted(best.items(), key=lambda kv: kv[1].value)][: o.top_baselines_on_grids]
-    grids = tuple(o.baseline_grids or baselines_seed.seed_grids(process))
+    extra = _ays_grids(ctx, nfe, t_start, t_end) if o.ays_grids else {}
+    grids = tuple(o.baseline_grids or baselines_seed.seed_grids(process)) + tuple(extra)
     _seed_stage(ctx, nfe, cap, baselines_seed.on_grids(top, nfe, process, grid_names=grids, t_start=t_start,
-                                                        t_end=t_end))
+                                                        t_end=t_end, extra_grids=extra))
     # Stage 3: every baseline on the grids that served the best ones: a grid that lifts one method often lifts
     # others the conventional-grid ranking left out (gmm-64d NFE 5: iPNDM on AYS-SDXL 0.23, on its own grid
     # outside the top five).
     best_grids = baselines_seed.best_grids(ctx.ledger.done.values(), nfe)[: o.baseline_spread_grids]
     _seed_stage(ctx, nfe, cap, baselines_seed.on_grids(o.baselines or baseline_registry.names(), nfe, process,
-                                                        grid_names=best_grids, t_start=t_start, t_end=t_end))
+                                                        grid_names=best_grids, t_start=t_start, t_end=t_end,
+                                                        extra_grids=extra))
+
+
+def _ays_grids(ctx: SearchContext, nfe: int, t_start: float, t_end: float) -> dict[str, baselines_seed.GridSource]:
+    """The job model's AYS grid ("ays-opt"), optimised once per model and settings (baselines_seed caches it);
+    none, with a progress note, for a model without training data or an NFE too small for an interior point."""
+    if ctx.stopped():
+        return {}
+    ctx.report(f"nfe={nfe}: optimising the AYS grid (model calls, not trials)")
+    try:
+        return baselines_seed.ays_grid_sources(ctx.config.model, nfe, t_start=t_start, t_end=t_end)
+    except ValueError as e:
+        ctx.report(f"nfe={nfe}: no AYS grid: {e}")
+        return {}
 
 
 def _seed_stage(ctx: SearchContext, nfe: int, cap: int, candidates: list[Candidate]) -> None:
