@@ -7,7 +7,9 @@ it could run code. The safety checker, feature extractor and image encoder are n
 `denoiser` is the model at the entry's `prompt`; `denoiser_for`, `decode` and `scheduler_times` come from
 `s3search.models.pipelines`, put on a registered process as the diffusers-unet kind is (noise.registered).
 The entry's `reference_stats` and `clip` (image_metrics) give it Inception features, a FID reference and a CLIP
-model, checked before the pipeline is loaded.
+model, checked before the pipeline is loaded. With `config` set, `path` is a single-file checkpoint read by
+from_single_file with that folder's configs (single_file.py); the config folder is checked as a pipeline folder
+is, except that its components need no weights.
 """
 
 from __future__ import annotations
@@ -55,12 +57,14 @@ _SAFETENSORS = re.compile(r"^[^.]+(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:-\d+-of-\d
 
 def _index(entry: LocalModelEntry, field: str = "path") -> tuple[Path, dict[str, Any]]:
     """The pipeline folder (`path`) or a single file's config folder (`config`), and its model_index.json."""
-    what = ("a diffusers pipeline folder holding model_index.json" if field == "path" else
-            "the pipeline's diffusers config folder, holding model_index.json and the component configs")
+    what, missing = (("a diffusers pipeline folder holding model_index.json",
+                      "a pipeline folder as written by save_pretrained") if field == "path" else
+                     ("the pipeline's diffusers config folder, holding model_index.json and the component configs",
+                      "the config folder of a single-file checkpoint: the pipeline folder without its weights"))
     root = existing(entry, field, getattr(entry, field), want_dir=True, what_dir=what)
     index_file = root / "model_index.json"
     if not index_file.is_file():
-        raise FileNotFoundError(entry.err(field, f"{root} holds no model_index.json ({what})"))
+        raise FileNotFoundError(entry.err(field, f"{root} holds no model_index.json ({missing})"))
     index = read_json(entry, index_file, field)
     name = index.get("_class_name")
     if name not in FAMILIES:

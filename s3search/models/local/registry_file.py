@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ..base import ModelSpec
 
 __all__ = ["KINDS", "FIELDS", "NETWORK_ONLY_FIELDS", "PIPELINE_ONLY_FIELDS", "DTYPES", "PREDICTION_TYPES",
-           "TIME_INPUTS", "LocalModelEntry", "parse_registry", "load_registry_file"]
+           "TIME_INPUTS", "PICKLED_SUFFIXES", "LocalModelEntry", "parse_registry", "load_registry_file"]
 
 KINDS = ("diffusers-unet", "torchscript", "entrypoint", "diffusers-pipeline")
 # Accepted spellings -> the adapter in s3search.denoisers.
@@ -286,7 +286,7 @@ def _pipeline_fields(where: str, raw: dict[str, Any]) -> dict[str, Any]:
 
 
 # Weights loaded with torch.load, which can run code; from_single_file would read them, so they are refused.
-_PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def _single_file_fields(where: str, raw: dict[str, Any]) -> dict[str, Any]:
@@ -294,7 +294,7 @@ def _single_file_fields(where: str, raw: dict[str, Any]) -> dict[str, Any]:
     file name decides, so a pickled checkpoint is refused before anything is read."""
     path = str(raw["path"])
     suffix = Path(path).suffix.lower()
-    if suffix in _PICKLED_SUFFIXES:
+    if suffix in PICKLED_SUFFIXES:
         raise ValueError(f"{where}.path={path!r} is a pickled checkpoint ({suffix}), which is never loaded (it can "
                          "run code); convert it to .safetensors and set config to its diffusers config folder")
     if "config" not in raw:

@@ -16,11 +16,11 @@ from typing import Any, Optional
 import torch
 
 from .common import existing
-from .registry_file import LocalModelEntry
+from .registry_file import PICKLED_SUFFIXES, LocalModelEntry
 
 __all__ = ["PICKLED", "checkpoint_file", "config_weights", "missing_weights", "check_class", "from_single_file"]
 
-PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLED = PICKLED_SUFFIXES
 
 
 def checkpoint_file(entry: LocalModelEntry) -> Path:
@@ -35,8 +35,8 @@ def checkpoint_file(entry: LocalModelEntry) -> Path:
 def config_weights(entry: LocalModelEntry, folder: Path) -> list[Path]:
     """The safetensors weights a config component folder holds ([] for the usual folder without weights).
 
-    diffusers loads a component from its folder when the checkpoint lacks it, and a folder with only a pickled
-    file would then be unpickled: such a folder is refused naming the file."""
+    diffusers may load a component from its folder when the checkpoint lacks it, and a folder with only a
+    pickled file would then be unpickled: such a folder is refused naming the file."""
     files = sorted(p for p in folder.iterdir() if p.is_file())
     safetensors = [p for p in files if p.name.endswith(".safetensors")]
     pickled = [p for p in files if p.suffix in PICKLED]
@@ -73,6 +73,7 @@ def missing_weights(pipe: Any, checkpoint: Path) -> list[str]:
 def _converted_keys(component: Any, state: dict[str, torch.Tensor]) -> Optional[set[str]]:
     """The diffusers keys from_single_file makes of `state` for this component; None for a component that is
     not converted by a diffusers mapping (text encoders, tokenizers, the scheduler)."""
+    # private to diffusers, but the very mapping from_single_file used; there is no public way to ask
     from diffusers.loaders import single_file_model as sfm
 
     mapping = sfm._get_single_file_loadable_mapping_class(type(component))
