@@ -143,7 +143,7 @@ def test_config_folder_holds_no_weights(built) -> None:
     assert not [p for p in config.rglob("*") if p.suffix in (".safetensors", ".bin")]
 
 
-def test_single_file_loads_the_original_weights_exactly(built, tmp_path) -> None:
+def test_single_file_loads_the_original_weights_exactly(built) -> None:
     entries = _both(built["root"])
     model, files = diffusers_pipeline.load(entries["single"])
     assert type(model.pipe).__name__ == "StableDiffusionPipeline"
