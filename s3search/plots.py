@@ -14,9 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["Run", "BaselineEntry", "Results", "load_results", "parse_results", "merge_documents", "read_documents",
+__all__ = ["Run", "Structural", "BaselineEntry", "Results", "load_results", "parse_results", "merge_documents", "read_documents",
            "best_so_far",
            "plot_metric_vs_nfe", "plot_best_so_far", "plot_sample_grid", "make_all"]
+
+
+@dataclass(frozen=True)
+class Structural:
+    """The best structural variant of a search's best baseline, on the test split (label "": none evaluated)."""
+
+    baseline: str
+    label: str = ""
+    first_step: str = ""
+    final: str = ""
+    value: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,9 @@ class Run:
     value: float
     schedule: Optional[dict[str, Any]] = None
     history: tuple[float, ...] = ()          # metric of every true evaluation, in the order they were made
+    source: str = ""                         # the trial source of the winner (baseline, variant, s3, ...)
+    label: str = ""                          # the winner's baseline label when it is a baseline or variant
+    structural: Optional[Structural] = None
 
 
 @dataclass(frozen=True)
@@ -34,12 +48,15 @@ class BaselineEntry:
     nfe: int
     value: float
     schedule: Optional[dict[str, Any]] = None
+    grid: str = ""                           # the grid it was scored on, when the name does not say
 
 
 @dataclass
 class Results:
     model: str = ""
     metric: str = ""
+    study: str = ""
+    seed: Optional[int] = None               # of one search's document; None once several are merged
     runs: list[Run] = field(default_factory=list)
     baselines: list[BaselineEntry] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)   # documents left out: another model or metric
@@ -87,6 +104,16 @@ def _history(value: Any, path: str) -> tuple[float, ...]:
     return tuple(out)
 
 
+def _structural(value: Any, path: str) -> Optional[Structural]:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("baseline"), str):
+        raise ValueError(f"{path} must be an object with a baseline")
+    return Structural(baseline=value["baseline"], label=str(value.get("label") or ""),
+                      first_step=str(value.get("first_step") or ""), final=str(value.get("final") or ""),
+                      value=_number(value.get("value"), f"{path}.value"))
+
+
 def parse_results(doc: Any, source: str = "results") -> Results:
     """Validate one results document (see docs/exports.md); ValueError names the bad field."""
     if not isinstance(doc, dict):
@@ -94,7 +121,9 @@ def parse_results(doc: Any, source: str = "results") -> Results:
     runs_doc, base_doc = doc.get("runs", []), doc.get("baselines", [])
     if not isinstance(runs_doc, list) or not isinstance(base_doc, list):
         raise ValueError(f"{source}: runs and baselines must be lists")
-    res = Results(model=str(doc.get("model", "")), metric=str(doc.get("metric", "")))
+    seed = doc.get("seed")
+    res = Results(model=str(doc.get("model", "")), metric=str(doc.get("metric", "")),
+                  study=str(doc.get("study") or ""), seed=seed if isinstance(seed, int) else None)
     for i, r in enumerate(runs_doc):
         path = f"{source}.runs[{i}]"
         if not isinstance(r, dict):
@@ -102,14 +131,17 @@ def parse_results(doc: Any, source: str = "results") -> Results:
         res.runs.append(Run(method=str(r.get("method", "s3")), nfe=_nfe(r.get("nfe"), f"{path}.nfe"),
                             value=_number(r.get("value"), f"{path}.value"),
                             schedule=_schedule_doc(r.get("schedule"), f"{path}.schedule"),
-                            history=_history(r.get("history"), f"{path}.history")))
+                            history=_history(r.get("history"), f"{path}.history"),
+                            source=str(r.get("source") or ""), label=str(r.get("label") or ""),
+                            structural=_structural(r.get("structural"), f"{path}.structural")))
     for i, b in enumerate(base_doc):
         path = f"{source}.baselines[{i}]"
         if not isinstance(b, dict) or not isinstance(b.get("name"), str):
             raise ValueError(f"{path} must be an object with a name")
         res.baselines.append(BaselineEntry(name=b["name"], nfe=_nfe(b.get("nfe"), f"{path}.nfe"),
                                            value=_number(b.get("value"), f"{path}.value"),
-                                           schedule=_schedule_doc(b.get("schedule"), f"{path}.schedule")))
+                                           schedule=_schedule_doc(b.get("schedule"), f"{path}.schedule"),
+                                           grid=str(b.get("grid") or "")))
     return res
 
 
@@ -167,6 +199,8 @@ def merge_documents(docs: Sequence[tuple[str, Any]], model: Optional[str] = None
         if merged.metric and part.metric and part.metric != merged.metric:
             merged.skipped.append(f"{source}: metric {part.metric!r}, not {merged.metric!r}")
             continue
+        # A merged document stands for one search only while it holds one.
+        merged.study, merged.seed = (part.study, part.seed) if not merged.runs and not merged.baselines else ("", None)
         merged.model, merged.metric = merged.model or part.model, merged.metric or part.metric
         merged.runs.extend(part.runs)
         merged.baselines.extend(part.baselines)

@@ -118,11 +118,15 @@ def test_short_search_beats_a_bad_baseline_and_fills_the_study(tmp_path):
     assert result.best.canonical_hash() == min(validation, key=lambda h: validation[h])
     assert result.validation_value == min(validation.values())
     assert result.best_value == contenders[result.best.canonical_hash()]
+    # The winner, the baseline and the best structural variant of it (the gain line's middle figure).
+    variant = study.user_attrs["test"]["4"]["structural"]
+    assert variant["baseline"] == "ddim" and variant["label"].startswith("ddim@time-uniform+")
     assert set(study.user_attrs["test"]["4"]["values"]) == {"searched:" + result.best.canonical_hash(),
-                                                             "baseline:ddim"}
-    # 40 search, 6 validation and 2 test evaluations, nothing evaluated twice on one split.
-    assert ev.splits == ["search"] * 40 + ["validation"] * 6 + ["test"] * 2
-    assert len(set(zip(ev.calls, ev.splits))) == 48
+                                                             "baseline:ddim", variant["key"]}
+    assert result.structural_of == "ddim@time-uniform" and math.isfinite(result.structural_value)
+    # 40 search, 6 validation and 3 test evaluations, nothing evaluated twice on one split.
+    assert ev.splits == ["search"] * 40 + ["validation"] * 6 + ["test"] * 3
+    assert len(set(zip(ev.calls, ev.splits))) == 49
 
 
 def test_validate_top_zero_keeps_the_search_splits_best(tmp_path):

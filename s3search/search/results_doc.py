@@ -44,9 +44,24 @@ def has_results(study_attrs: dict[str, Any]) -> bool:
     return isinstance(study_attrs.get("test"), dict) and bool(study_attrs["test"])
 
 
+def _structural(entry: dict[str, Any], values: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The structural variant of the best baseline the search test-scored (label None: none was evaluated);
+    None for a study that did not record one."""
+    info = entry.get("structural")
+    if not isinstance(info, dict):
+        return None
+    label, doc = info.get("label"), info.get("schedule")
+    _, _, rules = (label or "").partition("+")
+    first, _, final = rules.partition("/")
+    return {"baseline": info.get("baseline"), "label": label, "first_step": first or None, "final": final or None,
+            "value": _finite(values.get(info.get("key"))) if info.get("key") else None,
+            "schedule": json.loads(doc) if doc else None}
+
+
 def results_document(study: optuna.Study) -> dict[str, Any]:
-    """{model, metric, study, runs, baselines}: per NFE the winner's test value, schedule and search history,
-    and every baseline's test value and schedule. ValueError when the study holds no test scores yet."""
+    """{model, metric, study, seed, runs, baselines}: per NFE the winner's test value, schedule, origin and
+    search history, the structural variant of the best baseline, and every baseline's test value, grid and
+    schedule. ValueError when the study holds no test scores yet."""
     attrs = study.user_attrs
     if not has_results(attrs):
         raise ValueError(f"study {study.study_name!r} has no test-split scores yet (unfinished or stopped)")
@@ -60,12 +75,17 @@ def results_document(study: optuna.Study) -> dict[str, Any]:
             key = "searched:" + chash(schedule_from_json(best))
         searched = values.get(key) if key else None
         runs.append({"method": method, "nfe": nfe, "value": _finite(searched),
-                     "schedule": json.loads(best) if best else None, "history": _history(study, nfe)})
+                     "schedule": json.loads(best) if best else None, "history": _history(study, nfe),
+                     "source": entry.get("winner_source", ""), "label": entry.get("winner_label", ""),
+                     "structural": _structural(entry, values)})
+        grids = entry.get("baseline_grids") or {}
         for name, doc in sorted((entry.get("baseline_schedules") or {}).items()):
             base.append({"name": name, "nfe": nfe, "value": _finite(values.get("baseline:" + name)),
-                         "schedule": json.loads(doc)})
+                         "grid": grids.get(name, ""), "schedule": json.loads(doc)})
+    seed = attrs.get("seed")
     return {"model": str(attrs.get("model", "")), "metric": str(attrs.get("metric", "")),
-            "study": study.study_name, "runs": runs, "baselines": base}
+            "study": study.study_name, "seed": seed if isinstance(seed, int) else None, "runs": runs,
+            "baselines": base}
 
 
 def studies_with_results(storage: Any) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import optuna
@@ -33,7 +33,8 @@ from .s3 import later_baselines_cap, run_s3
 from .study import AnySchedule, Candidate, Evaluated, Ledger, chash
 
 __all__ = ["run_search", "METHODS", "MultiNFEResult", "preflight", "UnknownPromptSet", "build_space",
-           "default_evaluator", "NFEResult"]
+           "default_evaluator", "NFEResult",
+           "best_structural_variant"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,13 @@ class NFEResult(SearchResult):
     winner_source: str = ""
     winner_label: str = ""
     baseline_grids: dict[str, str] = field(default_factory=dict)   # baseline name -> the grid it was scored on
+    # The best baseline (search split) and the best evaluated structural variant of it (its label, test value):
+    # they split the winner's gain over that baseline into what the structural rules give and what per-step
+    # choices add. structural_of empty: not measured (baselines not tested); structural_label empty: no variant
+    # of it was evaluated.
+    structural_of: str = ""
+    structural_label: str = ""
+    structural_value: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -126,7 +134,8 @@ def _final_work(config: SearchConfig) -> float:
     o = config.options
     n_val = o.validation_samples or config.n_test_samples
     validated = o.validate_top + o.validate_baselines if o.validate_top > 0 else 0
-    tested = 1 + (len(o.baselines or baseline_registry.names()) if o.test_baselines else 0)
+    # With the baselines, one structural variant of the best of them (the structural gain line).
+    tested = 1 + (len(o.baselines or baseline_registry.names()) + 1 if o.test_baselines else 0)
     per_nfe = (validated * n_val + tested * config.n_test_samples) / config.n_samples
     return per_nfe * len(set(config.nfe))
 
@@ -235,15 +244,51 @@ def _score_missing(ctx: SearchContext, cached: dict[str, Optional[float]], want:
     return cached
 
 
-def _test_scores(ctx: SearchContext, study: optuna.Study, nfe: int, best: AnySchedule,
-                 baselines: dict[str, AnySchedule]) -> tuple[float, dict[str, float], dict[str, dict[str, float]]]:
-    """(searched value, baseline values, their reported extras by "searched" / baseline name) on the test split."""
+def best_structural_variant(evaluated: Iterable[Evaluated], nfe: int, best_of: dict[str, Evaluated]
+                            ) -> tuple[str, Optional[Evaluated]]:
+    """(a baseline name, the best evaluated structural variant of it): of the best baseline (search split) that
+    has one, else (the best baseline, None).
+
+    A variant is the baseline's steps and grid with other first-step and final rules (s3.seed_variants labels
+    it `<baseline label>+<first>/<final>`); only baselines in the search space get variants, so the best one
+    often has none. Chosen on the search split, so the test split stays unbiased.
+    """
+    if not best_of:
+        return "", None
+    ranked = sorted(best_of.items(), key=lambda kv: kv[1].value)
+    done = [e for e in evaluated if e.source == "variant" and e.nfe == nfe and e.ok]
+    for name, base in ranked:
+        mine = [e for e in done if e.label.startswith(base.label + "+")]
+        if mine:
+            return name, min(mine, key=lambda e: e.value)
+    return ranked[0][0], None
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    searched: float
+    baselines: dict[str, float]
+    extras: dict[str, dict[str, float]]      # reported extras by "searched" / baseline name
+    structural: float = math.nan             # the structural variant's value (nan: none scored)
+
+
+def _test_scores(ctx: SearchContext, study: optuna.Study, nfe: int, best: Evaluated,
+                 baselines: dict[str, Evaluated], structural: tuple[str, Optional[Evaluated]] = ("", None)
+                 ) -> SplitScores:
+    """The winner, every baseline and the structural variant of the best baseline on the test split."""
     cfg = ctx.config
     stored = dict(study.user_attrs.get("test", {}))
     entry = dict(stored.get(str(nfe), {}))
     req = cfg.eval_request(cfg.n_test_samples, "test")
-    want = {"searched:" + chash(best): best}
-    want.update({"baseline:" + name: s for name, s in baselines.items()})
+    best_key = "searched:" + chash(best.schedule)
+    want = {best_key: best.schedule}
+    want.update({"baseline:" + name: e.schedule for name, e in baselines.items()})
+    of, variant = structural
+    # The winner may be that variant itself: its score is then the winner's, at no extra cost.
+    variant_key = None if variant is None else ("searched:" if chash(variant.schedule) == chash(best.schedule)
+                                                else "structural:") + chash(variant.schedule)
+    if variant is not None and variant_key not in want:
+        want[variant_key] = variant.schedule
     extras = dict(entry.get("extras", {}))
     done_before = ctx.final_done
     cached = _score_missing(ctx, dict(entry.get("values", {})), want, req, f"nfe={nfe}", extras)
@@ -252,20 +297,25 @@ def _test_scores(ctx: SearchContext, study: optuna.Study, nfe: int, best: AnySch
     ctx.final_done = done_before + len(want) * cfg.n_test_samples / cfg.n_samples
     ctx.report(f"nfe={nfe}: test split scored ({len(want)} schedules)")
     entry["values"] = cached
-    entry["best_schedule"] = best.to_json()
-    entry["best_key"] = "searched:" + chash(best)   # a resumed search may have scored earlier winners too
-    entry["baseline_schedules"] = {name: s.to_json() for name, s in baselines.items()}
+    entry["best_schedule"] = best.schedule.to_json()
+    entry["best_key"] = best_key   # a resumed search may have scored earlier winners too
+    entry["winner_source"], entry["winner_label"] = best.source, best.label
+    entry["baseline_schedules"] = {name: e.schedule.to_json() for name, e in baselines.items()}
+    entry["baseline_grids"] = {name: baselines_seed.parse_label(e.label)[1] for name, e in baselines.items()}
+    entry["structural"] = None if not of else {
+        "baseline": of, "label": variant.label if variant else None, "key": variant_key,
+        "schedule": variant.schedule.to_json() if variant else None}
     stored[str(nfe)] = entry
     study.set_user_attr("test", stored)
 
-    def val(key: str) -> float:
-        v = cached.get(key)
+    def val(key: Optional[str]) -> float:
+        v = cached.get(key) if key else None
         return math.inf if v is None else float(v)
 
-    shown = {"searched": extras.get("searched:" + chash(best), {})}
+    shown = {"searched": extras.get(best_key, {})}
     shown.update({name: extras["baseline:" + name] for name in baselines if "baseline:" + name in extras})
-    return val("searched:" + chash(best)), {name: val("baseline:" + name) for name in baselines}, \
-        {k: v for k, v in shown.items() if v}
+    return SplitScores(val(best_key), {name: val("baseline:" + name) for name in baselines},
+                      {k: v for k, v in shown.items() if v}, val(variant_key) if variant_key else math.nan)
 
 
 def _near(a: AnySchedule, b: AnySchedule, lam, tol: float) -> bool:
@@ -376,17 +426,20 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
         if not stopped:
             best, validation = _validated_best(ctx, study, nfe)
         best_of = baselines_seed.best_per_baseline(ledger.done.values(), nfe)
-        chosen = {name: e.schedule for name, e in best_of.items()}
         grids = {name: baselines_seed.parse_label(e.label)[1] for name, e in best_of.items()}
-        if stopped:
-            test, base, extras = math.nan, {}, {}
-        else:
-            test, base, extras = _test_scores(ctx, study, nfe, best.schedule,
-                                              chosen if options.test_baselines else {})
-        per_nfe[nfe] = NFEResult(best=best.schedule, best_value=best.value, test_value=test, baselines=base,
+        tested = best_of if options.test_baselines else {}
+        of, variant = best_structural_variant(ledger.done.values(), nfe, tested)
+        scores = SplitScores(math.nan, {}, {}) if stopped else \
+            _test_scores(ctx, study, nfe, best, tested, (of, variant))
+        per_nfe[nfe] = NFEResult(best=best.schedule, best_value=best.value, test_value=scores.searched,
+                                 baselines=scores.baselines,
                                  evaluations=sum(1 for e in ledger.done.values() if e.nfe == nfe),
-                                 validation_value=validation, test_extras=extras, winner_source=best.source,
-                                 winner_label=best.label, baseline_grids={n: grids[n] for n in base if n in grids})
+                                 validation_value=validation, test_extras=scores.extras, winner_source=best.source,
+                                 winner_label=best.label,
+                                 baseline_grids={n: grids[n] for n in scores.baselines if n in grids},
+                                 structural_of=best_of[of].label if of and not stopped else "",
+                                 structural_label=variant.label if variant is not None and not stopped else "",
+                                 structural_value=scores.structural)
     if not per_nfe:
         raise SearchFailed("no schedule was evaluated successfully; see the trials' error attributes")
     first = per_nfe.get(config.nfe[0]) or next(iter(per_nfe.values()))
@@ -395,5 +448,6 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
                           baselines=first.baselines, evaluations=ledger.count, per_nfe=per_nfe, stopped=stopped,
                           validation_value=first.validation_value, test_extras=first.test_extras,
                           winner_source=first.winner_source, winner_label=first.winner_label,
-                          baseline_grids=first.baseline_grids)
+                          baseline_grids=first.baseline_grids, structural_of=first.structural_of,
+                          structural_label=first.structural_label, structural_value=first.structural_value)
 
