@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["Run", "Structural", "BaselineEntry", "Results", "load_results", "parse_results", "merge_documents", "read_documents",
+__all__ = ["Run", "Structural", "BaselineEntry", "Results", "load_results", "parse_results", "merge_documents",
+           "read_documents",
            "best_so_far",
            "plot_metric_vs_nfe", "plot_best_so_far", "plot_sample_grid", "make_all"]
 

@@ -77,7 +77,8 @@ def test_gain_lines_name_the_split_and_say_when_there_is_no_variant():
     many = seed_gain_line(views)
     assert "structural rules (mean-x0 first step, no final denoise) 0.632x [0.500x-0.800x]" in many
     assert "per-step choices and grid 0.559x [0.500x-0.625x]" in many and "1 of 3 searches left out" in many
-    assert seed_gain_line([search_view(_results(_doc(0, 0.5, {"deis": 1.0}, variant=None))[0], 4)]) is None
+    unmeasured = search_view(_results(_doc(0, 0.5, {"deis": 1.0}, variant=None))[0], 4)
+    assert seed_gain_line([unmeasured]) is None and structural_line(unmeasured) is None
 
 
 @pytest.fixture(scope="module")
