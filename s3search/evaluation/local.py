@@ -26,10 +26,11 @@ from ..noise import generators_for, randn_rows
 from .base import EvalRequest, EvalResult
 from .reference import load_or_compute
 from .seeds import EVAL_SPLITS, sample_seeds
+from .teacher import TeacherPath, fine_schedule, record_path, teacher_at
 
 log = logging.getLogger("s3search.evaluation")
 
-__all__ = ["LocalEvaluator", "schedule_hash", "trajectory_reference_schedule"]
+__all__ = ["LocalEvaluator", "schedule_hash", "trajectory_reference_schedule", "teacher_checkpoints"]
 
 PRIORS = ("gaussian", "exact")
 # Image metrics of text-to-image models and their EvalResult.extras keys; clip_score is the CLIP score as
@@ -46,13 +47,17 @@ def schedule_hash(schedule: Any) -> str:
 
 def trajectory_reference_schedule(process: str, t_start: float, t_end: float, final: str, steps: int = 200):
     """A high-NFE reference run for models without an exact flow: 3rd-order multistep on a logSNR grid."""
-    from ..schedule import SolverSchedule, StepSpec
+    return fine_schedule(process, t_start, t_end, final, steps)
 
-    proc = processes.get(process)
-    lam0, lam1 = proc.lambda_(t_start), proc.lambda_(t_end)
-    ts = [t_start] + [proc.t_of_lambda(lam0 + (lam1 - lam0) * i / steps) for i in range(1, steps)] + [t_end]
-    spec = [StepSpec(order=min(3, i + 1)) for i in range(steps)]
-    return SolverSchedule(process=process, timesteps=tuple(ts), steps=tuple(spec), final=final)
+
+# The teacher's checkpoints live in host memory for the whole study: at most this many bytes of them per
+# (start, noise) set, fewer checkpoints for large latents (each end then costs more model calls).
+TEACHER_CHECKPOINT_BYTES = 1 << 30
+
+
+def teacher_checkpoints(row_bytes: int, n_rows: int, wanted: int) -> int:
+    """How many checkpoints of `row_bytes` per row fit TEACHER_CHECKPOINT_BYTES for n_rows (at least 2)."""
+    return max(2, min(wanted, TEACHER_CHECKPOINT_BYTES // max(1, row_bytes * n_rows)))
 
 
 class LocalEvaluator:
@@ -60,7 +65,7 @@ class LocalEvaluator:
 
     def __init__(self, batch_size: int = 1024, cache_dir: Optional[str] = None, reference_n: Optional[int] = None,
                  recompute_reference: bool = False, prior: str = "gaussian", device: str = "cpu",
-                 extras: bool = True, trajectory_steps: int = 200,
+                 extras: bool = True, trajectory_steps: int = 200, trajectory_checkpoints: int = 20,
                  models: Optional[Mapping[str, ModelSpec]] = None,
                  sampler: Optional[Callable[..., torch.Tensor]] = None) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -77,11 +82,13 @@ class LocalEvaluator:
         self.device = torch.device(device)
         self.extras = extras
         self.trajectory_steps = trajectory_steps
+        self.trajectory_checkpoints = trajectory_checkpoints
         self._models = dict(models or {})
         self._sampler = sampler
         self._results: dict[tuple, EvalResult] = {}
         self._references: dict[tuple, dict[str, torch.Tensor]] = {}
         self._trajectories: dict[tuple, torch.Tensor] = {}
+        self._paths: dict[tuple, list[TeacherPath]] = {}
 
     # ----- pieces -------------------------------------------------------------------------------------------
     def _model(self, name: str) -> ModelSpec:
@@ -177,13 +184,26 @@ class LocalEvaluator:
                     ref = model.exact.denoise(ref, process, t_end)
             else:
                 # The teacher is the same model, conditions and x_T on a fine grid: one (prompt, noise) pair,
-                # one reference, computed once per process and reused by every schedule of the study.
-                hi = trajectory_reference_schedule(schedule.process, t0, t_end, schedule.final,
-                                                   self.trajectory_steps)
-                ref = torch.cat([self._sample_fn()(denoiser, x_T[i:i + len(rows)].to(self.device), hi, None).cpu()
-                                 for i, rows, denoiser, _ in self._batches(model, request)])
+                # one fine run per start, reused by every end and every schedule of the study (teacher.py).
+                batches = self._batches(model, request)
+                paths = self._teacher_paths(key[:7] + key[9:], process, t0, t_end, x_T, batches)
+                ref = torch.cat([teacher_at(denoiser, path, t_end, schedule.final, self.device)
+                                 for (_, _, denoiser, _), path in zip(batches, paths)])
             self._trajectories[key] = ref.to(x_T.dtype)
         return self._trajectories[key]
+
+    def _teacher_paths(self, key: tuple, process: processes.NoiseProcess, t0: float, t_end: float,
+                       x_T: torch.Tensor, batches: list) -> list[TeacherPath]:
+        """The recorded fine runs from t0, one per batch, down to the process's t_min (or below, to t_end)."""
+        known = self._paths.get(key)
+        if known is None or known[0].times[-1] > t_end:
+            floor = min(process.t_min, t_end)
+            count = teacher_checkpoints(x_T[0].numel() * x_T.element_size(), len(x_T), self.trajectory_checkpoints)
+            known = [record_path(denoiser, x_T[i:i + len(rows)].to(self.device), process.name, t0, floor,
+                                 self.trajectory_steps, count)
+                     for i, rows, denoiser, _ in batches]
+            self._paths[key] = known
+        return known
 
     @staticmethod
     def _for_metric(model: ModelSpec, metric: metrics.Metric, samples: torch.Tensor) -> torch.Tensor:
