@@ -51,6 +51,11 @@ def _message(e: dict[str, Any], loc: tuple[Any, ...]) -> str:
         if rule is not None and rule.server_only:
             return f"options.{loc[2]} is set by the server, not by a request"
         return f"options.{loc[2]} is not a search option; GET /v1/options lists them"
+    if e.get("type") == "extra_forbidden" and loc[:3] == ("body", "options", "warm_start") and len(loc) == 4:
+        from s3search.search.options import WarmStart
+
+        if str(loc[3]) in WarmStart.__dataclass_fields__:
+            return f"options.warm_start.{loc[3]} is set by the server, not by a request (name jobs or a predictor)"
     return str(e.get("msg", "invalid"))
 
 

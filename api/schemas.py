@@ -6,11 +6,12 @@ from pydantic import (AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Fie
                       StringConstraints, create_model, field_validator)
 
 from s3search.search.config import MAX_SEED, METHODS, Limits, field_default
-from s3search.search.options import Rule, name_choices, option_defaults, option_rules, space_field_kinds
+from s3search.search.options import (JOB_ID_PATTERN, MAX_WARM_JOBS, PREDICTOR_NAME_PATTERN, Rule, name_choices,
+                                      option_defaults, option_rules, space_field_kinds)
 
 __all__ = ["METHODS", "EXPORT_FORMATS", "SearchOptionsIn", "job_create_model", "JobProgress", "JobBest", "JobLinks",
            "JobPublic", "JobList", "TrialPublic", "TrialPage", "ModelList", "BaselineList", "Options",
-           "ErrorItem", "ErrorBody"]
+           "ErrorItem", "ErrorBody", "WarmStartIn", "PredictorList"]
 
 EXPORT_FORMATS = ("json", "diffusers", "k-diffusion", "comfyui")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
@@ -31,6 +32,8 @@ def _option_type(name: str, rule: Rule) -> Any:
         base = Annotated[list[Literal[name_choices(name)]], Field(min_length=1, max_length=256)]  # type: ignore[misc]
     elif rule.kind == "space":
         base = SpaceOptionsIn
+    elif rule.kind == "warm_start":
+        base = WarmStartIn
     else:
         # patternProperties alone would let other keys through in JSON Schema; the server refuses them.
         base = Annotated[dict[OptionKey, ParamValue], Field(json_schema_extra={"additionalProperties": False})]
@@ -71,6 +74,19 @@ SpaceOptionsIn = create_model(
     "SpaceOptions", __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
     **{name: (Optional[_space_type(kind, choices)], Field(None, description=f"default {default!r}"))
        for name, (kind, default, choices) in space_field_kinds().items()})
+
+class WarmStartIn(BaseModel):
+    """What a job may warm-start from: its owner's earlier jobs and predictors saved on the server, by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: Annotated[list[Annotated[StrictStr, StringConstraints(pattern=JOB_ID_PATTERN)]],
+                    Field(max_length=MAX_WARM_JOBS)] = Field(
+        default_factory=list, description="ids of earlier jobs of the same owner: their evaluated schedules "
+                                          "(any NFE, any model of the same process) pre-train the predictor")
+    predictor: Optional[Annotated[StrictStr, StringConstraints(pattern=PREDICTOR_NAME_PATTERN)]] = Field(
+        None, description="a predictor saved on the server (GET /v1/predictors): its ranking seeds the search")
+
 
 def _default(name: str) -> Any:
     return option_defaults()[name]
@@ -228,6 +244,10 @@ class TrialPage(BaseModel):
 
 class ModelList(BaseModel):
     models: list[str]
+
+
+class PredictorList(BaseModel):
+    predictors: list[str]
 
 
 class BaselineList(BaseModel):

@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     # Server-side model registry file (TOML/JSON); never taken from a request.
     model_registry: Optional[str] = Field(None, validation_alias=AliasChoices("S3SEARCH_MODEL_REGISTRY",
                                                                               "S3S_MODEL_REGISTRY"))
+    # Saved predictors a job may warm-start from, by name (each subfolder a `Predictor.save` folder); the runner
+    # reads the same variable (studies.warm.PREDICTORS_DIR_ENV). A request names one, never a path.
+    predictors_dir: Optional[str] = None
     dashboard_url: str = "http://127.0.0.1:8080"
     # `s3search dashboard`: HTTP basic auth, required when it is bound to anything but loopback. The password
     # comes only from the environment: on the command line every local user would see it in `ps`.

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,11 @@ from .lgbm import LightGBMRanker, LightGBMRegressor
 from .sklearn_baseline import RidgePredictor
 from .torch_seq import TorchLSTMPredictor, TorchMLPPredictor
 
-__all__ = ["Predictor", "RankingQuality", "FeatureSpec", "kendall_tau", "topk_recall", "names", "get", "load"]
+__all__ = ["Predictor", "RankingQuality", "FeatureSpec", "kendall_tau", "topk_recall", "names", "get", "load",
+           "saved_names", "saved_path", "SAVED_NAME_PATTERN"]
+
+# The name of a saved predictor inside a folder of them: one path component, so a name can never leave it.
+SAVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
 _REGISTRY: dict[str, type[Predictor]] = {c.kind: c for c in (LightGBMRanker, LightGBMRegressor, TorchLSTMPredictor,
                                                              TorchMLPPredictor, RidgePredictor)}
@@ -48,3 +53,22 @@ def load(path: str | Path) -> Predictor:
     if kind not in _REGISTRY:
         raise ValueError(f"kind={kind!r} is not a known predictor")
     return _REGISTRY[kind].from_config(folder, doc)
+
+
+def saved_names(root: str | Path) -> list[str]:
+    """The predictors saved in `root`: its subfolders holding a predictor config, by name."""
+    folder = Path(root)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if re.fullmatch(SAVED_NAME_PATTERN, p.name) and (p / CONFIG_FILE).is_file())
+
+
+def saved_path(root: str | Path, name: str) -> Path:
+    """The folder of the predictor saved in `root` as `name`; ValueError when the name is not a plain folder
+    name or nothing is saved under it."""
+    if not re.fullmatch(SAVED_NAME_PATTERN, name):
+        raise ValueError(f"predictor={name!r} is not a saved predictor's name ({SAVED_NAME_PATTERN})")
+    if name not in saved_names(root):
+        raise ValueError(f"predictor={name!r} is not saved here; saved: {', '.join(saved_names(root)) or 'none'}")
+    return Path(root) / name

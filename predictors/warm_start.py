@@ -1,8 +1,10 @@
-"""Warm start: (schedule, value) pairs from earlier Optuna studies on the same model.
+"""Warm start: (schedule, value) pairs from earlier Optuna studies, at any NFE, on any model of one process.
 
 Reads trials written by the search (user attributes `schedule` holding the schedule JSON, the trial value as
 the metric). Only COMPLETE trials with a finite value and a schedule of the solver-schedule type are returned;
-studies whose `model` / `metric` user attribute differs from the one asked for are skipped.
+studies whose `process` / `model` / `metric` user attribute differs from the one asked for are skipped (a
+study that does not say passes). Values of different studies and NFE are not comparable: the caller groups
+pairs by (study, NFE).
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import optuna
 from optuna.trial import TrialState
 
 from s3search.schedule import SolverSchedule
 
-__all__ = ["Pair", "load_pairs", "SCHEDULE_ATTR"]
+if TYPE_CHECKING:
+    from .base import Predictor
+
+__all__ = ["Pair", "load_pairs", "fit_from_studies", "SCHEDULE_ATTR"]
 
 SCHEDULE_ATTR = "schedule"
 
@@ -31,7 +36,7 @@ class Pair:
 
 def load_pairs(storage: str | optuna.storages.BaseStorage, study_names: Sequence[str], *,
                model: Optional[str] = None, metric: Optional[str] = None,
-               nfe: Optional[Sequence[int]] = None) -> list[Pair]:
+               nfe: Optional[Sequence[int]] = None, process: Optional[str] = None) -> list[Pair]:
     """Every usable pair of the named studies (missing studies raise ValueError naming them)."""
     out: list[Pair] = []
     for name in study_names:
@@ -41,6 +46,8 @@ def load_pairs(storage: str | optuna.storages.BaseStorage, study_names: Sequence
             raise ValueError(f"studies: {name!r} does not exist in the storage") from None
         attrs = study.user_attrs
         if model is not None and attrs.get("model") not in (None, model):
+            continue
+        if process is not None and attrs.get("process") not in (None, process):
             continue
         if metric is not None and attrs.get("metric") not in (None, metric):
             continue
@@ -59,3 +66,17 @@ def load_pairs(storage: str | optuna.storages.BaseStorage, study_names: Sequence
                 continue
             out.append(Pair(sched, float(t.value), name))
     return out
+
+
+def fit_from_studies(storage: str | optuna.storages.BaseStorage, study_names: Sequence[str], kind: str, *,
+                     seed: int = 0, **params: object) -> "Predictor":
+    """A predictor of `kind` fitted on every usable pair of the named studies, grouped by (study, NFE) as the
+    search groups outside pairs: the form `Predictor.save` writes and a warm start loads."""
+    from . import get
+
+    pairs = load_pairs(storage, study_names)
+    if len(pairs) < 4:
+        raise ValueError(f"studies: {len(pairs)} usable (schedule, value) pairs; fitting needs at least 4")
+    names = list(study_names)
+    groups = [10_000 * (1 + names.index(p.study)) + p.schedule.nfe for p in pairs]
+    return get(kind, seed=seed, **params).fit([p.schedule for p in pairs], [p.value for p in pairs], groups)

@@ -13,6 +13,7 @@ finishes the job, so a final job's study holds only trials its result accounts f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ from .db import make_engine, make_session_factory
 from .fenced_storage import Claim, ClaimLost, FencedStorage, claim_lost_in, fenced_storage
 from .migrate import upgrade
 from .models import Job
+from .warm import predictors_dir, resolve
 
 __all__ = ["RunnerOptions", "Runner", "config_from_spec", "SearchFn", "evaluator_factory"]
 
@@ -79,6 +81,16 @@ def config_from_spec(spec: dict[str, Any]) -> SearchConfig:
     return SearchConfig.from_dict(spec)
 
 
+def _resolved(config: SearchConfig, job: Job, sessions: Any, root: Optional[str]) -> SearchConfig:
+    """The config with its warm start's job ids and predictor name turned into study names and a folder."""
+    spec = config.options.warm_start
+    if spec is None or not (spec.jobs or spec.predictor):
+        return config
+    with sessions() as s:
+        warm = resolve(s, job.owner, spec, root)
+    return dataclasses.replace(config, options=config.options.replace(warm_start=warm))
+
+
 def _finite(x: Any) -> Optional[float]:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
@@ -95,6 +107,8 @@ class RunnerOptions:
     stale_after_s: float = 60.0
     poll_interval_s: float = 1.0
     max_attempts: int = 3
+    # Where warm starts' saved predictors are (None: the environment's S3S_PREDICTORS_DIR).
+    predictors_dir: Optional[str] = None
 
 
 class Runner:
@@ -226,7 +240,8 @@ class Runner:
         evaluator = None
         study: Optional[optuna.Study] = None
         try:
-            config = config_from_spec(job.spec)
+            config = _resolved(config_from_spec(job.spec), job, self.sessions,
+                               self.options.predictors_dir or predictors_dir())
             study = self._open_study(job, token, storage)
             evaluator = self.evaluator_factory(config) if self.evaluator_factory else None
             self._evaluator = evaluator

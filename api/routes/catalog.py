@@ -1,4 +1,4 @@
-"""GET /v1/models, /v1/baselines, /v1/options."""
+"""GET /v1/models, /v1/baselines, /v1/predictors, /v1/options."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ..catalog import baseline_names, metric_names, model_names, predictor_names
 from ..deps import OwnerDep, SettingsDep
 from s3search.search.options import option_defaults, option_rules
 
-from ..schemas import EXPORT_FORMATS, METHODS, BaselineList, ErrorBody, ModelList, OptionInfo, Options
+from ..schemas import EXPORT_FORMATS, METHODS, BaselineList, ErrorBody, ModelList, OptionInfo, Options, PredictorList
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
 _ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}}
@@ -19,6 +19,15 @@ _ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}}
 @router.get("/models", response_model=ModelList, responses=_ERRORS)
 def list_models(_owner: OwnerDep) -> ModelList:
     return ModelList(models=model_names())
+
+
+@router.get("/predictors", response_model=PredictorList, responses=_ERRORS,
+            description="The saved predictors a job may warm-start from (options.warm_start.predictor).")
+def list_saved_predictors(_owner: OwnerDep, settings: SettingsDep) -> PredictorList:
+    import predictors
+
+    return PredictorList(predictors=predictors.saved_names(settings.predictors_dir) if settings.predictors_dir
+                         else [])
 
 
 @router.get("/baselines", response_model=BaselineList, responses=_ERRORS)

@@ -104,6 +104,26 @@ def preflight_errors(config: SearchConfig) -> tuple[Optional[SearchConfig], Opti
         return None, validation_error(_problems(e))
 
 
+def warm_start_refusal(session: Any, owner: str, config: SearchConfig, settings: Settings
+                       ) -> Optional[JSONResponse]:
+    """A 404 naming each warm-start job that is not the caller's (missing or another owner's: the answer is
+    the same, so no one learns of others' jobs) and an unknown saved predictor; None when all are there."""
+    from studies.warm import predictor_problem, unknown_jobs
+
+    spec = config.options.warm_start
+    if spec is None:
+        return None
+    errors = [{**_err(f"options.warm_start.jobs[{i}]", f"options.warm_start.jobs[{i}]: job {spec.jobs[i]} not "
+                                                       "found"), "loc": ["body", "options", "warm_start", "jobs", i]}
+              for i in unknown_jobs(session, owner, spec.jobs)]
+    problem = predictor_problem(settings.predictors_dir, spec.predictor) if spec.predictor is not None else None
+    if problem:
+        errors.append(_err("options.warm_start.predictor", f"options.warm_start.predictor: {problem}"))
+    if not errors:
+        return None
+    return JSONResponse({"detail": "; ".join(e["message"] for e in errors), "errors": errors}, status_code=404)
+
+
 def spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -266,6 +286,9 @@ def build_router(settings: Settings) -> APIRouter:
         if errors:
             return validation_error(errors)
         config, refusal = preflight_errors(config)
+        if refusal is not None:
+            return refusal
+        refusal = warm_start_refusal(session, owner, config, settings)
         if refusal is not None:
             return refusal
         spec = config.to_dict(include_server_only=False)

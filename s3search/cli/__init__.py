@@ -11,7 +11,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 # Each module defines register(app: typer.Typer) -> None.
 _COMMAND_MODULES = ("baselines_cmd", "search_cmd", "service_cmd", "worker_cmd", "export_cmd", "models_cmd",
-                    "ays_cmd", "report_cmd")
+                    "ays_cmd", "report_cmd", "predictor_cmd")
 
 
 def _register_all() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -18,7 +19,7 @@ from typing import Any, Mapping, Optional
 from ..space import TARGETS, SpaceOptions
 
 __all__ = ["ConfigError", "FieldProblem", "Rule", "WarmStart", "SearchOptions", "REFINE_METHODS",
-           "option_rules"]
+           "option_rules", "WARM_START_PUBLIC", "JOB_ID_PATTERN", "PREDICTOR_NAME_PATTERN", "MAX_WARM_JOBS"]
 
 REFINE_METHODS = ("gp", "cmaes")   # grid refinement optimisers (refine.py)
 
@@ -76,12 +77,31 @@ def _opt(default: Any, kind: str, doc: str, **rule: Any) -> Any:
     return field(metadata={"rule": Rule(kind, doc, **rule)}, **make)
 
 
+# A job id (studies.jobs: 32 hex digits) and a saved predictor's name (a plain folder name: never a path).
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+PREDICTOR_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+MAX_WARM_JOBS = 16
+# What a request may name: jobs of its owner and predictors the server has. The rest names server resources
+# (study names in any storage, a database URL, a folder), so only the CLI and the runner set it.
+WARM_START_PUBLIC = ("jobs", "predictor")
+
+
 @dataclass(frozen=True)
 class WarmStart:
-    """Earlier studies whose (schedule, value) pairs pre-train the predictor."""
+    """What pre-trains the predictor: earlier studies' (schedule, value) pairs, and/or a saved predictor.
+
+    Over REST a job names `jobs` (its owner's earlier job ids) and `predictor` (a name the server has); the
+    runner turns them into `studies` (with the service's storage) and `predictor_path`. The CLI sets those
+    directly."""
 
     studies: tuple[str, ...] = ()
     storage: Optional[str] = None        # default: the study's own storage
+    jobs: tuple[str, ...] = ()
+    predictor: Optional[str] = None
+    predictor_path: Optional[str] = None
+
+    def public(self) -> dict[str, Any]:
+        return {"jobs": list(self.jobs), "predictor": self.predictor}
 
 
 @dataclass(frozen=True)
@@ -140,8 +160,10 @@ class SearchOptions:
     validate_baselines: int = _opt(3, "integer", "the best k baselines compete in the validation", ge=0, le=100)
     validation_samples: Optional[int] = _opt(None, "integer", "samples per validation evaluation (default: "
                                              "n_test_samples)", ge=2, le=10_000_000, nullable=True)
-    warm_start: Optional[WarmStart] = _opt(None, "warm_start", "earlier studies that pre-train the predictor",
-                                           nullable=True, server_only=True)
+    warm_start: Optional[WarmStart] = _opt(None, "warm_start", "what pre-trains the predictor: {\"jobs\": [earlier "
+                                           "job ids of the same owner], \"predictor\": a predictor saved on the "
+                                           "server (GET /v1/predictors)}; any NFE, any model of the same process",
+                                           nullable=True)
     evaluator: Mapping[str, Any] = _opt(dict, "object", "LocalEvaluator keyword arguments", server_only=True)
 
     def __post_init__(self) -> None:
@@ -178,7 +200,8 @@ class SearchOptions:
         values: dict[str, Any] = {}
         for key, value in doc.items():
             try:
-                values[key] = _convert(key, value, rules[key])
+                values[key] = (_warm_start(value, allow_server_only) if rules[key].kind == "warm_start"
+                               and not isinstance(value, WarmStart) else _convert(key, value, rules[key]))
             except ConfigError as e:
                 problems += e.problems
         if problems:
@@ -191,7 +214,10 @@ class SearchOptions:
         for f in dataclasses.fields(self):
             if f.metadata["rule"].server_only and not include_server_only:
                 continue
-            out[f.name] = _to_json(getattr(self, f.name))
+            value = getattr(self, f.name)
+            # A request's document holds what a request may set: the runner's resolution stays out of it.
+            out[f.name] = value.public() if isinstance(value, WarmStart) and not include_server_only \
+                else _to_json(value)
         return out
 
     def replace(self, **changes: Any) -> "SearchOptions":
@@ -310,17 +336,45 @@ def _convert(name: str, value: Any, rule: Rule) -> Any:
     return value
 
 
-def _warm_start(value: Any) -> WarmStart:
+def _warm_start(value: Any, allow_server_only: bool = True) -> Optional[WarmStart]:
     path = "options.warm_start"
-    if not isinstance(value, Mapping) or set(value) - {"studies", "storage"}:
-        raise ConfigError.one(path, f"{path} must be an object with 'studies' (a list of names) and optionally "
-                                    "'storage' (a URL)")
-    studies, storage = value.get("studies", []), value.get("storage")
-    if not isinstance(studies, (list, tuple)) or not all(isinstance(s, str) for s in studies):
-        raise ConfigError.one(f"{path}.studies", f"{path}.studies must be a list of study names")
-    if storage is not None and not isinstance(storage, str):
-        raise ConfigError.one(f"{path}.storage", f"{path}.storage must be a storage URL or null")
-    return WarmStart(studies=tuple(studies), storage=storage)
+    if value is None:
+        return None
+    known = set(WarmStart.__dataclass_fields__) if allow_server_only else set(WARM_START_PUBLIC)
+    if not isinstance(value, Mapping):
+        raise ConfigError.one(path, f"{path} must be an object with 'jobs' (earlier job ids) and/or "
+                                    "'predictor' (a saved predictor's name)")
+    problems = [FieldProblem(f"{path}.{k}", f"{path}.{k} is set by the server, not by a request"
+                             if k in WarmStart.__dataclass_fields__ else
+                             f"{path}.{k} is not a warm-start field (known: {', '.join(sorted(known))})")
+                for k in value if k not in known]
+    if problems:
+        raise ConfigError(problems)
+    for key in ("studies", "jobs"):
+        names = value.get(key, [])
+        if not isinstance(names, (list, tuple)) or not all(isinstance(s, str) for s in names):
+            problems.append(FieldProblem(f"{path}.{key}", f"{path}.{key} must be a list of names"))
+        elif key == "jobs":
+            problems += _job_id_problems(names)
+    for key in ("storage", "predictor_path"):
+        if value.get(key) is not None and not isinstance(value.get(key), str):
+            problems.append(FieldProblem(f"{path}.{key}", f"{path}.{key} must be a string or null"))
+    name = value.get("predictor")
+    if name is not None and not (isinstance(name, str) and re.fullmatch(PREDICTOR_NAME_PATTERN, name)):
+        problems.append(FieldProblem(f"{path}.predictor", f"{path}.predictor must be the name of a saved "
+                                                          f"predictor (matching {PREDICTOR_NAME_PATTERN}), not a path"))
+    if problems:
+        raise ConfigError(problems)
+    return WarmStart(studies=tuple(value.get("studies", ())), storage=value.get("storage"),
+                     jobs=tuple(value.get("jobs", ())), predictor=name, predictor_path=value.get("predictor_path"))
+
+
+def _job_id_problems(ids: Any) -> list[FieldProblem]:
+    path = "options.warm_start.jobs"
+    if len(ids) > MAX_WARM_JOBS:
+        return [FieldProblem(path, f"{path} may name at most {MAX_WARM_JOBS} jobs, not {len(ids)}")]
+    return [FieldProblem(f"{path}[{i}]", f"{path}[{i}]={_short(j)} is not a job id (32 hex digits)")
+            for i, j in enumerate(ids) if not re.fullmatch(JOB_ID_PATTERN, j)]
 
 
 def _to_json(value: Any) -> Any:

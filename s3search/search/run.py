@@ -200,20 +200,66 @@ def _drain(ctx: SearchContext, nfe: int, cap: int) -> None:
 
 
 def _load_warm(ctx: SearchContext, study: optuna.Study) -> None:
+    """ctx.warm_pairs from options.warm_start: the named studies' pairs (any NFE, any model of this process)
+    that lie in this search's space at their own NFE, then a saved predictor's scores of a predicted-best and
+    a random pool at each NFE of this search. Each (study, NFE) and each (saved predictor, NFE) is a group of
+    its own, compared only within itself."""
     spec = ctx.options.warm_start
     if spec is None:
         return
-    from predictors.warm_start import load_pairs
-
-    backend = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 (the same DB by default)
-    storage = spec.storage or getattr(backend, "url", None)
-    if storage is None:
-        raise ValueError("options.warm_start.storage is required when the study is not on an RDB storage")
     names = [n for n in spec.studies if n != study.study_name]
-    pairs = load_pairs(storage, names, model=ctx.config.model)
-    # Group ids >= 10_000 mark outside pairs: compared only among themselves (same study, same NFE).
-    ctx.warm_pairs = [(p.schedule, p.value, 10_000 * (1 + names.index(p.study)) + p.schedule.nfe) for p in pairs]
-    study.set_user_attr("warm_start_pairs", len(ctx.warm_pairs))
+    pairs: list[tuple[Any, float, int]] = []
+    if names:
+        from predictors.warm_start import load_pairs
+
+        backend = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 (the same DB by default)
+        storage = spec.storage or getattr(backend, "url", None)
+        if storage is None:
+            raise ValueError("options.warm_start.storage is required when the study is not on an RDB storage")
+        found = load_pairs(storage, names, metric=ctx.config.metric, process=ctx.space.process.name)
+        inside = _in_space_at_own_nfe(ctx.space, [p.schedule for p in found])
+        # Group ids >= 10_000 mark outside pairs: compared only among themselves (same study, same NFE).
+        pairs = [(p.schedule, p.value, 10_000 * (1 + names.index(p.study)) + p.schedule.nfe)
+                 for p, ok in zip(found, inside) if ok]
+    predicted: list[tuple[Any, float, int]] = []
+    if spec.predictor_path:
+        prior = predictors.load(spec.predictor_path)
+        group = 10_000 * (1 + len(names))
+        rng = np.random.default_rng([ctx.config.seed, 7])
+        predicted = [(s, v, group + nfe) for nfe in ctx.space.nfes
+                     for s, v in predicted_pool(ctx.space, prior, nfe, rng)]
+    ctx.warm_pairs = pairs + predicted
+    study.set_user_attr("warm_start_pairs", len(pairs))
+    study.set_user_attr("warm_start_predicted", len(predicted))
+
+
+def _in_space_at_own_nfe(space: SearchSpace, schedules: list[SolverSchedule]) -> list[bool]:
+    """Whether each schedule lies in `space` widened to its own NFE (a pair of another NFE still teaches the
+    shared predictor, which the search fits across NFE)."""
+    spaces: dict[int, Optional[SearchSpace]] = {}
+    out = []
+    for s in schedules:
+        if s.nfe not in spaces:
+            try:
+                spaces[s.nfe] = SearchSpace(space.process, s.nfe, t_min=space.t_min, t_max=space.t_max,
+                                            options=space.options)
+            except ValueError:   # that NFE cannot be reached with this space's rules
+                spaces[s.nfe] = None
+        at = spaces[s.nfe]
+        out.append(at is not None and at.contains(s))
+    return out
+
+
+def predicted_pool(space: SearchSpace, prior: predictors.Predictor, nfe: int, rng: np.random.Generator,
+                   n_best: int = 32, n_random: int = 32) -> list[tuple[SolverSchedule, float]]:
+    """(schedule, predicted score) of the saved predictor's `n_best` at this NFE (a short predictor-scored
+    evolution) and of `n_random` random schedules: its ranking where it matters, and a spread that keeps the
+    fitted predictor from learning only the top."""
+    from .s3 import evolve
+
+    best = evolve(space, prior, [], nfe, rng, population=64, children=64, generations=3)[:n_best]
+    spread = [space.random(rng, nfe) for _ in range(n_random)]
+    return best + list(zip(spread, prior.predict(spread).tolist()))
 
 
 # Other metrics an evaluation reports beside its own (EvalResult.extras) that the final table shows next to it:

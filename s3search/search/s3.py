@@ -32,7 +32,7 @@ from .study import Candidate, chash
 
 __all__ = ["run_s3", "budget_shares", "Shares", "later_baselines_cap", "variants_cap", "random_seeds",
            "loop_batch", "calibrator", "evolve", "local_pool", "fit_predictor", "seed_random", "seed_variants",
-           "structural_variants", "niche_factor", "niches", "niche_elites"]
+           "structural_variants", "niche_factor", "niches", "niche_elites", "seed_warm", "warm_elites"]
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,34 @@ def fit_predictor(ctx: SearchContext, holdout: float = 0.2) -> Optional[predicto
         taus = [t for t in taus if math.isfinite(t)]
         ctx.predictor_tau = float(np.mean(taus)) if taus else None
     return predictors.get(ctx.config.predictor, **params).fit(scheds, values, groups)
+
+
+def warm_elites(ctx: SearchContext, nfe: int, per_group: int = 4) -> list[SolverSchedule]:
+    """The best `per_group` warm pairs at this NFE of each warm group (values compare only within one)."""
+    groups: dict[int, list[tuple[float, SolverSchedule]]] = {}
+    for s, v, g in ctx.warm_pairs:
+        if s.nfe == nfe and math.isfinite(v):
+            groups.setdefault(g, []).append((v, s))
+    return [s for g in sorted(groups) for _, s in sorted(groups[g], key=lambda p: p[0])[:per_group]]
+
+
+def seed_warm(ctx: SearchContext, nfe: int, n: int) -> None:
+    """Evaluate the n unseen schedules the predictor fitted with the warm pairs ranks best, evolved from this
+    NFE's best evaluated schedules and the warm groups' best (an earlier study's winner at this NFE is a
+    candidate as it is). Random seeds when there is nothing to fit yet."""
+    have = sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source == "warm")
+    want = max(0, min(n - have, ctx.remaining(nfe)))
+    if want == 0:
+        return
+    predictor = fit_predictor(ctx, holdout=0)
+    if predictor is None:
+        seed_random(ctx, nfe, n)
+        return
+    own = [e.schedule for e in ctx.ranked_in_space(nfe)[:8]]
+    o = ctx.options
+    ranked = evolve(ctx.space, predictor, own + warm_elites(ctx, nfe), nfe, ctx.rng, population=int(o.population),
+                    children=int(o.children), generations=int(o.generations), exclude=set(ctx.ledger.done))
+    ctx.evaluate([Candidate(s, source="warm") for s, _ in ranked[:want]], nfe)
 
 
 def _tournament(scores: np.ndarray, rng: np.random.Generator, size: int = 3) -> int:
@@ -444,7 +472,11 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
     # matter more than wider seeding").
     seed_variants(ctx, nfe, int(o.variants_of_best), variants_cap(o, budget, _seeded(ctx, nfe, ("baseline",))))
     init = random_seeds(o, budget, _seeded(ctx, nfe, ("baseline", "variant")))
-    seed_random(ctx, nfe, init)
+    # A warm start spends the random seeds on what the warm-started predictor ranks best instead.
+    if ctx.warm_pairs:
+        seed_warm(ctx, nfe, init)
+    else:
+        seed_random(ctx, nfe, init)
     generation = 0
     last_batch: list[tuple[float, float]] = []
     keep = budget_shares(o, budget).refine

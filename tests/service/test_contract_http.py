@@ -22,7 +22,7 @@ GOOD = {"model": "gmm-64d", "nfe": 5, "budget": 3, "n_samples": 16, "n_test_samp
 # metric), and the top-level fields.
 SERVICE_CASES = [
     ({"options": {"evaluator": {"device": "cuda"}}}, "options.evaluator"),
-    ({"options": {"warm_start": {"studies": ["x"]}}}, "options.warm_start"),
+    ({"options": {"warm_start": {"studies": ["x"]}}}, "options.warm_start.studies"),   # names only jobs, predictors
     ({"options": {"validation_samples": 20_000}}, "options.validation_samples"),   # S3S_MAX_TEST_SAMPLES=100
     ({"options": {"batch_size": 5000}}, "options.batch_size"),
     ({"metric": "fid"}, "metric"),                                                 # no feature network
