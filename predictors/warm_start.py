@@ -38,6 +38,13 @@ def load_pairs(storage: str | optuna.storages.BaseStorage, study_names: Sequence
                model: Optional[str] = None, metric: Optional[str] = None,
                nfe: Optional[Sequence[int]] = None, process: Optional[str] = None) -> list[Pair]:
     """Every usable pair of the named studies (missing studies raise ValueError naming them)."""
+    if isinstance(storage, str):
+        # One engine for all the studies, closed here: a runner reads warm starts for every job it runs.
+        owned = optuna.storages.RDBStorage(storage)
+        try:
+            return load_pairs(owned, study_names, model=model, metric=metric, nfe=nfe, process=process)
+        finally:
+            owned.engine.dispose()
     out: list[Pair] = []
     for name in study_names:
         try:
