@@ -27,6 +27,7 @@ from ..schedule import SolverSchedule
 from ..space import SearchSpace
 from .context import SearchContext
 from .options import SearchOptions
+from .near_copies import NearCopies, distinct
 from .refine import refine_budget, refine_grid
 from .study import Candidate, chash
 
@@ -500,10 +501,14 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
         k = min(batch, ctx.remaining(nfe) - keep)
         n_direct = min(k - 1, int(round(float(o.direct) * k))) if k > 1 else 0
         local = _by_structure_in_turn(local, [_structure(g[0]) for g in close])
-        picks = _choose(local, ranked, k - n_direct, float(o.explore))
+        # Near copies of evaluated schedules (or of each other) leave the pools before the choice.
+        copies = NearCopies(ctx.space.process, [e.schedule for e in ctx.ledger.done.values() if e.nfe == nfe])
+        ranked = [c for c in ranked if not copies.near(c[0])]
+        local = [c for c in local if not copies.near(c[0])]
+        picks = distinct(_choose(local, ranked, k - n_direct, float(o.explore)), copies)
         parents, share = ([g[0] for g in close], 0.5) if len(close) > 1 else (elites[:2], 0.7)
-        picks += direct_neighbours(ctx.space, parents, ctx.rng, n_direct, exclude | {chash(s) for s, _ in picks},
-                                   first_share=share)
+        picks += distinct(direct_neighbours(ctx.space, parents, ctx.rng, n_direct,
+                                            exclude | {chash(s) for s, _ in picks}, first_share=share), copies)
         generation += 1
         raw = {chash(s): p for s, p in picks}
         shown = _on_metric_scale(to_metric, [p for _, p in picks])
