@@ -22,9 +22,20 @@ from s3search.schedule import SolverSchedule
 if TYPE_CHECKING:
     from .base import Predictor
 
-__all__ = ["Pair", "load_pairs", "fit_from_studies", "SCHEDULE_ATTR"]
+__all__ = ["Pair", "load_pairs", "fit_from_studies", "outside_group", "is_outside_group", "SCHEDULE_ATTR"]
 
 SCHEDULE_ATTR = "schedule"
+_OUTSIDE = 10_000   # group ids from here on hold outside pairs; a search's own groups are its NFE
+
+
+def outside_group(source: int, nfe: int) -> int:
+    """The ranking group of the pairs at `nfe` from the `source`-th outside source (an earlier study, a saved
+    predictor): compared only among themselves, never with a search's own values."""
+    return _OUTSIDE * (1 + source) + nfe
+
+
+def is_outside_group(group: int) -> bool:
+    return group >= _OUTSIDE
 
 
 @dataclass(frozen=True)
@@ -85,5 +96,5 @@ def fit_from_studies(storage: str | optuna.storages.BaseStorage, study_names: Se
     if len(pairs) < 4:
         raise ValueError(f"studies: {len(pairs)} usable (schedule, value) pairs; fitting needs at least 4")
     names = list(study_names)
-    groups = [10_000 * (1 + names.index(p.study)) + p.schedule.nfe for p in pairs]
+    groups = [outside_group(names.index(p.study), p.schedule.nfe) for p in pairs]
     return get(kind, seed=seed, **params).fit([p.schedule for p in pairs], [p.value for p in pairs], groups)

@@ -26,11 +26,11 @@ from ..noise import generators_for, randn_rows
 from .base import EvalRequest, EvalResult
 from .reference import load_or_compute
 from .seeds import EVAL_SPLITS, sample_seeds
-from .teacher import TeacherPath, fine_schedule, record_path, teacher_at
+from .teacher import TeacherPath, record_path, teacher_at
 
 log = logging.getLogger("s3search.evaluation")
 
-__all__ = ["LocalEvaluator", "schedule_hash", "trajectory_reference_schedule", "teacher_checkpoints"]
+__all__ = ["LocalEvaluator", "schedule_hash", "teacher_checkpoints"]
 
 PRIORS = ("gaussian", "exact")
 # Image metrics of text-to-image models and their EvalResult.extras keys; clip_score is the CLIP score as
@@ -43,11 +43,6 @@ def schedule_hash(schedule: Any) -> str:
         return schedule.canonical_hash()
     except Exception:  # an object that is not a valid schedule still needs a key for its error result
         return f"invalid-{id(schedule):x}"
-
-
-def trajectory_reference_schedule(process: str, t_start: float, t_end: float, final: str, steps: int = 200):
-    """A high-NFE reference run for models without an exact flow: 3rd-order multistep on a logSNR grid."""
-    return fine_schedule(process, t_start, t_end, final, steps)
 
 
 # The teacher's checkpoints live in host memory for the whole study: at most this many bytes of them per
@@ -174,8 +169,10 @@ class LocalEvaluator:
     def _trajectory_reference(self, model: ModelSpec, schedule: Any, request: EvalRequest,
                               x_T: torch.Tensor) -> torch.Tensor:
         t0, t_end = schedule.timesteps[0], schedule.timesteps[-1]
-        key = (model.name, schedule.process, request.n_samples, request.seed, request.split, self.prior,
-               float(t0), float(t_end), schedule.final, request.prompt_set, request.guidance_scale)
+        # One recorded path per (x_T set, start); one reference per path, end and final rule.
+        path_key = (model.name, schedule.process, request.n_samples, request.seed, request.split, self.prior,
+                    float(t0), request.prompt_set, request.guidance_scale)
+        key = path_key + (float(t_end), schedule.final)
         if key not in self._trajectories:
             process = processes.get(schedule.process)
             if hasattr(model.exact, "exact_pf_ode"):
@@ -186,7 +183,7 @@ class LocalEvaluator:
                 # The teacher is the same model, conditions and x_T on a fine grid: one (prompt, noise) pair,
                 # one fine run per start, reused by every end and every schedule of the study (teacher.py).
                 batches = self._batches(model, request)
-                paths = self._teacher_paths(key[:7] + key[9:], process, t0, t_end, x_T, batches)
+                paths = self._teacher_paths(path_key, process, t0, t_end, x_T, batches)
                 ref = torch.cat([teacher_at(denoiser, path, t_end, schedule.final, self.device)
                                  for (_, _, denoiser, _), path in zip(batches, paths)])
             self._trajectories[key] = ref.to(x_T.dtype)

@@ -18,6 +18,7 @@ import numpy as np
 import optuna
 
 import predictors
+from predictors.warm_start import load_pairs, outside_group
 
 from .. import baselines as baseline_registry
 from .. import processes
@@ -210,23 +211,19 @@ def _load_warm(ctx: SearchContext, study: optuna.Study) -> None:
     names = [n for n in spec.studies if n != study.study_name]
     pairs: list[tuple[Any, float, int]] = []
     if names:
-        from predictors.warm_start import load_pairs
-
         backend = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 (the same DB by default)
         storage = spec.storage or getattr(backend, "url", None)
         if storage is None:
             raise ValueError("options.warm_start.storage is required when the study is not on an RDB storage")
         found = load_pairs(storage, names, metric=ctx.config.metric, process=ctx.space.process.name)
         inside = _in_space_at_own_nfe(ctx.space, [p.schedule for p in found])
-        # Group ids >= 10_000 mark outside pairs: compared only among themselves (same study, same NFE).
-        pairs = [(p.schedule, p.value, 10_000 * (1 + names.index(p.study)) + p.schedule.nfe)
+        pairs = [(p.schedule, p.value, outside_group(names.index(p.study), p.schedule.nfe))
                  for p, ok in zip(found, inside) if ok]
     predicted: list[tuple[Any, float, int]] = []
     if spec.predictor_path:
         prior = predictors.load(spec.predictor_path)
-        group = 10_000 * (1 + len(names))
         rng = np.random.default_rng([ctx.config.seed, 7])
-        predicted = [(s, v, group + nfe) for nfe in ctx.space.nfes
+        predicted = [(s, v, outside_group(len(names), nfe)) for nfe in ctx.space.nfes
                      for s, v in predicted_pool(ctx.space, prior, nfe, rng)]
     ctx.warm_pairs = pairs + predicted
     study.set_user_attr("warm_start_pairs", len(pairs))

@@ -22,6 +22,7 @@ from sklearn.isotonic import IsotonicRegression
 
 import predictors
 from predictors.base import kendall_tau
+from predictors.warm_start import is_outside_group
 
 from ..schedule import SolverSchedule
 from ..space import SearchSpace
@@ -197,7 +198,7 @@ def fit_predictor(ctx: SearchContext, holdout: float = 0.2) -> Optional[predicto
         return None
     params = dict(ctx.options.predictor_params)
     params.setdefault("seed", ctx.config.seed)
-    own = [i for i, g in enumerate(groups) if g < 10_000]
+    own = [i for i, g in enumerate(groups) if not is_outside_group(g)]
     if holdout > 0 and len(own) >= 20:
         perm = ctx.rng.permutation(own)
         n_test = max(5, int(holdout * len(own)))

@@ -33,7 +33,7 @@ from .common import device_of, existing, file_sha256, read_json
 from .image_metrics import image_metric_parts
 from .noise import exposure, registered, target_name
 from . import single_file
-from .registry_file import LocalModelEntry
+from .registry_file import PICKLED_SUFFIXES, LocalModelEntry
 
 __all__ = ["REQUIRED", "SKIPPED", "load", "build"]
 
@@ -50,7 +50,6 @@ REQUIRED = {
 # Components a sampler of latents never calls; they are passed as None so that nothing of theirs is read.
 SKIPPED = ("safety_checker", "feature_extractor", "image_encoder")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_PICKLED = single_file.PICKLED
 # name[.variant][-00001-of-00003].safetensors, as diffusers and transformers write weights and their shards
 _SAFETENSORS = re.compile(r"^[^.]+(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:-\d+-of-\d+)?\.safetensors$")
 
@@ -102,7 +101,7 @@ def _weights(entry: LocalModelEntry, folder: Path) -> list[Path]:
     plain = [p for p, v in safetensors.items() if v is None]
     if chosen or plain:
         return chosen or plain
-    pickled = [p for p in files if p.suffix in _PICKLED]
+    pickled = [p for p in files if p.suffix in PICKLED_SUFFIXES]
     variants = sorted({v for v in safetensors.values() if v is not None})
     if variants:
         raise FileNotFoundError(entry.err("variant", f"{folder} holds only {', '.join(variants)} variant weights "
@@ -227,7 +226,7 @@ def _load(entry: LocalModelEntry) -> tuple[PipelineModel, list[Path]]:
 
 
 def _is_weights(path: Path) -> bool:
-    return path.suffix in _PICKLED or path.name.endswith(".safetensors")
+    return path.suffix in PICKLED_SUFFIXES or path.name.endswith(".safetensors")
 
 
 def _weights_sha256(root: Path, files: list[Path]) -> str:

@@ -18,9 +18,7 @@ import torch
 from .common import existing
 from .registry_file import PICKLED_SUFFIXES, LocalModelEntry
 
-__all__ = ["PICKLED", "checkpoint_file", "config_weights", "missing_weights", "check_class", "from_single_file"]
-
-PICKLED = PICKLED_SUFFIXES
+__all__ = ["checkpoint_file", "config_weights", "missing_weights", "check_class", "from_single_file"]
 
 
 def checkpoint_file(entry: LocalModelEntry) -> Path:
@@ -39,7 +37,7 @@ def config_weights(entry: LocalModelEntry, folder: Path) -> list[Path]:
     pickled file would then be unpickled: such a folder is refused naming the file."""
     files = sorted(p for p in folder.iterdir() if p.is_file())
     safetensors = [p for p in files if p.name.endswith(".safetensors")]
-    pickled = [p for p in files if p.suffix in PICKLED]
+    pickled = [p for p in files if p.suffix in PICKLED_SUFFIXES]
     if pickled and not safetensors:
         raise FileNotFoundError(entry.err("config", f"{pickled[0]} is pickled weights, which are never loaded "
                                                     "(they can run code); delete it (the checkpoint holds the "
