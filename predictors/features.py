@@ -50,7 +50,7 @@ GLOBAL_NAMES: tuple[str, ...] = (
     + PROBE_NAMES
 )
 _N_TAIL = 3
-FEATURE_VERSION = 2          # bump when the columns change: a saved predictor only fits its own columns
+FEATURE_VERSION = 3          # bump when the columns change: a saved predictor only fits its own columns
 
 
 @dataclass(frozen=True)

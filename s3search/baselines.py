@@ -5,13 +5,14 @@
     x0 = sample(denoiser, x_T, sched, generator=torch.Generator().manual_seed(0))
 
 A baseline is a SolverSchedule where the method is a point of the schedule space (DDIM, DPM-Solver++, UniPC,
-SA-Solver, SEEDS-1, ER-SDE-1 with phi = sigma^(1 + eta)), otherwise a NamedSchedule run by its own function
+SA-Solver, SEEDS-1, ER-SDE-1 with phi = sigma^(1 + eta), Heun in flow time), otherwise a NamedSchedule run by its own function
 (s3search.named). Every schedule ends with x = D(x_N, t_N): the step to sigma = 0 of k-diffusion and diffusers.
 Where two references differ (DPM-Solver++(3M) warm-up and final steps), a parameter picks which one to follow.
 
 diffusers' flow-matching schedulers are baselines on flow grids (docs/baselines.md): FlowMatchEuler is `ddim`,
 DPMSolverMultistep and UniPCMultistep with use_flow_sigmas are `dpmpp_2m` and `unipc_bh2_2`, each unchanged,
-and FlowMatchHeun is `flow_heun`, the one rule of theirs outside the schedule space.
+and FlowMatchHeun is `flow_heun`, the trapezoidal corrector with an extra evaluation (derivative "trapezoid",
+corrector "implicit") at every step: all four are points of the schedule space.
 """
 
 from __future__ import annotations
@@ -160,6 +161,12 @@ def _er_sde_1(ts, process, p):
     return NamedSchedule(sampler="er_sde_1", process=process, timesteps=ts, params=p)
 
 
+def _flow_heun(ts, process, p):
+    # Heun's second evaluation at the corrected point is the next step's first: PECE, one step per interval.
+    return _schedule(ts, process, _steps(len(ts) - 1, lambda i: StepSpec(derivative="trapezoid",
+                                                                           corrector="implicit")))
+
+
 def _named(sampler: str) -> Builder:
     def build(ts, process, p):
         return NamedSchedule(sampler=sampler, process=process, timesteps=ts, params=p)
@@ -214,7 +221,10 @@ for _k in (2, 3):
                   _named(f"seeds_{_k}"), named=f"seeds_{_k}"))
 _add(Baseline("er_sde_1", get_sampler("er_sde_1").description + " (phi = sigma^(1+eta) runs as an eta step)",
               get_sampler("er_sde_1").paper, _er_sde_1, named="er_sde_1"))
-for _name in ("er_sde_2", "er_sde_3", "deis", "ipndm", "edm_heun", "flow_heun", "li_accelerated_ode",
+_add(Baseline("flow_heun", "Heun (2nd order, 2 NFE per step) on the rectified-flow ODE in flow time, as diffusers' "
+              "FlowMatchHeunDiscreteScheduler", "Liu et al., Flow Straight and Fast (rectified flow), ICLR 2023; "
+              "diffusers FlowMatchHeunDiscreteScheduler", _flow_heun))
+for _name in ("er_sde_2", "er_sde_3", "deis", "ipndm", "edm_heun", "li_accelerated_ode",
               "li_accelerated_ddpm"):
     _add(Baseline(_name, get_sampler(_name).description, get_sampler(_name).paper, _named(_name), named=_name))
 

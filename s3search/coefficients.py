@@ -8,6 +8,9 @@ normalised log-SNR variable u = (lambda - lambda_s) / h, u in [0, 1]:
 (data form: omega = (1 + eta) h; noise form: omega = -h; see integrator.py). V is known at nodes u_j (0 for the
 current time, negative for earlier ones, 1 for a corrector's new evaluation). Every scheme below returns weights
 w_j so that the integral is approximated by sum_j w_j V_j; the weights always sum to K_0 = 1 - exp(-omega).
+
+The trapezoidal rule is the exception: it is not a quadrature of the exponential kernel but Heun's rule on the
+flow velocity, whose weights depend on where the step lies (lambda_s), not only on its length.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["kernel_moments", "taylor_weights", "dpmpp_weights", "unipc_weights", "step_weights"]
+__all__ = ["kernel_moments", "taylor_weights", "dpmpp_weights", "unipc_weights", "trapezoid_weights",
+           "step_weights"]
 
 
 _SERIES_TERMS = 40
@@ -102,7 +106,36 @@ def unipc_weights(omega: float, nodes: Sequence[float], variant: str, corrector:
     return base - B * sum(r * d for r, d in zip(rho, diffs))
 
 
-def step_weights(derivative: str, omega: float, nodes: Sequence[float], corrector: bool) -> np.ndarray:
+def _flow_time(lam: float) -> float:
+    """sigma / (alpha + sigma) at half-logSNR lam, written to keep its digits at both ends."""
+    return 1.0 / (1.0 + math.exp(lam)) if lam > 0 else math.exp(-lam) / (1.0 + math.exp(-lam))
+
+
+def trapezoid_weights(lam_s: float, h: float) -> np.ndarray:
+    """Data-form weights (current point, corrector's point) of the trapezoidal rule in flow coordinates.
+
+    With flow times a (at s) and b (at t), state y = x / (alpha + sigma) and velocity v = (y - D) / a, the step
+    y_t = y_s + (b - a) (v_s + v_t) / 2, with v_t at the Euler (DDIM) prediction, expands to
+    (b / a) y_s + w'_s D_s + w'_t D_t. The y_s coefficient is sigma_t / sigma_s in the original coordinates, the
+    data form's decay at eta = 0, so only the D weights differ: w = w' / (1 - b), since pref = alpha_t.
+    """
+    a, b = _flow_time(lam_s), _flow_time(lam_s + h)
+    one_minus_b = _flow_time(-(lam_s + h))
+    w_s = (a - b) * (2.0 * b - a) / (2.0 * a * b * one_minus_b)
+    w_t = (a - b) / (2.0 * b * one_minus_b)
+    return np.array([w_s, w_t])
+
+
+def step_weights(derivative: str, omega: float, nodes: Sequence[float], corrector: bool,
+                 lam_s: float | None = None) -> np.ndarray:
+    """Weights of one step; `lam_s` (the step's starting lambda) is needed by the trapezoidal corrector only,
+    whose omega is then h (a corrected trapezoidal step is an eta = 0 data-form step)."""
+    if derivative == "trapezoid":
+        if not corrector:
+            return taylor_weights(omega, nodes)  # Euler in flow time is DDIM
+        if lam_s is None or list(nodes) != [0.0, 1.0]:
+            raise ValueError("the trapezoidal corrector needs lam_s and the nodes [0, 1]")
+        return trapezoid_weights(lam_s, omega)
     if derivative == "taylor":
         return taylor_weights(omega, nodes)
     if derivative == "dpmpp":

@@ -190,6 +190,10 @@ _FAMILIES: dict[str, _Family] = {
     "dpmpp_3m_sde": _family("dpmpp_3m_sde", "sample_dpmpp_3m_sde", "DPMSolverMultistepScheduler", _DPM3,
                             lambda i, s: _is(s, 1) if i == 0 else _is(s, 2, "taylor") if i == 1
                             else _is(s, 3, "dpmpp"), takes_eta=True),
+    # Heun in the VE noise level (k-diffusion, ComfyUI, diffusers' HeunDiscrete) or in flow time (FlowMatchHeun,
+    # which takes no custom sigmas): the closest tools to trapezoidal steps, never exact on a searched grid.
+    "heun": _family("heun", "sample_heun", "HeunDiscreteScheduler", {},
+                    diffusers_flow=("FlowMatchHeunDiscreteScheduler", {"shift": 1.0})),
     "uni_pc": _family("uni_pc", None, "UniPCMultistepScheduler", {"solver_type": "bh1"}),
     "uni_pc_bh2": _family("uni_pc_bh2", None, "UniPCMultistepScheduler", {"solver_type": "bh2"}),
     "deis": _family("deis", None, "DEISMultistepScheduler", {}),
@@ -205,6 +209,8 @@ def _closest(step: StepSpec) -> str:
     """The stock sampler closest to one step."""
     s = step.canonical()
     stochastic = float(s.eta) > 0.0
+    if s.derivative == "trapezoid" and s.corrector == "implicit":
+        return "heun"
     if s.corrector == "implicit":
         return "sa_solver_pece"
     if s.corrector == "unic":

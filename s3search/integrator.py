@@ -112,7 +112,7 @@ def _step_plan(proc: NoiseProcess, ts: tuple[float, ...], i: int, step: StepSpec
     coeffs = tuple(pref * w for w in step_weights(step.derivative, omega, nodes, corrector=False).tolist())
     corrected = None
     if step.corrector != "none":
-        weights = step_weights(step.derivative, omega, nodes + [1.0], corrector=True)
+        weights = step_weights(step.derivative, omega, nodes + [1.0], corrector=True, lam_s=lam_s)
         corrected = tuple(pref * w for w in weights.tolist())
     correction = None
     if corrected is not None:

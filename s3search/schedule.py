@@ -33,8 +33,12 @@ PREDICTIONS = ("data", "noise")
 # How the higher-order terms are formed from the model outputs at earlier times:
 #   taylor: the interpolating polynomial in lambda, integrated exactly (DEIS / SA-Solver / exact phi functions);
 #   dpmpp:  DPM-Solver++ multistep coefficients (2M midpoint rule; 3M as in the reference code), order <= 3;
-#   bh1/bh2: UniPC's B(h) variants of the same linear system.
-DERIVATIVES = ("taylor", "dpmpp", "bh1", "bh2")
+#   bh1/bh2: UniPC's B(h) variants of the same linear system;
+#   trapezoid: the trapezoidal rule on the probability-flow velocity in flow coordinates (time sigma/(alpha+sigma),
+#       state x/(alpha+sigma)). A one-step rule: order 1, whose predictor is Euler (= DDIM) and whose corrector
+#       averages the velocities at both ends; with corrector implicit it is the Heun step of diffusers'
+#       FlowMatchHeunDiscreteScheduler. It integrates the ODE, so a corrected step takes eta = 0, data prediction.
+DERIVATIVES = ("taylor", "dpmpp", "bh1", "bh2", "trapezoid")
 # none: the next step evaluates the model at the new point.
 # unic: evaluate the model at the predicted point, re-solve the step with that point included (order + 1), and
 #       reuse that evaluation as the next step's current output (no extra NFE; UniC, SA-Solver corrector).
@@ -47,7 +51,7 @@ FIRST_STEPS = ("model", "zero-x0", "mean-x0")
 FINALS = ("denoise", "none")
 
 Prediction = Literal["data", "noise"]
-Derivative = Literal["taylor", "dpmpp", "bh1", "bh2"]
+Derivative = Literal["taylor", "dpmpp", "bh1", "bh2", "trapezoid"]
 Corrector = Literal["none", "unic", "implicit"]
 FirstStep = Literal["model", "zero-x0", "mean-x0"]
 Final = Literal["denoise", "none"]
@@ -98,6 +102,15 @@ class StepSpec:
             raise ValueError(f"{path}.order={self.order} is above 3, the highest order of derivative=dpmpp")
         if self.derivative == "dpmpp" and self.corrector != "none":
             raise ValueError(f"{path}.corrector={self.corrector!r} needs derivative taylor, bh1 or bh2, not dpmpp")
+        if self.derivative == "trapezoid":
+            if self.order != 1:
+                raise ValueError(f"{path}.order={self.order} must be 1 with derivative=trapezoid (a one-step rule)")
+            if self.corrector != "none" and self.eta != 0:
+                raise ValueError(f"{path}.eta={self.eta!r} must be 0 with derivative=trapezoid and a corrector "
+                                 "(the trapezoidal rule integrates the ODE)")
+            if self.corrector != "none" and self.prediction != "data":
+                raise ValueError(f"{path}.prediction={self.prediction!r} must be data with derivative=trapezoid "
+                                 "and a corrector")
         if self.lags:
             if len(self.lags) != self.order - 1:
                 raise ValueError(f"{path}.lags={list(self.lags)} must name order-1={self.order - 1} earlier points")

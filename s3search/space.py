@@ -36,8 +36,16 @@ BASE_GRIDS = ("logsnr", "edm", "time-uniform", "quadratic")
 # take mean-x0 given the data mean, which their exports carry.
 TARGETS = ("any", "diffusers", "comfyui", "k-diffusion")
 _TARGET_FIRST_STEPS: dict[str, tuple[str, ...]] = {"diffusers": ("model",)}
+_STEP_FIELDS = ("prediction", "order", "derivative", "corrector", "eta", "lags")
+_DEFAULT_STEP = StepSpec()
+_MUTATION_TRIES = 4
 _MIN_WEIGHT = 1e-3          # smallest lambda increment, relative to the mean one: keeps times distinct
 _LOG_W_RANGE = 2.5          # flat encoding: log-increment genes map [0, 1] -> [-2.5, 2.5]
+
+
+def _top_order(derivative: str) -> int:
+    """The highest order a derivative scheme has: DPM-Solver++ stops at 3, the trapezoidal rule is one-step."""
+    return {"dpmpp": 3, "trapezoid": 1}.get(derivative, MAX_ORDER)
 
 
 def _rng(rng: np.random.Generator | int | None) -> np.random.Generator:
@@ -213,14 +221,22 @@ class SearchSpace:
 
     def mutate(self, schedule: SolverSchedule, rng: np.random.Generator | int | None = None,
                n_changes: int | None = None) -> SolverSchedule:
-        """A valid neighbour with the same NFE: 1-3 random changes to the grid, a step, or the structure."""
+        """A valid neighbour with the same NFE: 1-3 random changes to the grid, a step, or the structure.
+
+        Some changes cannot alter the result (a derivative scheme on a first-order uncorrected step, say): those
+        are drawn again, a few times, so that a neighbour is a different sampler.
+        """
         rng = _rng(rng)
         nfe = self._nfe_of(schedule)
-        g = self._genome(schedule)
-        n_changes = int(rng.integers(1, 4)) if n_changes is None else n_changes
-        for _ in range(n_changes):
-            g = self._mutate_once(g, rng)
-        return self._build(self._finish(g, nfe, rng))
+        original = schedule.canonical_hash()
+        for _ in range(_MUTATION_TRIES):
+            g = self._genome(schedule)
+            for _ in range(int(rng.integers(1, 4)) if n_changes is None else n_changes):
+                g = self._mutate_once(g, rng)
+            child = self._build(self._finish(g, nfe, rng))
+            if child.canonical_hash() != original:
+                break
+        return child
 
     def jitter(self, schedule: SolverSchedule, rng: np.random.Generator | int | None = None,
                scale: float = 0.1) -> SolverSchedule:
@@ -362,11 +378,11 @@ class SearchSpace:
         for i in range(n_steps):
             v = u[4 + 7 * i: 11 + 7 * i]
             derivative = pick(v[2], o.derivatives)
-            top = min(o.max_order, i + 1, 3 if derivative == "dpmpp" else MAX_ORDER)
+            top = min(o.max_order, i + 1, _top_order(derivative))
             correctors = [c for c in o.correctors if derivative != "dpmpp" or c == "none"] or ["none"]
             eta = 0.0 if v[4] < o.p_eta_zero else o.eta_max * (v[4] - o.p_eta_zero) / (1 - o.p_eta_zero)
-            steps.append(StepSpec(prediction=pick(v[0], o.predictions), order=1 + int(v[1] * top),
-                                  derivative=derivative, corrector=pick(v[3], correctors), eta=float(eta)))
+            steps.append(self._step(prediction=pick(v[0], o.predictions), order=1 + int(v[1] * top),
+                                    derivative=derivative, corrector=pick(v[3], correctors), eta=float(eta)))
             weights.append(math.exp(_LOG_W_RANGE * (2 * v[5] - 1)))
         g = _Genome(first, final, tuple(steps), tuple(weights), lam_end)
         # The repair is deterministic given its generator: seed it from the vector itself.
@@ -419,7 +435,7 @@ class SearchSpace:
     def _random_step(self, i: int, rng: np.random.Generator, corrector: str | None = None) -> StepSpec:
         o = self.options
         derivative = str(rng.choice(o.derivatives))
-        top = min(o.max_order, i + 1, 3 if derivative == "dpmpp" else MAX_ORDER)
+        top = min(o.max_order, i + 1, _top_order(derivative))
         order = int(rng.integers(1, top + 1))
         if corrector is None:
             corrector = str(rng.choice(o.correctors))
@@ -430,8 +446,25 @@ class SearchSpace:
         reach = min(i, o.max_lag)
         if order > 1 and reach >= order - 1 and rng.random() < o.p_lags:
             lags = tuple(sorted(int(x) for x in rng.choice(np.arange(1, reach + 1), order - 1, replace=False)))
-        return StepSpec(prediction=str(rng.choice(o.predictions)), order=order, derivative=derivative,
-                        corrector=corrector, eta=eta, lags=lags)
+        return self._step(prediction=str(rng.choice(o.predictions)), order=order, derivative=derivative,
+                          corrector=corrector, eta=eta, lags=lags)
+
+    def _step(self, **fields) -> StepSpec:
+        """A StepSpec from freely drawn choices, moved to the nearest valid one.
+
+        A corrected trapezoidal step integrates the ODE with data prediction (schedule.py); where the space has
+        no data prediction, such a step takes the first other derivative instead.
+        """
+        step = {**{f: getattr(_DEFAULT_STEP, f) for f in _STEP_FIELDS}, **fields}
+        if step["derivative"] == "trapezoid":
+            step.update(order=1, lags=())
+            if step["corrector"] != "none":
+                if "data" in self.options.predictions:
+                    step.update(eta=0.0, prediction="data")
+                else:
+                    step["derivative"] = next((d for d in self.options.derivatives
+                                               if d not in ("trapezoid", "dpmpp")), "taylor")
+        return StepSpec(**step)
 
     def _base_weights(self, kind: str, n: int, lam_end: float, lam_start: Optional[float] = None) -> np.ndarray:
         t_end = self.process.t_of_lambda(lam_end)
@@ -491,21 +524,30 @@ class SearchSpace:
     def _mutate_step(self, s: StepSpec, i: int, rng: np.random.Generator) -> StepSpec:
         o = self.options
         field_ = rng.choice(["prediction", "order", "derivative", "corrector", "eta", "lags", "all"])
+        fields = {f: getattr(s, f) for f in _STEP_FIELDS}
         if field_ == "prediction":
-            return replace(s, prediction=str(rng.choice(o.predictions)))
+            return self._step(**{**fields, "prediction": str(rng.choice(o.predictions))})
         if field_ == "order":
-            return replace(s, order=int(np.clip(s.order + rng.choice([-1, 1]), 1, o.max_order)), lags=())
+            order = int(np.clip(s.order + rng.choice([-1, 1]), 1, min(o.max_order, _top_order(s.derivative))))
+            return self._step(**{**fields, "order": order, "lags": ()})
         if field_ == "derivative":
             d = str(rng.choice(o.derivatives))
-            return replace(s, derivative=d, corrector="none" if d == "dpmpp" else s.corrector)
+            order = min(s.order, _top_order(d))
+            return self._step(**{**fields, "derivative": d, "corrector": "none" if d == "dpmpp" else s.corrector,
+                                 "order": order, "lags": s.lags if order == s.order else ()})
         if field_ == "corrector":
             c = str(rng.choice(o.correctors))
-            return replace(s, corrector=c, derivative=s.derivative if c == "none" or s.derivative != "dpmpp"
-                           else str(rng.choice([d for d in o.derivatives if d != "dpmpp"] or ["taylor"])))
+            d = s.derivative if c == "none" or s.derivative != "dpmpp" \
+                else str(rng.choice([d for d in o.derivatives if d != "dpmpp"] or ["taylor"]))
+            order = min(s.order, _top_order(d))
+            return self._step(**{**fields, "corrector": c, "derivative": d, "order": order,
+                                 "lags": s.lags if order == s.order else ()})
         if field_ == "eta":
             if s.eta == 0.0 or rng.random() < 0.3:
-                return replace(s, eta=0.0 if s.eta > 0 else float(rng.uniform(0.0, o.eta_max)))
-            return replace(s, eta=float(np.clip(s.eta * math.exp(0.5 * rng.standard_normal()), 0.0, o.eta_max)))
+                eta = 0.0 if s.eta > 0 else float(rng.uniform(0.0, o.eta_max))
+            else:
+                eta = float(np.clip(s.eta * math.exp(0.5 * rng.standard_normal()), 0.0, o.eta_max))
+            return self._step(**{**fields, "eta": eta})
         if field_ == "lags":
             reach = min(i, o.max_lag)
             if s.order > 1 and reach >= s.order - 1:
@@ -517,7 +559,7 @@ class SearchSpace:
     def _valid_step(self, s: StepSpec, i: int) -> StepSpec:
         """Cap order and lags by the evaluations that exist at position i (never touches the corrector)."""
         o = self.options
-        top = min(o.max_order, i + 1, 3 if s.derivative == "dpmpp" else MAX_ORDER)
+        top = min(o.max_order, i + 1, _top_order(s.derivative))
         order = min(s.order, top)
         lags = s.lags if order == s.order else ()
         if lags and max(lags) > i:
@@ -544,8 +586,9 @@ class SearchSpace:
                 j = int(rng.integers(len(steps) + 1))
                 new = self._random_step(j, rng, corrector=str(rng.choice(cheap)))
                 if new.corrector != "none" and new.derivative == "dpmpp":
-                    new = replace(new, derivative="taylor" if "taylor" in o.derivatives else
-                                  next(d for d in o.derivatives if d != "dpmpp"))
+                    new = self._step(**{**{f: getattr(new, f) for f in _STEP_FIELDS},
+                                        "derivative": "taylor" if "taylor" in o.derivatives else
+                                        next(d for d in o.derivatives if d != "dpmpp")})
                 steps.insert(j, new)
                 w_near = weights[min(j, len(weights) - 1)] if weights else 1.0
                 weights.insert(j, float(w_near))

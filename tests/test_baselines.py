@@ -17,7 +17,7 @@ REQUIRED = {"ddim", "ddim_eta1", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_
             "er_sde_1", "er_sde_2", "er_sde_3", "sa_solver", "edm_heun", "li_accelerated_ode",
             "li_accelerated_ddpm", "flow_heun"}
 SCHEDULE_SPACE = {"ddim", "ddim_eta1", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde",
-                  "unipc_bh1_2", "unipc_bh1_3", "unipc_bh2_2", "unipc_bh2_3", "sa_solver", "seeds_1"}
+                  "unipc_bh1_2", "unipc_bh1_3", "unipc_bh2_2", "unipc_bh2_3", "sa_solver", "seeds_1", "flow_heun"}
 
 
 def test_names_cover_the_issue():

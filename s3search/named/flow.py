@@ -5,8 +5,10 @@ t_f = sigma / (alpha + sigma) (x_f = (1 - t_f) x0 + t_f eps), which is the state
 fixed rescaling on any other. Heun steps between the given times in t_f, then x = D(x_N, t_N): diffusers' last
 step, an Euler step to sigma 0, lands on that same point (x - t v = D).
 
-The step is the trapezoidal rule in t_f, not a polynomial in lambda, so it is not a point of the schedule space
-(and it differs at second order from EDM Heun, which is the trapezoidal rule in the VE noise level).
+The step is the trapezoidal rule in t_f, not a polynomial in lambda (it differs at second order from EDM Heun, the
+trapezoidal rule in the VE noise level). The baseline `flow_heun` runs the same rule as a point of the schedule
+space (derivative "trapezoid", corrector "implicit"); this sampler is kept as the independent implementation it
+is tested against, and so that named-schedule documents written before the rule joined the space still run.
 """
 
 from __future__ import annotations
