@@ -6,12 +6,12 @@ from pydantic import (AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Fie
                       StringConstraints, create_model, field_validator)
 
 from s3search.search.config import MAX_SEED, METHODS, Limits, field_default
-from s3search.search.options import (JOB_ID_PATTERN, MAX_WARM_JOBS, PREDICTOR_NAME_PATTERN, Rule, name_choices,
-                                      option_defaults, option_rules, space_field_kinds)
+from s3search.search.options import (FIDELITY_KEEP_MIN, JOB_ID_PATTERN, MAX_WARM_JOBS, PREDICTOR_NAME_PATTERN, Rule,
+                                      name_choices, option_defaults, option_rules, space_field_kinds)
 
 __all__ = ["METHODS", "EXPORT_FORMATS", "SearchOptionsIn", "job_create_model", "JobProgress", "JobBest", "JobLinks",
            "JobPublic", "JobList", "TrialPublic", "TrialPage", "ModelList", "BaselineList", "Options",
-           "ErrorItem", "ErrorBody", "WarmStartIn", "PredictorList"]
+           "ErrorItem", "ErrorBody", "WarmStartIn", "FidelityIn", "PredictorList"]
 
 EXPORT_FORMATS = ("json", "diffusers", "k-diffusion", "comfyui")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
@@ -34,6 +34,8 @@ def _option_type(name: str, rule: Rule) -> Any:
         base = SpaceOptionsIn
     elif rule.kind == "warm_start":
         base = WarmStartIn
+    elif rule.kind == "fidelity":
+        base = FidelityIn
     else:
         # patternProperties alone would let other keys through in JSON Schema; the server refuses them.
         base = Annotated[dict[OptionKey, ParamValue], Field(json_schema_extra={"additionalProperties": False})]
@@ -86,6 +88,21 @@ class WarmStartIn(BaseModel):
                                           "(any NFE, any model of the same process) pre-train the predictor")
     predictor: Optional[Annotated[StrictStr, StringConstraints(pattern=PREDICTOR_NAME_PATTERN)]] = Field(
         None, description="a predictor saved on the server (GET /v1/predictors): its ranking seeds the search")
+
+
+_Share = Union[json_int(ge=1, le=1), Annotated[StrictFloat, Field(ge=FIDELITY_KEEP_MIN, le=1)]]
+
+
+class FidelityIn(BaseModel):
+    """Multi-fidelity evaluation (s3search.search.options.Fidelity): low-fidelity scores on a prefix of the search
+    split's samples, full evaluations for the best share of each batch."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    low_samples: json_int(ge=2, le=10_000_000) = Field(  # type: ignore[valid-type]
+        ..., description="samples per low-fidelity evaluation (the first of the search split's; below n_samples)")
+    keep: _Share = Field(1 / 3, description="share of each loop batch promoted to a full evaluation")
+    seed_keep: _Share = Field(1 / 9, description="share of a seeding stage promoted to a full evaluation")
 
 
 def _default(name: str) -> Any:

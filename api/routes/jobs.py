@@ -86,9 +86,19 @@ def config_of(body: Any, settings: Settings) -> tuple[Optional[SearchConfig], li
     try:
         config = SearchConfig.from_dict(doc, allow_server_only=False)
         check_limits(config, limits_of(settings))
+        _check_call_budget(config, settings)
     except ConfigError as e:
         return None, _problems(e)
     return config, []
+
+
+def _check_call_budget(config: SearchConfig, settings: Settings) -> None:
+    """A call budget may buy no more than the server's evaluation budget limit of full evaluations."""
+    calls = config.options.budget_calls
+    cap = settings.max_budget * config.n_samples * max(config.nfe)
+    if calls is not None and calls > cap:
+        raise ConfigError.one("options.budget_calls", f"options.budget_calls={calls} is above the limit {cap} "
+                                                      f"(max_budget x n_samples x NFE)")
 
 
 def preflight_errors(config: SearchConfig) -> tuple[Optional[SearchConfig], Optional[JSONResponse]]:

@@ -14,7 +14,7 @@ import typer
 from ..search.config import SearchConfig, field_default
 from .report import format_table, summary_line, winner_notes
 
-__all__ = ["register", "search", "format_table"]  # format_table: from .report
+__all__ = ["register", "search", "format_table", "with_budget_options", "calls_line"]  # format_table: from .report
 
 
 def _parse_nfe(text: str) -> tuple[int, ...]:
@@ -31,6 +31,14 @@ def search(
     model: str = typer.Option(..., help="Model registry name, e.g. digits, gmm-64d."),
     nfe: str = typer.Option("5", help="NFE, or several separated by commas (the budget is split)."),
     budget: int = typer.Option(field_default("budget"), help="True evaluations in total (baselines included)."),
+    budget_calls: Optional[int] = typer.Option(None, "--budget-calls",
+                                               help="Budget in model calls (samples x NFE over every search "
+                                                    "evaluation, low and full fidelity) instead of --budget "
+                                                    "(options.budget_calls)."),
+    low_samples: Optional[int] = typer.Option(None, "--low-samples",
+                                              help="Multi-fidelity: score candidates on this many samples first "
+                                                   "and evaluate only the best share in full "
+                                                   "(options.fidelity.low_samples; docs/search.md)."),
     metric: Optional[str] = typer.Option(None, help="Metric name (default: the model's default metric)."),
     method: str = typer.Option(field_default("method"), help="s3 | random | tpe | cmaes"),
     predictor: str = typer.Option(field_default("predictor"), help="Predictor for method s3 (see predictors.names())."),
@@ -66,6 +74,7 @@ def search(
         raise typer.BadParameter(f"--options is not valid JSON: {e}")
     if not isinstance(opts, dict):
         raise typer.BadParameter("--options must be a JSON object")
+    opts = with_budget_options(opts, budget_calls, low_samples)
     try:
         registry.get(model)
     except KeyError as e:
@@ -113,6 +122,9 @@ def search(
         typer.echo(summary_line(r, n))
         for note in winner_notes(r):
             typer.echo(note)
+        line = calls_line(r, n)
+        if line:
+            typer.echo(line)
         typer.echo(f"best schedule (NFE {n}): {r.best.to_json()}")
     _write_results(study, results if results is not None else default_results_path(storage, name))
     if out is not None:
@@ -120,6 +132,28 @@ def search(
                        if len(per_nfe) > 1 else result.best.to_json(indent=1))
         typer.echo(f"wrote {out}")
     sys.stdout.flush()
+
+
+def with_budget_options(opts: dict, budget_calls: Optional[int], low_samples: Optional[int]) -> dict:
+    """--options with --budget-calls and --low-samples put in (a fidelity object of --options keeps its other
+    fields)."""
+    out = dict(opts)
+    if budget_calls is not None:
+        out["budget_calls"] = budget_calls
+    if low_samples is not None:
+        fidelity = out.get("fidelity")
+        out["fidelity"] = {**(fidelity if isinstance(fidelity, dict) else {}), "low_samples": low_samples}
+    return out
+
+
+def calls_line(result, nfe: int) -> str:
+    """The model calls an NFE's search spent (and its low-fidelity scores); '' for a result without them."""
+    calls = getattr(result, "model_calls", 0)
+    if not calls:
+        return ""
+    low = getattr(result, "low_evaluations", 0)
+    text = f"model calls (NFE {nfe}, search split): {calls:,} in {result.evaluations} full evaluations"
+    return text + (f" and {low} low-fidelity scores" if low else "")
 
 
 def default_results_path(storage: str, study_name: str) -> Path:

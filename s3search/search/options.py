@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 
 from ..space import TARGETS, SpaceOptions
 
-__all__ = ["ConfigError", "FieldProblem", "Rule", "WarmStart", "SearchOptions", "REFINE_METHODS",
+__all__ = ["ConfigError", "FieldProblem", "Rule", "WarmStart", "Fidelity", "SearchOptions", "REFINE_METHODS",
            "option_rules", "WARM_START_PUBLIC", "JOB_ID_PATTERN", "PREDICTOR_NAME_PATTERN", "MAX_WARM_JOBS"]
 
 REFINE_METHODS = ("gp", "cmaes")   # grid refinement optimisers (refine.py)
@@ -49,7 +49,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Rule:
     """The bounds and meaning of one option. `kind` is the JSON type: integer, number, boolean, string,
-    strings (a list of names), object (free JSON keyword arguments), space, warm_start."""
+    strings (a list of names), object (free JSON keyword arguments), space, warm_start, fidelity."""
 
     kind: str
     doc: str
@@ -102,6 +102,25 @@ class WarmStart:
 
     def public(self) -> dict[str, Any]:
         return {"jobs": list(self.jobs), "predictor": self.predictor}
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Multi-fidelity evaluation (search/fidelity.py): a candidate is first scored on the first `low_samples`
+    samples of the search split (the same (noise, prompt) pairs as a full evaluation, a prefix of them), and only
+    the best `keep` share of each loop batch so scored gets the full evaluation (`seed_keep` of a seeding
+    stage, which is mostly far from the best). Low-fidelity scores train the predictor as a group of their own;
+    they never win and never enter the final table."""
+
+    low_samples: int
+    keep: float = 1 / 3
+    seed_keep: float = 1 / 9   # share of a seeding stage (baselines, variants, random) promoted
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"low_samples": self.low_samples, "keep": self.keep, "seed_keep": self.seed_keep}
+
+
+FIDELITY_KEEP_MIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -164,6 +183,14 @@ class SearchOptions:
                                            "job ids of the same owner], \"predictor\": a predictor saved on the "
                                            "server (GET /v1/predictors)}; any NFE, any model of the same process",
                                            nullable=True)
+    fidelity: Optional[Fidelity] = _opt(None, "fidelity", "multi-fidelity search: {\"low_samples\": N (a prefix "
+                                        "of the search split's samples, below n_samples), \"keep\": share of each "
+                                        "loop batch promoted to a full evaluation (default 1/3), \"seed_keep\": "
+                                        "the same for a seeding stage (default 1/9)}; null: every evaluation is "
+                                        "full", nullable=True)
+    budget_calls: Optional[int] = _opt(None, "integer", "the budget in model calls (samples x NFE, summed over "
+                                       "every search evaluation, low and full fidelity) instead of `budget`; "
+                                       "validation and test calls are not counted", ge=1, le=10**15, nullable=True)
     evaluator: Mapping[str, Any] = _opt(dict, "object", "LocalEvaluator keyword arguments", server_only=True)
 
     def __post_init__(self) -> None:
@@ -236,7 +263,8 @@ def option_defaults() -> dict[str, Any]:
 # ----- checks ------------------------------------------------------------------------------------------------
 def _what(rule: Rule) -> str:
     base = {"integer": "an integer", "number": "a finite number", "boolean": "true or false",
-            "string": "a string", "strings": "a list of names", "object": "an object"}.get(rule.kind, rule.kind)
+            "string": "a string", "strings": "a list of names", "object": "an object",
+            "fidelity": "an object {low_samples, keep, seed_keep}"}.get(rule.kind, rule.kind)
     if rule.choices is not None:
         base = f"one of {list(rule.choices)}"
     bounds = rule.bounds_text()
@@ -254,7 +282,8 @@ def _check(name: str, value: Any, rule: Rule) -> str:
           "strings": lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v),
           "object": lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v),
           "space": lambda v: isinstance(v, Mapping),
-          "warm_start": lambda v: isinstance(v, WarmStart)}[rule.kind](value)
+          "warm_start": lambda v: isinstance(v, WarmStart),
+          "fidelity": lambda v: isinstance(v, Fidelity)}[rule.kind](value)
     if not ok or not _in_bounds(value, rule):
         return f"options.{name} must be {_what(rule)}, not {_short(value)}"
     if rule.choices is not None and value not in rule.choices:
@@ -331,6 +360,8 @@ def _convert(name: str, value: Any, rule: Rule) -> Any:
         if isinstance(value, WarmStart):
             return value
         return _warm_start(value)
+    if rule.kind == "fidelity":
+        return value if isinstance(value, Fidelity) else _fidelity(value)
     if rule.kind == "object" and isinstance(value, Mapping):
         return dict(value)
     return value
@@ -367,6 +398,37 @@ def _warm_start(value: Any, allow_server_only: bool = True) -> Optional[WarmStar
         raise ConfigError(problems)
     return WarmStart(studies=tuple(value.get("studies", ())), storage=value.get("storage"),
                      jobs=tuple(value.get("jobs", ())), predictor=name, predictor_path=value.get("predictor_path"))
+
+
+def _fidelity(value: Any) -> Optional[Fidelity]:
+    """options.fidelity from JSON data; ConfigError names each bad field (options.fidelity.low_samples, ...)."""
+    path = "options.fidelity"
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError.one(path, f"{path} must be an object {{\"low_samples\": N, \"keep\": share}} or null, "
+                                    f"not {_short(value)}")
+    known = set(Fidelity.__dataclass_fields__)
+    problems = [FieldProblem(f"{path}.{k}", f"{path}.{k} is not a fidelity field (known: {', '.join(sorted(known))})")
+                for k in value if k not in known]
+    if "low_samples" not in value:
+        problems.append(FieldProblem(f"{path}.low_samples", f"{path}.low_samples is required (samples per "
+                                                            "low-fidelity evaluation)"))
+    else:
+        n = value["low_samples"]
+        if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= 10_000_000:
+            problems.append(FieldProblem(f"{path}.low_samples", f"{path}.low_samples must be an integer >= 2 and "
+                                                                f"<= 10000000, not {_short(n)}"))
+    shares = {k: value.get(k, getattr(Fidelity, k)) for k in ("keep", "seed_keep")}
+    for key, share in shares.items():
+        if (isinstance(share, bool) or not isinstance(share, (int, float)) or not math.isfinite(share)
+                or not FIDELITY_KEEP_MIN <= share <= 1):
+            problems.append(FieldProblem(f"{path}.{key}", f"{path}.{key} must be a number >= {FIDELITY_KEEP_MIN} "
+                                                          f"and <= 1, not {_short(share)}"))
+    if problems:
+        raise ConfigError(problems)
+    return Fidelity(low_samples=int(value["low_samples"]), keep=float(shares["keep"]),
+                    seed_keep=float(shares["seed_keep"]))
 
 
 def _job_id_problems(ids: Any) -> list[FieldProblem]:

@@ -39,6 +39,13 @@ def _history(study: optuna.Study, nfe: int) -> list[Optional[float]]:
     return out
 
 
+def _calls(attrs: dict[str, Any], nfe: int) -> Optional[dict[str, Any]]:
+    """What the search spent at this NFE in model calls (samples x NFE; full and low-fidelity evaluations, the
+    call budget); None for a study written before it was recorded."""
+    entry = (attrs.get("model_calls") or {}).get(str(nfe))
+    return dict(entry) if isinstance(entry, dict) else None
+
+
 def has_results(study_attrs: dict[str, Any]) -> bool:
     """Whether a study (by its user attributes) holds test-split scores to plot."""
     return isinstance(study_attrs.get("test"), dict) and bool(study_attrs["test"])
@@ -60,8 +67,9 @@ def _structural(entry: dict[str, Any], values: dict[str, Any]) -> Optional[dict[
 
 def results_document(study: optuna.Study) -> dict[str, Any]:
     """{model, metric, study, seed, runs, baselines}: per NFE the winner's test value, schedule, origin and
-    search history, the structural variant of the best baseline, and every baseline's test value, grid and
-    schedule. ValueError when the study holds no test scores yet."""
+    search history (full-fidelity evaluations only), the structural variant of the best baseline, the model
+    calls spent, and every baseline's test value, grid and schedule. ValueError when the study holds no test
+    scores yet."""
     attrs = study.user_attrs
     if not has_results(attrs):
         raise ValueError(f"study {study.study_name!r} has no test-split scores yet (unfinished or stopped)")
@@ -77,7 +85,7 @@ def results_document(study: optuna.Study) -> dict[str, Any]:
         runs.append({"method": method, "nfe": nfe, "value": _finite(searched),
                      "schedule": json.loads(best) if best else None, "history": _history(study, nfe),
                      "source": entry.get("winner_source", ""), "label": entry.get("winner_label", ""),
-                     "structural": _structural(entry, values)})
+                     "structural": _structural(entry, values), "model_calls": _calls(attrs, nfe)})
         grids = entry.get("baseline_grids") or {}
         for name, doc in sorted((entry.get("baseline_schedules") or {}).items()):
             base.append({"name": name, "nfe": nfe, "value": _finite(values.get("baseline:" + name)),

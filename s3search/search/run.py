@@ -29,6 +29,7 @@ from . import baselines_seed
 from .alternatives import run_optuna, run_random
 from .config import METHODS, ConfigError, ProgressFn, SearchConfig, SearchFailed, SearchResult, StopFn
 from .context import SearchContext
+from .fidelity import LowLedger, call_budget, slot_calls
 from .options import SearchOptions
 from .s3 import later_baselines_cap, run_s3
 from .study import AnySchedule, Candidate, Evaluated, Ledger, chash
@@ -55,6 +56,10 @@ class NFEResult(SearchResult):
     structural_of: str = ""
     structural_label: str = ""
     structural_value: float = math.nan
+    # Model calls (samples x NFE) of this NFE's search evaluations, low and full fidelity (validation and test
+    # not included), and how many low-fidelity scores (options.fidelity) they hold.
+    model_calls: int = 0
+    low_evaluations: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ def preflight(config: SearchConfig) -> SearchConfig:
     if problem:
         raise ConfigError.one("metric", problem)
     _check_conditioning(config, model)
+    _check_budget(config)
     try:
         build_space(config, model.process.name, config.options,
                     has_data_mean=getattr(model.denoiser, "data_mean", None) is not None)
@@ -89,6 +95,26 @@ def preflight(config: SearchConfig) -> SearchConfig:
         except (TypeError, ValueError) as e:
             raise ConfigError.one("options.predictor_params", f"options.predictor_params: {e}") from None
     return config
+
+
+def _check_budget(config: SearchConfig) -> None:
+    """What the fidelity and call-budget options need of the job's sample counts and NFE (ConfigError naming
+    the field): fewer low-fidelity samples than full ones, and a call budget that pays one full evaluation per
+    NFE."""
+    o = config.options
+    if o.fidelity is not None and config.method != "s3":
+        raise ConfigError.one("options.fidelity", f"options.fidelity: multi-fidelity evaluation runs with method s3, "
+                                                  f"not method={config.method!r}")
+    if o.fidelity is not None and o.fidelity.low_samples >= config.n_samples:
+        raise ConfigError.one("options.fidelity.low_samples", f"options.fidelity.low_samples={o.fidelity.low_samples} "
+                                                               f"must be below n_samples={config.n_samples}")
+    if o.budget_calls is not None:
+        nfes = sorted(set(config.nfe))
+        need = config.n_samples * max(nfes) * len(nfes)
+        if o.budget_calls < need:
+            raise ConfigError.one("options.budget_calls", f"options.budget_calls={o.budget_calls} does not pay one "
+                                                          f"full evaluation per NFE ({need} model calls: n_samples "
+                                                          "x NFE for each NFE)")
 
 
 class UnknownPromptSet(ConfigError):
@@ -129,6 +155,22 @@ def _budgets(config: SearchConfig) -> dict[int, int]:
     return {n: share + (1 if i < extra else 0) for i, n in enumerate(nfes)}
 
 
+def _call_budgets(config: SearchConfig) -> tuple[dict[int, int], dict[int, float]]:
+    """(slots, model calls) per NFE for a search with a call budget or fidelity; ({}, {}) for one without.
+
+    `budget_calls` is split evenly over the NFE; without it an NFE may spend the calls of its share of `budget`
+    full evaluations. Slots are what those calls buy (fidelity.slot_calls)."""
+    o = config.options
+    if o.budget_calls is None and o.fidelity is None:
+        return {}, {}
+    nfes = sorted(set(config.nfe))
+    evals = _budgets(config)
+    calls = {n: call_budget(evals[n], config.n_samples, n,
+                            None if o.budget_calls is None else o.budget_calls / len(nfes)) for n in nfes}
+    slots = {n: int(math.floor(calls[n] / slot_calls(o.fidelity, config.n_samples, n) + 1e-9)) for n in nfes}
+    return slots, calls
+
+
 def _final_work(config: SearchConfig) -> float:
     """Validation and test work of the whole job, in search evaluations (a sample costs the same on any split):
     an estimate for Progress.fraction, made before the number of distinct candidates is known."""
@@ -150,7 +192,9 @@ def _seed_baselines(ctx: SearchContext, nfe: int, process: str) -> None:
     # Stages 2 and 3 share the seeding share with the variants and random seeds (s3.later_baselines_cap), so at
     # small budgets they shrink and the predictor loop keeps its share; stage 1 stays whole for the final table.
     cap = min(cap, later_baselines_cap(o, ctx.budgets[nfe], min(cap, len(stage1))))
-    best = baselines_seed.best_per_baseline(ctx.ledger.done.values(), nfe)
+    # With fidelity every seeded baseline has a low-fidelity score: rank them all on it (one fidelity).
+    pool = ctx.low.at(nfe) if ctx.low is not None else ctx.ledger.done.values()
+    best = baselines_seed.best_per_baseline(pool, nfe)
     top = [name for name, _ in sorted(best.items(), key=lambda kv: kv[1].value)][: o.top_baselines_on_grids]
     extra = _ays_grids(ctx, nfe, t_start, t_end) if o.ays_grids else {}
     grids = tuple(o.baseline_grids or baselines_seed.seed_grids(process)) + tuple(extra)
@@ -159,10 +203,22 @@ def _seed_baselines(ctx: SearchContext, nfe: int, process: str) -> None:
     # Stage 3: every baseline on the grids that served the best ones: a grid that lifts one method often lifts
     # others the conventional-grid ranking left out (gmm-64d NFE 5: iPNDM on AYS-SDXL 0.23, on its own grid
     # outside the top five).
-    best_grids = baselines_seed.best_grids(ctx.ledger.done.values(), nfe)[: o.baseline_spread_grids]
+    pool = ctx.low.at(nfe) if ctx.low is not None else ctx.ledger.done.values()
+    best_grids = baselines_seed.best_grids(pool, nfe)[: o.baseline_spread_grids]
     _seed_stage(ctx, nfe, cap, baselines_seed.on_grids(o.baselines or baseline_registry.names(), nfe, process,
                                                         grid_names=best_grids, t_start=t_start, t_end=t_end,
                                                         extra_grids=extra))
+
+
+def _calls_record(ctx: SearchContext, nfe: int) -> dict[str, Any]:
+    """What the study records of an NFE's spending: model calls, full and low-fidelity evaluations, the budget."""
+    out: dict[str, Any] = {"calls": ctx.calls(nfe), "full_calls": ctx.full_calls(nfe),
+                           "full_evaluations": sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe),
+                           "call_budget": ctx.call_budget(nfe)}
+    if ctx.low is not None:
+        out.update({"low_evaluations": len(ctx.low.at(nfe)), "low_samples": ctx.low.n_samples,
+                    "promoted": sum(1 for e in ctx.low.at(nfe) if chash(e.schedule) in ctx.low.promoted)})
+    return out
 
 
 def _ays_grids(ctx: SearchContext, nfe: int, t_start: float, t_end: float) -> dict[str, baselines_seed.GridSource]:
@@ -182,9 +238,21 @@ def _seed_stage(ctx: SearchContext, nfe: int, cap: int, candidates: list[Candida
     """Enqueue one seeding stage within what is left of the seed cap, and evaluate it."""
     if ctx.stopped():   # queue nothing after a stop: it would be left WAITING in the study
         return
+    if ctx.low is not None:   # multi-fidelity: batches screened at low fidelity, the best share in full
+        _screen_stage(ctx, nfe, cap, candidates)
+        return
     spent = sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source == "baseline")
     ctx.ledger.enqueue(candidates[: max(0, cap - spent)])
     _drain(ctx, nfe, cap)
+
+
+def _screen_stage(ctx: SearchContext, nfe: int, cap: int, candidates: list[Candidate]) -> None:
+    known = ctx.evaluated()
+    todo = [c for c in {chash(c.schedule): c for c in candidates}.values() if chash(c.schedule) not in known]
+    todo = todo[: max(0, cap - ctx.count(nfe, ("baseline",)))]
+    # One batch per stage, so its promotions are the best seed_keep share of the whole stage.
+    if todo and not ctx.stopped() and ctx.remaining(nfe) > 0:
+        ctx.evaluate(todo, nfe)
 
 
 def _drain(ctx: SearchContext, nfe: int, cap: int) -> None:
@@ -428,6 +496,7 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
 
     model = registry.get(config.model)
     config = config.with_model_defaults(model.default_metric)
+    _check_budget(config)
     options = config.options
     process = model.process.name
     space = build_space(config, process, options, has_data_mean=getattr(model.denoiser, "data_mean", None) is not None)
@@ -439,9 +508,16 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
         study.set_user_attr(key, value)
     ledger = Ledger(study, evaluator, request)
     ledger.load()
+    low = None
+    if options.fidelity is not None:
+        low = LowLedger.for_search(study, evaluator, request, options.fidelity)
+        low.load()
+        study.set_user_attr("fidelity", options.fidelity.to_dict())
+    slots, calls = _call_budgets(config)
     ctx = SearchContext(config=config, options=options, space=space, ledger=ledger,
-                        rng=np.random.default_rng([config.seed, ledger.count]), budgets=_budgets(config),
-                        progress_fn=progress, should_stop=should_stop)
+                        rng=np.random.default_rng([config.seed, ledger.count + (len(low.done) if low else 0)]),
+                        budgets=slots or _budgets(config), progress_fn=progress, should_stop=should_stop,
+                        low=low, call_budgets=calls)
     ctx.final_work = _final_work(config)
     _load_warm(ctx, study)
     if ledger.count:
@@ -459,6 +535,7 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
         if ctx.stopped():
             break
     study.set_user_attr("rounds", ctx.log[-200:])
+    study.set_user_attr("model_calls", {str(n): _calls_record(ctx, n) for n in sorted(set(config.nfe))})
 
     stopped = ctx.stopped()
     per_nfe: dict[int, NFEResult] = {}
@@ -469,9 +546,14 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
         if not stopped:
             best, validation = _validated_best(ctx, study, nfe)
         best_of = baselines_seed.best_per_baseline(ledger.done.values(), nfe)
-        grids = {name: baselines_seed.parse_label(e.label)[1] for name, e in best_of.items()}
-        tested = best_of if options.test_baselines else {}
-        of, variant = best_structural_variant(ledger.done.values(), nfe, tested)
+        # Multi-fidelity: a baseline no batch promoted still gets its row, on its best grid at low fidelity (the
+        # table's values are all test-split scores; low and full search-split values are never compared).
+        low_only = {} if low is None else {name: e for name, e in baselines_seed.best_per_baseline(
+            low.at(nfe), nfe).items() if name not in best_of}
+        grids = {name: baselines_seed.parse_label(e.label)[1] for name, e in {**low_only, **best_of}.items()}
+        tested = {**best_of, **low_only} if options.test_baselines else {}
+        of, variant = best_structural_variant(ledger.done.values(), nfe,
+                                              best_of if options.test_baselines else {})
         scores = SplitScores(math.nan, {}, {}) if stopped else \
             _test_scores(ctx, study, nfe, best, tested, (of, variant))
         per_nfe[nfe] = NFEResult(best=best.schedule, best_value=best.value, test_value=scores.searched,
@@ -482,7 +564,8 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
                                  baseline_grids={n: grids[n] for n in scores.baselines if n in grids},
                                  structural_of=best_of[of].label if of and not stopped else "",
                                  structural_label=variant.label if variant is not None and not stopped else "",
-                                 structural_value=scores.structural)
+                                 structural_value=scores.structural, model_calls=ctx.calls(nfe),
+                                 low_evaluations=len(low.at(nfe)) if low is not None else 0)
     if not per_nfe:
         raise SearchFailed("no schedule was evaluated successfully; see the trials' error attributes")
     first = per_nfe.get(config.nfe[0]) or next(iter(per_nfe.values()))
@@ -492,5 +575,6 @@ def run_search(config: SearchConfig, study: optuna.Study, *, evaluator: Evaluato
                           validation_value=first.validation_value, test_extras=first.test_extras,
                           winner_source=first.winner_source, winner_label=first.winner_label,
                           baseline_grids=first.baseline_grids, structural_of=first.structural_of,
-                          structural_label=first.structural_label, structural_value=first.structural_value)
+                          structural_label=first.structural_label, structural_value=first.structural_value,
+                          model_calls=ctx.calls(), low_evaluations=len(low.done) if low is not None else 0)
 

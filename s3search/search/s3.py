@@ -8,7 +8,9 @@ since the final table compares against it; the other seeding stages share what t
 small budgets they shrink first and the loop still runs.
 
 One predictor serves every NFE of the search (and warm-start pairs from earlier studies): pairs are grouped by
-(source, NFE) so only scores within one group are compared while fitting.
+(source, NFE) so only scores within one group are compared while fitting. With `options.fidelity` the
+low-fidelity scores are one more group per NFE (fidelity.low_group), and the budget counts slots (context.py):
+every candidate a round proposes is scored at low fidelity and the best `keep` share of it is evaluated in full.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from predictors.warm_start import is_outside_group
 from ..schedule import SolverSchedule
 from ..space import SearchSpace
 from .context import SearchContext
+from .fidelity import low_group
 from .options import SearchOptions
 from .near_copies import NearCopies, distinct
 from .refine import refine_budget, refine_grid
+from .refine_low import refine_grid_low
 from .study import Candidate, chash
 
 __all__ = ["run_s3", "budget_shares", "Shares", "later_baselines_cap", "variants_cap", "random_seeds",
@@ -120,12 +124,12 @@ def calibrator(predictor: predictors.Predictor, schedules: Sequence[SolverSchedu
 
 def _seeded(ctx: SearchContext, nfe: int, sources: tuple[str, ...]) -> int:
     # Counted by source so a resumed search computes the same caps as the first run did at that point.
-    return sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source in sources)
+    return ctx.count(nfe, sources)
 
 
 def seed_random(ctx: SearchContext, nfe: int, n: int) -> None:
     """Evaluate n random schedules (beyond those already in the study)."""
-    have = sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source == "random")
+    have = ctx.count(nfe, ("random",))
     want = max(0, min(n - have, ctx.remaining(nfe)))
     if want == 0:
         return
@@ -158,10 +162,12 @@ def structural_variants(space: SearchSpace, schedule: SolverSchedule, rng: np.ra
 def seed_variants(ctx: SearchContext, nfe: int, n_best: int, limit: Optional[int] = None) -> None:
     """Evaluate the structural variants of the n best baselines that lie in the space (at most `limit`, those
     of the best baseline first)."""
-    have = sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source == "variant")
+    have = ctx.count(nfe, ("variant",))
     if n_best <= 0 or have:
         return
-    best = sorted((e for e in ctx.ledger.done.values() if e.nfe == nfe and e.ok and e.source == "baseline"
+    # With fidelity every baseline has a low-fidelity score and few a full one: rank them on the former.
+    pool = ctx.low.at(nfe) if ctx.low is not None else ctx.ledger.done.values()
+    best = sorted((e for e in pool if e.nfe == nfe and e.ok and e.source == "baseline"
                    and isinstance(e.schedule, SolverSchedule) and ctx.space.contains(e.schedule)),
                   key=lambda e: e.value)[:n_best]
     # ctx.evaluate drops copies and what the study already holds, and stops at the NFE's budget.
@@ -175,9 +181,10 @@ def seed_variants(ctx: SearchContext, nfe: int, n_best: int, limit: Optional[int
 def _fresh(ctx: SearchContext, cands: list[Candidate]) -> list[Candidate]:
     """cands without copies and without what the study already holds (so a cap counts new evaluations)."""
     out: dict[str, Candidate] = {}
+    known = ctx.evaluated()
     for c in cands:
         h = chash(c.schedule)
-        if h not in out and not ctx.ledger.seen(c.schedule):
+        if h not in out and h not in known:
             out[h] = c
     return list(out.values())
 
@@ -190,6 +197,12 @@ def fit_predictor(ctx: SearchContext, holdout: float = 0.2) -> Optional[predicto
     """
     scheds, values = ctx.ledger.solver_pairs()
     groups = [s.nfe for s in scheds]
+    own = list(range(len(scheds)))       # the search's own full-fidelity pairs: what the held-out tau is about
+    if ctx.low is not None:              # low-fidelity scores: a group per NFE, compared only among themselves
+        low_s, low_v = ctx.low.solver_pairs()
+        scheds += low_s
+        values += low_v
+        groups += [low_group(s.nfe) for s in low_s]
     for s, v, g in ctx.warm_pairs:
         scheds.append(s)
         values.append(v)
@@ -198,7 +211,7 @@ def fit_predictor(ctx: SearchContext, holdout: float = 0.2) -> Optional[predicto
         return None
     params = dict(ctx.options.predictor_params)
     params.setdefault("seed", ctx.config.seed)
-    own = [i for i, g in enumerate(groups) if not is_outside_group(g)]
+    own = [i for i in own if not is_outside_group(groups[i])]
     if holdout > 0 and len(own) >= 20:
         perm = ctx.rng.permutation(own)
         n_test = max(5, int(holdout * len(own)))
@@ -229,7 +242,7 @@ def seed_warm(ctx: SearchContext, nfe: int, n: int) -> None:
     """Evaluate the n unseen schedules the predictor fitted with the warm pairs ranks best, evolved from this
     NFE's best evaluated schedules and the warm groups' best (an earlier study's winner at this NFE is a
     candidate as it is). Random seeds when there is nothing to fit yet."""
-    have = sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source == "warm")
+    have = ctx.count(nfe, ("warm",))
     want = max(0, min(n - have, ctx.remaining(nfe)))
     if want == 0:
         return
@@ -240,7 +253,7 @@ def seed_warm(ctx: SearchContext, nfe: int, n: int) -> None:
     own = [e.schedule for e in ctx.ranked_in_space(nfe)[:8]]
     o = ctx.options
     ranked = evolve(ctx.space, predictor, own + warm_elites(ctx, nfe), nfe, ctx.rng, population=int(o.population),
-                    children=int(o.children), generations=int(o.generations), exclude=set(ctx.ledger.done))
+                    children=int(o.children), generations=int(o.generations), exclude=ctx.evaluated())
     ctx.evaluate([Candidate(s, source="warm") for s, _ in ranked[:want]], nfe)
 
 
@@ -495,7 +508,7 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
         within = niche_factor(o)
         close = niches(ranked_scheds, ranked_values, within)
         elites = niche_elites(ranked_scheds, close, 16)
-        exclude = set(ctx.ledger.done)
+        exclude = ctx.evaluated()
         ranked = evolve(ctx.space, predictor, elites, nfe, ctx.rng, population=int(o.population),
                         children=int(o.children), generations=int(o.generations), exclude=exclude)
         local = local_pool(ctx.space, predictor, elites[:8], ctx.rng, 2 * int(o.children), exclude)
@@ -503,7 +516,8 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
         n_direct = min(k - 1, int(round(float(o.direct) * k))) if k > 1 else 0
         local = _by_structure_in_turn(local, [_structure(g[0]) for g in close])
         # Near copies of evaluated schedules (or of each other) leave the pools before the choice.
-        copies = NearCopies(ctx.space.process, [e.schedule for e in ctx.ledger.done.values() if e.nfe == nfe])
+        copies = NearCopies(ctx.space.process, [e.schedule for e in ctx.ledger.done.values() if e.nfe == nfe]
+                            + ([e.schedule for e in ctx.low.at(nfe)] if ctx.low is not None else []))
         ranked = [c for c in ranked if not copies.near(c[0])]
         local = [c for c in local if not copies.near(c[0])]
         picks = distinct(_choose(local, ranked, k - n_direct, float(o.explore)), copies)
@@ -528,4 +542,8 @@ def run_s3(ctx: SearchContext, nfe: int) -> None:
                         "best": best.value if best else math.inf, "cv_tau": ctx.predictor_tau,
                         "batch_tau": batch_tau})
     if not ctx.stopped():
-        refine_grid(ctx, nfe)
+        # With fidelity the refinement's optimiser runs on low-fidelity scores (refine_low.py).
+        if ctx.low is not None:
+            refine_grid_low(ctx, nfe)
+        else:
+            refine_grid(ctx, nfe)
