@@ -2,12 +2,13 @@
 
 Per seed: S³ with `--budget` full evaluations, then S³ with `options.fidelity` (low-fidelity scores on the first
 `--low-samples` samples of the search split, the best `--keep` share of each batch evaluated in full) and
-`options.budget_calls` set to `--call-share` of the model calls the full search spent. Prints one row per
+`options.budget_calls` set to `--call-share` of the model calls the full search spent, and with `--same-calls`
+full-fidelity S³ on the calls the multi-fidelity search spent (what the fidelity adds over a smaller budget). Prints one row per
 (seed, arm): the winner's test value, the best baseline's test value, model calls (search evaluations only;
 validation and test are the same for both arms and not counted), full and low-fidelity evaluations; then per
 seed and on average the ratio of the multi-fidelity test value and calls to the full search's.
 
-    OMP_NUM_THREADS=1 python bench/multi_fidelity.py --model gmm-64d --nfe 5 --seeds 0,1,2 \
+    OMP_NUM_THREADS=1 python bench/multi_fidelity.py --model gmm-64d --nfe 5 --seeds 0,1,2 --same-calls \
         --mf-options '{"refine_arms": 5, "refine_share": 0.25}'
     OMP_NUM_THREADS=1 python bench/multi_fidelity.py --model digits-t2i --nfe 5 --seeds 0 --n-samples 500 \\
         --low-samples 50 --n-test-samples 1000
@@ -35,7 +36,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def run_one(arm: str, args: argparse.Namespace, seed: int, budget_calls: Optional[int]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"budget_calls": budget_calls} if arm == "full-same-calls" else {}
     if arm == "multi-fidelity":
         options = {**json.loads(args.mf_options),
                    "fidelity": {"low_samples": args.low_samples, "keep": args.keep, "seed_keep": args.seed_keep},
@@ -64,6 +65,8 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=1 / 3)
     ap.add_argument("--seed-keep", type=float, default=1 / 9)
     ap.add_argument("--mf-options", default="{}", help="other search options of the multi-fidelity arm (JSON)")
+    ap.add_argument("--same-calls", action="store_true",
+                    help="also run full-fidelity S3 on the model calls the multi-fidelity search spent")
     ap.add_argument("--call-share", type=float, default=1 / 3,
                     help="the multi-fidelity search's call budget as a share of the full search's calls")
     args = ap.parse_args()
@@ -77,6 +80,12 @@ def main() -> None:
         mf = run_one("multi-fidelity", args, seed, calls)
         print(json.dumps(mf), file=sys.stderr, flush=True)
         rows += [full, mf]
+        if args.same_calls:
+            print(f"seed {seed}: full-fidelity S3 on the same {mf['calls']} model calls ...", file=sys.stderr,
+                  flush=True)
+            small = run_one("full-same-calls", args, seed, max(mf["calls"], args.n_samples * args.nfe))
+            print(json.dumps(small), file=sys.stderr, flush=True)
+            rows.append(small)
     print(f"{args.model}, NFE {args.nfe}, {args.n_samples} search / {args.n_test_samples} test samples; "
           f"multi-fidelity: {args.low_samples} low-fidelity samples, keep {args.keep:.3g}, seed_keep "
           f"{args.seed_keep:.3g}, options {args.mf_options}, "
@@ -91,7 +100,11 @@ def main() -> None:
         full, mf = (next(r for r in rows if r["seed"] == seed and r["arm"] == a) for a in ("full", "multi-fidelity"))
         ratios.append(mf["test"] / full["test"])
         call_ratios.append(mf["calls"] / full["calls"])
-        print(f"seed {seed}: multi-fidelity test / full test {ratios[-1]:.3f}; model calls {call_ratios[-1]:.3f}")
+        line = f"seed {seed}: multi-fidelity test / full test {ratios[-1]:.3f}; model calls {call_ratios[-1]:.3f}"
+        small = next((r for r in rows if r["seed"] == seed and r["arm"] == "full-same-calls"), None)
+        if small is not None:
+            line += f"; full-fidelity on the same calls / full test {small['test'] / full['test']:.3f}"
+        print(line)
     n = len(ratios)
     geo = math.exp(sum(math.log(x) for x in ratios) / n) if n and all(x > 0 for x in ratios) else math.nan
     means = [sum(r["test"] for r in rows if r["arm"] == a) / n for a in ("full", "multi-fidelity")]

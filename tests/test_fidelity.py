@@ -297,3 +297,23 @@ def test_the_command_line_takes_a_call_budget_and_low_samples(tmp_path):
     assert doc["runs"][0]["model_calls"]["calls"] == spent and doc["runs"][0]["model_calls"]["low_samples"] == 40
     bad = CliRunner().invoke(app, args[:-2] + ["--low-samples", "200"])
     assert bad.exit_code == 2 and "options.fidelity.low_samples" in bad.output
+
+
+def test_a_search_whose_low_fidelity_evaluations_all_fail_alike_stops_at_once():
+    from s3search.search.config import SearchFailed
+
+    class Broken:
+        def __init__(self):
+            self.n = 0
+
+        def evaluate(self, schedules, request):
+            self.n += len(schedules)
+            return [EvalResult(s.canonical_hash(), math.inf, s.nfe, 0.0, error="FileNotFoundError: weights.pth")
+                    for s in schedules]
+
+    ev = Broken()
+    study = optuna.create_study()
+    with pytest.raises(SearchFailed, match="low-fidelity evaluations all failed.*weights.pth"):
+        run_search(config(30 * N * NFE), study, evaluator=ev)
+    assert 2 <= ev.n <= 40      # the first stage's batch, not the whole budget
+    assert all(t.state == TrialState.PRUNED for t in study.get_trials())

@@ -164,6 +164,12 @@ class SearchContext:
         """Raise SearchFailed when nothing has succeeded yet and the first evaluations (at least two, or the
         whole budget) all failed with one error: a missing weights file or a broken metric fails every
         candidate alike, and the rest of the budget would be spent on the same failure."""
+        if self.low is not None and not any(e.ok for e in self.ledger.done.values()) \
+                and len(self.low.done) >= 2 and not any(e.ok for e in self.low.done.values()):
+            errors = set(self.low.errors.values())   # with fidelity the first evaluations are low ones
+            if len(errors) == 1:
+                raise SearchFailed(f"the first {len(self.low.done)} low-fidelity evaluations all failed with the "
+                                   f"same error, so the search stopped: {errors.pop() or 'no error message'}")
         if self.ledger.count < min(2, self.config.budget) or any(e.ok for e in self.ledger.done.values()):
             return
         errors = {str(t.user_attrs.get(ATTR.ERROR, "")) for t in

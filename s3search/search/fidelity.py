@@ -95,6 +95,7 @@ class LowLedger:
         self.with_params = with_params
         self.done: dict[str, Evaluated] = {}
         self.promoted: set[str] = set()
+        self.errors: dict[str, str] = {}     # hash -> error of a failed low-fidelity evaluation
 
     @classmethod
     def for_search(cls, study: optuna.Study, evaluator: Evaluator, request: EvalRequest, fidelity: Fidelity,
@@ -114,6 +115,8 @@ class LowLedger:
                 continue
             value = a.get(LOW_VALUE)
             ev = self._record(t.number, a, float(value) if isinstance(value, (int, float)) else math.inf)
+            if not ev.ok:
+                self.errors[chash(ev.schedule)] = str(a.get(ATTR.ERROR, ""))
             if a.get(PROMOTED):
                 self.promoted.add(chash(ev.schedule))
         return len(self.done)
@@ -163,6 +166,8 @@ class LowLedger:
         numbers = self._add(trials)
         scored = [self._record(numbers.get(chash(c.schedule), -1), t.user_attrs, v)
                   for c, t, v in zip(fresh, trials, values)]
+        self.errors.update({chash(c.schedule): str(t.user_attrs.get(ATTR.ERROR, ""))
+                            for c, t, v in zip(fresh, trials, values) if not math.isfinite(v)})
         self.promoted.update(chash(fresh[i].schedule) for i in up)
         return scored
 
