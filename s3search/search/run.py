@@ -238,7 +238,7 @@ def _seed_stage(ctx: SearchContext, nfe: int, cap: int, candidates: list[Candida
     """Enqueue one seeding stage within what is left of the seed cap, and evaluate it."""
     if ctx.stopped():   # queue nothing after a stop: it would be left WAITING in the study
         return
-    if ctx.low is not None:   # multi-fidelity: batches screened at low fidelity, the best share in full
+    if ctx.low is not None:   # multi-fidelity: the stage screened at low fidelity, its best share in full
         _screen_stage(ctx, nfe, cap, candidates)
         return
     spent = sum(1 for e in ctx.ledger.done.values() if e.nfe == nfe and e.source == "baseline")
