@@ -36,9 +36,9 @@ from .context import SearchContext
 from .options import SearchOptions
 from .study import Candidate, chash
 
-__all__ = ["refine_budget", "refine_grid", "refine_starts"]
+__all__ = ["refine_budget", "refine_grid", "refine_starts", "Arm", "optimiser", "STALE_ROUNDS"]
 
-_STALE_ROUNDS = 20   # an arm that many rounds without one new evaluation is done
+STALE_ROUNDS = 20   # an arm that many rounds without one new evaluation is done
 
 
 def refine_budget(options: SearchOptions, budget: int) -> int:
@@ -118,7 +118,9 @@ class _Gp:
 
 
 @dataclass
-class _Arm:
+class Arm:
+    """One refined schedule: its grid optimiser and how its rounds went (shared with the low-fidelity refine)."""
+
     start: SolverSchedule
     opt: _Optimiser
     best: float
@@ -127,7 +129,8 @@ class _Arm:
     stale: int = 0
 
 
-def _optimiser(ctx: SearchContext, start: SolverSchedule, value: float) -> _Optimiser:
+def optimiser(ctx: SearchContext, start: SolverSchedule, value: float) -> _Optimiser:
+    """The grid optimiser of `options.refine_method` started at `start`'s grid, whose score is `value`."""
     x0, bounds = ctx.space.grid_vector(start)
     seed = int(ctx.rng.integers(2**31 - 1))
     if ctx.options.refine_method == "gp":
@@ -138,9 +141,9 @@ def _optimiser(ctx: SearchContext, start: SolverSchedule, value: float) -> _Opti
 def refine_grid(ctx: SearchContext, nfe: int) -> None:
     """Spend the NFE's remaining budget on the grids of its best evaluated schedules, one arm for the best of
     each of the `refine_arms` best structures."""
-    arms = [_Arm(s, _optimiser(ctx, s, v), v) for s, v in refine_starts(ctx, nfe, int(ctx.options.refine_arms))]
+    arms = [Arm(s, optimiser(ctx, s, v), v) for s, v in refine_starts(ctx, nfe, int(ctx.options.refine_arms))]
     while ctx.remaining(nfe) > 0 and not ctx.stopped():
-        live = [a for a in arms if a.stale < _STALE_ROUNDS]
+        live = [a for a in arms if a.stale < STALE_ROUNDS]
         if not live:
             break
         arm = max(live, key=lambda a: a.gain)   # first the unrun arms in rank order, then the most improving
@@ -151,7 +154,7 @@ def refine_grid(ctx: SearchContext, nfe: int) -> None:
                         "evaluations": ctx.ledger.count, "best": top.value if top else math.inf})
 
 
-def _round(ctx: SearchContext, nfe: int, arm: _Arm) -> bool:
+def _round(ctx: SearchContext, nfe: int, arm: Arm) -> bool:
     """One round of `arm`; False when the budget ran out before all of it was evaluated."""
     fresh, new = 0, math.inf
     for _ in range(arm.opt.batches_per_round):

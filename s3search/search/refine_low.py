@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 from .context import SearchContext
-from .refine import _STALE_ROUNDS, _Arm, _optimiser, refine_starts   # one implementation of the optimisers
+from .refine import STALE_ROUNDS, Arm, optimiser, refine_starts   # one implementation of the optimisers
 from .study import Candidate, chash
 
 __all__ = ["refine_grid_low"]
@@ -41,9 +41,9 @@ def refine_grid_low(ctx: SearchContext, nfe: int) -> None:
             low.store(fresh, results, values, set())
         start = low.done[h].value if h in low.done else math.inf
         if math.isfinite(start):
-            arms.append(_Arm(sched, _optimiser(ctx, sched, start), start))
+            arms.append(Arm(sched, optimiser(ctx, sched, start), start))
     while arms and not ctx.stopped() and _left(ctx, nfe, 0) >= low_calls:
-        live = [a for a in arms if a.stale < _STALE_ROUNDS]
+        live = [a for a in arms if a.stale < STALE_ROUNDS]
         if not live:
             break
         arm = max(live, key=lambda a: a.gain)
@@ -54,7 +54,7 @@ def refine_grid_low(ctx: SearchContext, nfe: int) -> None:
                         "evaluations": ctx.ledger.count, "best": top.value if top else math.inf})
 
 
-def _round(ctx: SearchContext, nfe: int, arm: _Arm, low_calls: int, full_calls: int) -> bool:
+def _round(ctx: SearchContext, nfe: int, arm: Arm, low_calls: int, full_calls: int) -> bool:
     """One round of `arm` on low-fidelity scores, then the full evaluation of its best proposal (when the calls
     pay for it); False when the calls ran out before the round was done."""
     low = ctx.low
