@@ -107,8 +107,11 @@ def unipc_weights(omega: float, nodes: Sequence[float], variant: str, corrector:
 
 
 def _flow_time(lam: float) -> float:
-    """sigma / (alpha + sigma) at half-logSNR lam, written to keep its digits at both ends."""
-    return 1.0 / (1.0 + math.exp(lam)) if lam > 0 else math.exp(-lam) / (1.0 + math.exp(-lam))
+    """sigma / (alpha + sigma) = 1 / (1 + e^lam), in the form that neither overflows nor loses digits."""
+    if lam >= 0:
+        small = math.exp(-lam)
+        return small / (1.0 + small)
+    return 1.0 / (1.0 + math.exp(lam))
 
 
 def trapezoid_weights(lam_s: float, h: float) -> np.ndarray:

@@ -15,7 +15,7 @@ keeps the space and the integrator from ever disagreeing about NFE.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
 from typing import Iterable, Optional, Sequence
 
@@ -36,8 +36,6 @@ BASE_GRIDS = ("logsnr", "edm", "time-uniform", "quadratic")
 # take mean-x0 given the data mean, which their exports carry.
 TARGETS = ("any", "diffusers", "comfyui", "k-diffusion")
 _TARGET_FIRST_STEPS: dict[str, tuple[str, ...]] = {"diffusers": ("model",)}
-_STEP_FIELDS = ("prediction", "order", "derivative", "corrector", "eta", "lags")
-_DEFAULT_STEP = StepSpec()
 _MUTATION_TRIES = 4
 _MIN_WEIGHT = 1e-3          # smallest lambda increment, relative to the mean one: keeps times distinct
 _LOG_W_RANGE = 2.5          # flat encoding: log-increment genes map [0, 1] -> [-2.5, 2.5]
@@ -455,7 +453,7 @@ class SearchSpace:
         A corrected trapezoidal step integrates the ODE with data prediction (schedule.py); where the space has
         no data prediction, such a step takes the first other derivative instead.
         """
-        step = {**{f: getattr(_DEFAULT_STEP, f) for f in _STEP_FIELDS}, **fields}
+        step = {**asdict(StepSpec()), **fields}
         if step["derivative"] == "trapezoid":
             step.update(order=1, lags=())
             if step["corrector"] != "none":
@@ -524,7 +522,7 @@ class SearchSpace:
     def _mutate_step(self, s: StepSpec, i: int, rng: np.random.Generator) -> StepSpec:
         o = self.options
         field_ = rng.choice(["prediction", "order", "derivative", "corrector", "eta", "lags", "all"])
-        fields = {f: getattr(s, f) for f in _STEP_FIELDS}
+        fields = asdict(s)
         if field_ == "prediction":
             return self._step(**{**fields, "prediction": str(rng.choice(o.predictions))})
         if field_ == "order":
@@ -586,7 +584,7 @@ class SearchSpace:
                 j = int(rng.integers(len(steps) + 1))
                 new = self._random_step(j, rng, corrector=str(rng.choice(cheap)))
                 if new.corrector != "none" and new.derivative == "dpmpp":
-                    new = self._step(**{**{f: getattr(new, f) for f in _STEP_FIELDS},
+                    new = self._step(**{**asdict(new),
                                         "derivative": "taylor" if "taylor" in o.derivatives else
                                         next(d for d in o.derivatives if d != "dpmpp")})
                 steps.insert(j, new)

@@ -1,24 +1,19 @@
 """Multi-fidelity search (issue 19 item 2): options refused naming the field, a search that stays within its
 model-call budget, low-fidelity trials stored with their fidelity and never winning, promotion of the right share.
 
-The evaluator is a closed-form Gaussian test bed run through the real integrator (data N(0, c^2 I) with its exact
-denoiser; metric: a Frechet distance of the samples to it), as in test_search.py; it records every request.
+The evaluator is test_search.py's closed-form Gaussian test bed run through the real integrator; it records every
+request.
 """
 
 from __future__ import annotations
 
 import math
-import time
 
 import optuna
 import pytest
-import torch
 from optuna.trial import TrialState
 
-from s3search import processes
-from s3search.denoisers import Denoiser
 from s3search.evaluation.base import EvalRequest, EvalResult
-from s3search.integrator import sample
 from s3search.schedule import SolverSchedule, StepSpec
 from s3search.search.config import ConfigError, SearchConfig
 from s3search.search.fidelity import FIDELITY, LOW, LOW_VALUE, PROMOTED, LowLedger, n_promoted
@@ -26,46 +21,13 @@ from s3search.search.options import Fidelity, SearchOptions
 from s3search.search.run import preflight, run_search
 from s3search.search.study import ATTR, Candidate
 
+from test_search import GaussianEvaluator
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 MODEL = "gmm-8x4"            # an EDM-process model of the registry; only its process is used here
 SMALL = {"population": 32, "children": 32, "generations": 2, "batch_size": 6, "baselines": ["ddim", "dpmpp_2m"],
          "top_baselines_on_grids": 1, "validate_top": 3}
 N, LOW_N, NFE = 256, 32, 4
-
-
-class GaussianEvaluator:
-    def __init__(self, c: float = 0.5, d: int = 2) -> None:
-        self.c, self.d = c, d
-        self.proc = processes.get("edm")
-        self.requests: list[tuple[str, int, int]] = []      # (split, n_samples, nfe) per schedule evaluated
-        self.denoiser = Denoiser(self._exact, self.proc, data_mean=torch.zeros(d, dtype=torch.float64))
-
-    def _exact(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        a, s = self.proc.alpha(t), self.proc.sigma(t)
-        return (a * self.c**2 / (a * a * self.c**2 + s * s)) * x
-
-    def evaluate(self, schedules, request):
-        out = []
-        for sch in schedules:
-            self.requests.append((request.split, request.n_samples, sch.nfe))
-            start = time.perf_counter()
-            split_index = ("search", "test", "validation").index(request.split)
-            g = torch.Generator().manual_seed(request.seed * 7919 + split_index)
-            t0 = sch.timesteps[0]
-            scale = math.sqrt(self.proc.alpha(t0) ** 2 * self.c**2 + self.proc.sigma(t0) ** 2)
-            x = torch.randn(request.n_samples, self.d, generator=g, dtype=torch.float64) * scale
-            try:
-                y = sample(self.denoiser, x, sch, generator=g)
-                fd = float((y.mean(0) ** 2).sum() + ((y.var(0).sqrt() - self.c) ** 2).sum())
-                error = None if math.isfinite(fd) else "non-finite"
-            except ValueError as e:
-                fd, error = math.inf, str(e)
-            out.append(EvalResult(sch.canonical_hash(), fd if error is None else math.inf, sch.nfe,
-                                  time.perf_counter() - start, error=error))
-        return out
-
-    def search_calls(self) -> int:
-        return sum(n * nfe for split, n, nfe in self.requests if split == "search")
 
 
 def config(budget_calls=None, method: str = "s3", **options) -> SearchConfig:

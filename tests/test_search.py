@@ -36,6 +36,7 @@ class GaussianEvaluator:
         self.proc = processes.get("edm")
         self.calls: list[str] = []
         self.splits: list[str] = []
+        self.requests: list[tuple[str, int, int]] = []      # (split, n_samples, nfe) per schedule evaluated
         self.denoiser = Denoiser(self._exact, self.proc, data_mean=torch.zeros(d, dtype=torch.float64))
 
     def _exact(self, x: torch.Tensor, t: float) -> torch.Tensor:
@@ -47,6 +48,7 @@ class GaussianEvaluator:
         for sch in schedules:
             self.calls.append(sch.canonical_hash())
             self.splits.append(request.split)
+            self.requests.append((request.split, request.n_samples, sch.nfe))
             start = time.perf_counter()
             if self.fail_implicit and any(getattr(st, "corrector", "") == "implicit" for st in
                                           getattr(sch, "steps", ())):
@@ -66,6 +68,10 @@ class GaussianEvaluator:
             out.append(EvalResult(sch.canonical_hash(), fd if error is None else math.inf, sch.nfe,
                                   time.perf_counter() - start, error=error))
         return out
+
+    def search_calls(self) -> int:
+        """Model calls (samples x NFE) of every search-split evaluation."""
+        return sum(n * nfe for split, n, nfe in self.requests if split == "search")
 
 
 def config(budget: int, method: str = "s3", nfe=(4,), **options) -> SearchConfig:

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from ..schedule import SolverSchedule
 from ..space import SearchSpace
 from .config import Progress, ProgressFn, SearchConfig, SearchFailed, StopFn
-from .fidelity import RUNG_SOURCES, UNSCREENED_SOURCES, LowLedger, affordable, slot_calls
+from .fidelity import RUNG_SOURCES, UNSCREENED_SOURCES, LowLedger, affordable, slot_calls, whole
 from .options import REFINE_METHODS, SearchOptions
 from .study import ATTR, Candidate, Evaluated, Ledger, chash
 
@@ -69,7 +69,7 @@ class SearchContext:
         return self.calls(nfe) / self._slot(nfe)
 
     def remaining(self, nfe: int) -> int:
-        return max(0, int(math.floor(self.budgets[nfe] - self.spent(nfe) + 1e-9)))
+        return max(0, whole(self.budgets[nfe] - self.spent(nfe)))
 
     def count(self, nfe: int, sources: Sequence[str]) -> int:
         """Candidates of these sources evaluated at this NFE, at any fidelity (a promoted one once): what the
@@ -116,7 +116,7 @@ class SearchContext:
         if self.low is not None:
             return self._screened(fresh, nfe)
         if self.call_budgets:   # a call budget: as many full evaluations as its calls buy
-            n = int(math.floor((self.call_budget(nfe) - self.calls(nfe)) / self._full(nfe) + 1e-9))
+            n = whole((self.call_budget(nfe) - self.calls(nfe)) / self._full(nfe))
             out = self.ledger.evaluate(fresh[: max(0, n)])
         else:
             out = self.ledger.evaluate(fresh[: self.remaining(nfe)])
@@ -140,15 +140,15 @@ class SearchContext:
         screened = [c for c in fresh if c.source not in UNSCREENED_SOURCES and chash(c.schedule) not in self.low.done]
         out: list[Evaluated] = []
         if direct:
-            out += self.ledger.evaluate(direct[: max(0, int(math.floor(left / full + 1e-9)))])
+            out += self.ledger.evaluate(direct[: max(0, whole(left / full))])
             left = self.call_budget(nfe) - self.calls(nfe)
         rung = bool(screened) and all(c.source in RUNG_SOURCES for c in screened)
         share = float(self.options.fidelity.seed_keep) if rung else keep
         m = affordable(left, len(screened), low, full, share)
         if m == 0 and screened and left >= low:   # the last calls: low scores only, no promotion left to pay
-            m = min(len(screened), int(math.floor(left / low + 1e-9)))
+            m = min(len(screened), whole(left / low))
         if m > 0:
-            limit = int(math.floor((left - m * low) / full + 1e-9))
+            limit = whole((left - m * low) / full)
             scored, up = self.low.screen(screened[:m], share, limit=limit, rung=rung)
             by_hash = {chash(c.schedule): c for c in screened[:m]}
             promote = [by_hash[chash(e.schedule)] for e in up]

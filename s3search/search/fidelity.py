@@ -37,7 +37,7 @@ from .options import Fidelity
 from .study import ATTR, Candidate, Evaluated, chash, schedule_from_json, schedule_params
 
 __all__ = ["LOW", "FIDELITY", "PROMOTED", "LOW_VALUE", "UNSCREENED_SOURCES", "RUNG_SOURCES", "low_group",
-           "is_low_group", "LowLedger", "n_promoted", "affordable", "call_budget", "slot_calls"]
+           "is_low_group", "LowLedger", "n_promoted", "affordable", "call_budget", "slot_calls", "whole"]
 
 LOW = "low"
 FIDELITY = "fidelity"           # user attribute: "low" on low-fidelity trials (full trials carry none)
@@ -75,6 +75,11 @@ def affordable(left_calls: float, n_candidates: int, low_calls: float, full_call
 def call_budget(budget_evaluations: int, n_samples: int, nfe: int, budget_calls: Optional[float]) -> float:
     """Model calls an NFE may spend: its share of `budget_calls`, else `budget_evaluations` full evaluations."""
     return float(budget_calls) if budget_calls is not None else float(budget_evaluations * n_samples * nfe)
+
+
+def whole(units: float) -> int:
+    """How many whole units `units` holds, with a quotient's round-off (2.9999999999) counted as the next one."""
+    return int(math.floor(units + 1e-9))
 
 
 def slot_calls(fidelity: Optional[Fidelity], n_samples: int, nfe: int) -> float:

@@ -29,7 +29,7 @@ from . import baselines_seed
 from .alternatives import run_optuna, run_random
 from .config import METHODS, ConfigError, ProgressFn, SearchConfig, SearchFailed, SearchResult, StopFn
 from .context import SearchContext
-from .fidelity import LowLedger, call_budget, slot_calls
+from .fidelity import LowLedger, call_budget, slot_calls, whole
 from .options import SearchOptions
 from .s3 import later_baselines_cap, run_s3
 from .study import AnySchedule, Candidate, Evaluated, Ledger, chash
@@ -167,7 +167,7 @@ def _call_budgets(config: SearchConfig) -> tuple[dict[int, int], dict[int, float
     evals = _budgets(config)
     calls = {n: call_budget(evals[n], config.n_samples, n,
                             None if o.budget_calls is None else o.budget_calls / len(nfes)) for n in nfes}
-    slots = {n: int(math.floor(calls[n] / slot_calls(o.fidelity, config.n_samples, n) + 1e-9)) for n in nfes}
+    slots = {n: whole(calls[n] / slot_calls(o.fidelity, config.n_samples, n)) for n in nfes}
     return slots, calls
 
 
